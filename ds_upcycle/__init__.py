@@ -1,0 +1,3 @@
+"""ds-upcycle: grow DeepSpeed Mixture-of-Experts models mid-training by expert upcycling."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,46 @@
+"""Every collective ds-upcycle issues itself, in one place.
+
+All functions are no-ops in a single process (torch.distributed not initialised), so the model and
+the training loop run unchanged on one CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def agree_capacity(local_max: torch.Tensor, group) -> torch.Tensor:
+    """Largest per-expert token count over an expert-parallel group.
+
+    Dropless routing sizes every expert buffer by the busiest expert; all ranks of the group must
+    agree on it because the all-to-all exchanges equally sized buffers.
+    """
+    if group is not None and is_distributed() and dist.get_world_size(group) > 1:
+        local_max = local_max.clone()
+        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+    return local_max
+
+
+def sum_over_world(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over every rank (in place when distributed); returns it."""
+    if is_distributed() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

@@ -1,0 +1,7 @@
+"""Data: text sources, SentencePiece tokenizer, cached token files and packed batches."""
+
+from .loader import BatchOrder, PackedSequences, validation_batches
+from .prepare import SPLITS, DataConfig, PreparedData, prepare_data
+
+__all__ = ["SPLITS", "BatchOrder", "DataConfig", "PackedSequences", "PreparedData", "prepare_data",
+           "validation_batches"]

@@ -1,0 +1,188 @@
+"""Turn a text source into tokenized, split token files (cached, written atomically).
+
+Layout of a prepared data directory:
+    tokenizer.model                the SentencePiece model the tokens were made with
+    pretrain.bin, cpt.bin, val.bin documents of that split, each followed by EOS, as uint16/uint32
+    meta.json                      source, split fractions, token and document counts
+
+Each document goes to exactly one split, chosen by a hash of its text (salted by `split_seed`):
+the splits are disjoint, deterministic, and independent of document order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .sources import TextSource, resolve_source
+from .tokenizer import EOS_ID, file_digest, load_tokenizer, train_tokenizer
+
+SPLITS = ("pretrain", "cpt", "val")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DS_UPCYCLE_CACHE", Path.home() / ".cache" / "ds_upcycle"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from, how it is split and tokenized.
+
+    Attributes:
+        source: "synthetic[:docs=N,seed=S]", a local .txt/.jsonl/.json/.parquet file or directory,
+            or a hub dataset name.
+        text_field: field holding the text in .jsonl/.parquet rows and hub datasets.
+        seq_len: tokens per training sequence.
+        vocab_size: size of the tokenizer trained when none is given.
+        tokenizer: an existing SentencePiece model file to use instead of training one.
+        val_fraction, cpt_fraction: share of documents in the validation and continued
+            pre-training splits; the rest is pre-training.
+        split_seed: salt of the document hash that assigns splits.
+        cache_dir: where prepared data is kept (default $DS_UPCYCLE_CACHE or ~/.cache/ds_upcycle).
+    """
+
+    source: str = "synthetic"
+    text_field: str = "text"
+    seq_len: int = 128
+    vocab_size: int = 2048
+    tokenizer: str | None = None
+    val_fraction: float = 0.05
+    cpt_fraction: float = 0.35
+    split_seed: int = 0
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise UserError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.vocab_size < 300:
+            raise UserError(f"vocab_size must be >= 300 (byte fallback needs 259 ids), got {self.vocab_size}")
+        fractions = (self.val_fraction, self.cpt_fraction)
+        if min(fractions) <= 0 or sum(fractions) >= 1:
+            raise UserError("val_fraction and cpt_fraction must be positive and sum to less than 1")
+
+    def split_params(self) -> dict:
+        return {"val": self.val_fraction, "cpt": self.cpt_fraction, "seed": self.split_seed}
+
+
+def split_of(text: str, val_fraction: float, cpt_fraction: float, seed: int) -> str:
+    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8, salt=seed.to_bytes(8, "little"))
+    u = int.from_bytes(digest.digest(), "little") / 2**64
+    if u < val_fraction:
+        return "val"
+    if u < val_fraction + cpt_fraction:
+        return "cpt"
+    return "pretrain"
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    path: Path
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.model"
+
+    @property
+    def meta(self) -> dict:
+        return json.loads((self.path / "meta.json").read_text())
+
+    def tokens(self, split: str) -> np.ndarray:
+        if split not in SPLITS:
+            raise UserError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+        return np.memmap(self.path / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
+
+
+def _atomic_dir(final: Path):
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    try:
+        tmp.rename(final)
+    except OSError:  # another process published the same content first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pretrain_documents(source: TextSource, cfg: DataConfig):
+    for doc in source.documents():
+        if split_of(doc, cfg.val_fraction, cfg.cpt_fraction, cfg.split_seed) == "pretrain":
+            yield doc
+
+
+def _trained_tokenizer(source: TextSource, cfg: DataConfig, cache: Path) -> Path:
+    final = cache / f"tokenizer-{_key(source.identity, cfg.split_params(), cfg.vocab_size)}"
+    if not (final / "tokenizer.model").is_file():
+        tmp = _atomic_dir(final)
+        train_tokenizer(_pretrain_documents(source, cfg), cfg.vocab_size, tmp / "tokenizer.model")
+        _publish(tmp, final)
+    return final / "tokenizer.model"
+
+
+def _tokenize(source: TextSource, cfg: DataConfig, tokenizer_path: Path, out: Path) -> dict:
+    sp = load_tokenizer(tokenizer_path)
+    dtype = np.uint16 if sp.get_piece_size() <= np.iinfo(np.uint16).max else np.uint32
+    files = {split: open(out / f"{split}.bin", "wb") for split in SPLITS}
+    counts = {split: {"documents": 0, "tokens": 0} for split in SPLITS}
+    batch: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        ids = sp.encode([doc for _, doc in batch], num_threads=os.cpu_count() or 1)
+        for (split, _), doc_ids in zip(batch, ids):
+            arr = np.asarray(doc_ids + [EOS_ID], dtype=dtype)
+            files[split].write(arr.tobytes())
+            counts[split]["documents"] += 1
+            counts[split]["tokens"] += len(arr)
+        batch.clear()
+
+    try:
+        for doc in source.documents():
+            if doc.strip():
+                batch.append((split_of(doc, cfg.val_fraction, cfg.cpt_fraction, cfg.split_seed), doc))
+            if len(batch) >= 512:
+                flush()
+        flush()
+    finally:
+        for f in files.values():
+            f.close()
+    return {"dtype": np.dtype(dtype).name, "vocab_size": sp.get_piece_size(), "splits": counts}
+
+
+def prepare_data(cfg: DataConfig, tokenizer: str | Path | None = None) -> PreparedData:
+    """Prepare (or find in the cache) the token files of `cfg.source`.
+
+    The tokenizer is, in order: the `tokenizer` argument (e.g. the one stored in a checkpoint),
+    `cfg.tokenizer`, or one trained on the pre-training split.
+    """
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    source = resolve_source(cfg.source, cfg.text_field)
+    tokenizer_path = Path(tokenizer or cfg.tokenizer or _trained_tokenizer(source, cfg, cache))
+    load_tokenizer(tokenizer_path)  # fail early on a bad file
+    final = cache / f"data-{_key(source.identity, cfg.split_params(), file_digest(tokenizer_path))}"
+    if not (final / "meta.json").is_file():
+        tmp = _atomic_dir(final)
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        meta = _tokenize(source, cfg, tmp / "tokenizer.model", tmp)
+        meta.update(source=source.description, split_params=cfg.split_params(),
+                    data_config=asdict(cfg))
+        empty = [s for s in SPLITS if meta["splits"][s]["tokens"] == 0]
+        if empty:
+            shutil.rmtree(tmp, ignore_errors=True)
+            total = sum(meta["splits"][s]["documents"] for s in SPLITS)
+            raise UserError(f"split(s) {', '.join(empty)} of {source.description} are empty "
+                            f"({total} documents in all): give more documents (each .txt file is one)")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        _publish(tmp, final)
+    return PreparedData(final)

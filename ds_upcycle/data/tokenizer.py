@@ -1,0 +1,51 @@
+"""SentencePiece tokenizer: trained on the pre-training split, or loaded from a model file."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+
+from ..errors import UserError
+
+EOS_ID = 2
+MAX_LINE = 4000  # SentencePiece skips longer input lines (its default limit is 4192 bytes)
+
+
+def _lines(documents: Iterable[str]) -> Iterator[str]:
+    for doc in documents:
+        for line in doc.splitlines():
+            line = line.strip()
+            for start in range(0, len(line), MAX_LINE):
+                yield line[start:start + MAX_LINE]
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: Path) -> Path:
+    """Train a BPE model with byte fallback (any text encodes) and write `model_path`."""
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = str(model_path.with_suffix(""))
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_lines(documents), model_prefix=prefix, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=0.9995,
+        unk_id=0, bos_id=1, eos_id=EOS_ID, pad_id=-1, hard_vocab_limit=False,
+        input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        num_threads=2, minloglevel=2)
+    Path(prefix + ".model").replace(model_path)
+    Path(prefix + ".vocab").unlink(missing_ok=True)
+    return model_path
+
+
+def load_tokenizer(model_path: str | Path) -> spm.SentencePieceProcessor:
+    path = Path(model_path)
+    if not path.is_file():
+        raise UserError(f"tokenizer model not found: {path}")
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as err:
+        raise UserError(f"not a SentencePiece model: {path} ({err})") from None
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,42 @@
+"""Auxiliary-loss-free load balancing: the per-step routing-bias update and load statistics."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .router import LossFreeRouter
+
+
+def bias_step(bias_E: torch.Tensor, load_E: torch.Tensor, step_size: float) -> torch.Tensor:
+    """b_i + u * sign(mean_load - load_i): under-loaded experts become more attractive."""
+    return bias_E + step_size * torch.sign(load_E.mean() - load_E)
+
+
+def load_stats(load_E: torch.Tensor) -> dict[str, float]:
+    """Share of routed tokens of the least and most loaded expert, and the coefficient of variation."""
+    total = load_E.sum().clamp_min(1.0)
+    share_E = load_E / total
+    mean = load_E.mean()
+    cv = (load_E.std(unbiased=False) / mean).item() if mean > 0 else 0.0
+    return {"min_share": share_E.min().item(), "max_share": share_E.max().item(), "cv": cv}
+
+
+def balance_routers(routers: Sequence[LossFreeRouter], step_size: float,
+                    reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[dict[str, float]]:
+    """Update every router's bias from the load of the whole global batch, then clear the counts.
+
+    `reduce` sums a tensor over all data-parallel ranks (one collective for all layers). Returns
+    per-layer load statistics of the batch.
+    """
+    if not routers:
+        return []
+    loads_LE = reduce(torch.stack([r.route_load for r in routers]))
+    stats = []
+    for router, load_E in zip(routers, loads_LE):
+        if step_size > 0:
+            router.route_bias.copy_(bias_step(router.route_bias, load_E, step_size))
+        router.route_load.zero_()
+        stats.append(load_stats(load_E))
+    return stats

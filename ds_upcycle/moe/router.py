@@ -1,0 +1,94 @@
+"""Top-K router with auxiliary-loss-free load balancing.
+
+It replaces DeepSpeed's TopKGate inside `deepspeed.moe.layer.MoE` and returns the sparse routing
+tuple that DeepSpeed's MOELayer consumes. Differences from the stock gate:
+
+- scores are sigmoid (default) or softmax of the router logits;
+- a per-expert routing bias is added to the scores only to *choose* the top-K experts; the combine
+  weights come from the unbiased scores of the chosen experts, normalised over them;
+- dropless: every expert buffer is sized by the busiest expert, so no token is ever dropped;
+- it counts the tokens routed to each expert while training, so that the training loop can update
+  the bias from the load of the whole global batch (see `ds_upcycle.moe.balance`).
+
+The bias buffer is called `route_bias`: DeepSpeed's checkpoint code treats every state key that
+contains the word "expert" as an expert tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..comm import agree_capacity
+
+
+class LossFreeRouter(nn.Module):
+    def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str = "sigmoid",
+                 normalize: bool = True, aux_loss_coef: float = 0.0) -> None:
+        super().__init__()
+        # Named `wg` like DeepSpeed's gate so checkpoints of either gate share the router's key.
+        self.wg = nn.Linear(dim, num_experts, bias=False)
+        self.num_experts = num_experts
+        self.k = top_k
+        self.score_func = score_func
+        self.normalize = normalize
+        self.aux_loss_coef = aux_loss_coef
+        self.ep_group = None
+        self.register_buffer("route_bias", torch.zeros(num_experts))
+        # Tokens routed to each expert since the last bias update; not part of the checkpoint.
+        self.register_buffer("route_load", torch.zeros(num_experts), persistent=False)
+
+    def _set_ep_group(self, ep_group) -> None:
+        self.ep_group = ep_group
+
+    def _apply(self, fn, recurse=True):
+        # DeepSpeed casts the whole module to bf16/fp16; bias steps of 1e-3 would vanish below a
+        # bf16 ulp, so the balancing state stays in fp32.
+        super()._apply(fn, recurse)
+        self.route_bias.data = self.route_bias.data.float()
+        self.route_load.data = self.route_load.data.float()
+        return self
+
+    def scores(self, x_SD: torch.Tensor) -> torch.Tensor:
+        logits_SE = F.linear(x_SD.float(), self.wg.weight.float())
+        if self.score_func == "sigmoid":
+            return torch.sigmoid(logits_SE)
+        return torch.softmax(logits_SE, dim=-1)
+
+    def route(self, x_SD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Choose experts: returns (expert ids [S, K], combine weights [S, K], scores [S, E])."""
+        scores_SE = self.scores(x_SD)
+        _, experts_SK = torch.topk(scores_SE.detach() + self.route_bias, self.k, dim=-1)
+        weights_SK = scores_SE.gather(1, experts_SK)
+        if self.normalize:
+            weights_SK = weights_SK / weights_SK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return experts_SK, weights_SK, scores_SE
+
+    def forward(self, x_SD: torch.Tensor, used_token=None, sparse_routes: bool = True,
+                use_tutel: bool = False):
+        if used_token is not None:
+            raise NotImplementedError("LossFreeRouter does not support used_token masks")
+        if not sparse_routes or use_tutel:
+            raise NotImplementedError("LossFreeRouter only provides DeepSpeed's sparse route format")
+        num_tokens = x_SD.shape[0]
+        experts_SK, weights_SK, scores_SE = self.route(x_SD)
+
+        chosen_SE = torch.zeros_like(scores_SE, dtype=torch.int32).scatter_(1, experts_SK, 1)
+        counts_E = chosen_SE.sum(dim=0)
+        if self.training:
+            self.route_load += counts_E.detach().float()
+        # Slot of each (token, expert) pair in the expert's buffer: tokens in order of arrival.
+        slots_SE = torch.cumsum(chosen_SE, dim=0) - 1
+        locations_SK = slots_SE.gather(1, experts_SK)
+        capacity = agree_capacity(counts_E.max().to(torch.int64), self.ep_group)
+
+        aux_loss = scores_SE.new_zeros(())
+        if self.aux_loss_coef > 0:
+            # Switch-style: E * sum_i (fraction of routes to i) * (mean normalised score of i).
+            probs_SE = scores_SE / scores_SE.sum(dim=-1, keepdim=True)
+            route_share_E = counts_E.float() / (num_tokens * self.k)
+            aux_loss = self.aux_loss_coef * self.num_experts * (route_share_E * probs_SE.mean(0)).sum()
+
+        return (aux_loss, capacity, self.num_experts, experts_SK.t().to(torch.int32).contiguous(),
+                locations_SK.t().to(torch.int32).contiguous(), weights_SK.t().contiguous(), counts_E.detach())

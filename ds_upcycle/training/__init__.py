@@ -1,0 +1,1 @@
+"""Training: configuration, learning-rate schedule, checkpoints, metrics and the loop."""

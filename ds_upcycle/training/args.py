@@ -1,0 +1,68 @@
+"""train.py's command line: parsed once into the config objects, never passed around."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import PRESETS
+from ..data import DataConfig
+from .config import TrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py", description="Train or continue training a DeepSpeed MoE language model.",
+        epilog="Launch with: deepspeed [--num_gpus N] train.py --deepspeed_config ds_configs/<name>.json ...")
+    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON config (optimizer, ZeRO, precision)")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None, help=f"preset: {', '.join(PRESETS)} (default tiny; "
+                   "ignored when starting from a checkpoint, which carries its model)")
+    m.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a model field, e.g. --set num_experts=16 (repeatable)")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default="synthetic", help="'synthetic[:docs=N,seed=S]', a .txt/.jsonl/.parquet "
+                   "file or directory, or a hub dataset name (default: synthetic)")
+    d.add_argument("--text-field", default="text")
+    d.add_argument("--split", default="pretrain", choices=["pretrain", "cpt"])
+    d.add_argument("--seq-len", type=int, default=128)
+    d.add_argument("--vocab-size", type=int, default=2048, help="size of the tokenizer trained on the data")
+    d.add_argument("--tokenizer", default=None, help="existing SentencePiece model to use instead")
+    d.add_argument("--val-fraction", type=float, default=0.05)
+    d.add_argument("--cpt-fraction", type=float, default=0.35)
+    d.add_argument("--data-cache", default=None, help="prepared-data cache (default $DS_UPCYCLE_CACHE "
+                   "or ~/.cache/ds_upcycle)")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=int, required=True, help="optimizer steps in this stage")
+    t.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
+    t.add_argument("--decay-fraction", type=float, default=0.1, help="final LR decay share of the stage")
+    t.add_argument("--min-lr-ratio", type=float, default=0.0)
+    t.add_argument("--fresh-schedule", action="store_true",
+                   help="start a new LR stage from --load, keeping its optimizer state (CPT)")
+    t.add_argument("--micro-batch-size", type=int, default=None, help="overrides the DeepSpeed config")
+    t.add_argument("--grad-accum-steps", type=int, default=None, help="overrides the DeepSpeed config")
+    t.add_argument("--ep-size", type=int, default=1, help="expert-parallel size")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--eval-interval", type=int, default=50)
+    t.add_argument("--eval-samples", type=int, default=256)
+    t.add_argument("--save", dest="save_dir", default=None, help="checkpoint directory (resumes if it has one)")
+    t.add_argument("--save-interval", type=int, default=0)
+    t.add_argument("--load", dest="load_dir", default=None, help="checkpoint to start from")
+    return p
+
+
+def configs_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, DataConfig, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    data = DataConfig(source=args.data, text_field=args.text_field, seq_len=args.seq_len,
+                      vocab_size=args.vocab_size, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                      cpt_fraction=args.cpt_fraction, cache_dir=args.data_cache)
+    train = TrainConfig(steps=args.steps, split=args.split, warmup_steps=args.warmup_steps,
+                        decay_fraction=args.decay_fraction, min_lr_ratio=args.min_lr_ratio,
+                        fresh_schedule=args.fresh_schedule, eval_interval=args.eval_interval,
+                        eval_samples=args.eval_samples, save_interval=args.save_interval, seed=args.seed,
+                        ep_size=args.ep_size, save_dir=args.save_dir, load_dir=args.load_dir)
+    return train, data, args
