@@ -199,14 +199,14 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict,
     tokens_per_step = order.global_batch * data_cfg.seq_len
     history, val_loss = [], float("nan")
     while engine.global_steps < stage_end:
-        started = time.perf_counter()
+        started, lr = time.perf_counter(), schedule.get_lr()[0]
         loss = _train_step(engine, model, order, position.samples)
         position.samples += order.global_batch
         position.tokens += tokens_per_step
         load = balance_routers(model.routers, model_cfg.route_bias_update, comm.sum_over_world)
         step_time = time.perf_counter() - started
         step = engine.global_steps
-        record = {"step": step, "tokens": position.tokens, "loss": loss, "lr": schedule.get_lr()[0],
+        record = {"step": step, "tokens": position.tokens, "loss": loss, "lr": lr,
                   "step_time": step_time, "tokens_per_s": tokens_per_step / step_time,
                   "load": [{"layer": layer, **stats} for layer, stats in zip(model_cfg.moe_layer_ids, load)]}
         last = step >= stage_end
