@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -24,16 +25,16 @@ def _lines(documents: Iterable[str]) -> Iterator[str]:
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: Path) -> Path:
     """Train a BPE model with byte fallback (any text encodes) and write `model_path`."""
-    model_path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = str(model_path.with_suffix(""))
+    # Written through model_writer so the model holds no file paths: same text, same bytes.
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_lines(documents), model_prefix=prefix, vocab_size=vocab_size,
+        sentence_iterator=_lines(documents), model_writer=model, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, character_coverage=0.9995,
         unk_id=0, bos_id=1, eos_id=EOS_ID, pad_id=-1, hard_vocab_limit=False,
         input_sentence_size=2_000_000, shuffle_input_sentence=True,
         num_threads=2, minloglevel=2)
-    Path(prefix + ".model").replace(model_path)
-    Path(prefix + ".vocab").unlink(missing_ok=True)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    model_path.write_bytes(model.getvalue())
     return model_path
 
 

@@ -1,0 +1,57 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_DATA = "synthetic:docs=1500,seed=0,entities=40"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_ds_config(path: Path, stage: int = 2, micro_batch: int = 4, grad_accum: int = 1, lr: float = 3e-3) -> Path:
+    path.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.1, "torch_adam": True}},
+        "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}))
+    return path
+
+
+def run_train(args: list[str], num_procs: int = 0, cwd: Path = ROOT, timeout: int = 600,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run train.py as a user would: plain python (num_procs=0) or through the deepspeed launcher."""
+    if num_procs:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs),
+               "--master_port", str(free_port()), str(ROOT / "train.py"), *args]
+    else:
+        cmd = [sys.executable, str(ROOT / "train.py"), *args]
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env.pop("RANK", None)
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data-cache")
+
+
+@pytest.fixture
+def train_args(data_cache):
+    """Common train.py arguments for a fast tiny run on small synthetic data."""
+    def make(ds_config: Path, steps: int, *extra: str) -> list[str]:
+        return ["--deepspeed_config", str(ds_config), "--steps", str(steps), "--data", SMALL_DATA,
+                "--vocab-size", "512", "--seq-len", "32", "--data-cache", str(data_cache),
+                "--set", "dim=64", "--set", "dense_ffn_dim=128", "--set", "expert_ffn_dim=64",
+                "--eval-samples", "16", *extra]
+    return make

@@ -1,0 +1,42 @@
+import pytest
+
+from ds_upcycle.config import ModelConfig, get_preset, parse_overrides, resolve_model_config
+from ds_upcycle.errors import UserError
+
+
+def test_overrides_are_typed():
+    cfg = resolve_model_config("tiny", ["num_experts=8", "aux_loss_coef=0.01", "tie_embeddings=true",
+                                        "score_func=softmax", "route_norm=auto"])
+    assert cfg.num_experts == 8 and cfg.aux_loss_coef == 0.01 and cfg.tie_embeddings is True
+    assert cfg.score_func == "softmax" and cfg.route_norm is None
+    assert get_preset("tiny").num_experts == 4  # presets are not modified
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["num_expert=8"], "did you mean 'num_experts'"),
+    (["top_k"], "field=value"),
+    (["top_k=two"], "cannot read"),
+    (["top_k=9"], "exceeds num_experts"),
+    (["n_kv_heads=3"], "not divisible"),
+    (["score_func=relu"], "score_func"),
+])
+def test_bad_overrides(bad, message):
+    with pytest.raises(UserError, match=message):
+        resolve_model_config("tiny", bad)
+
+
+def test_unknown_preset_suggests():
+    with pytest.raises(UserError, match="did you mean 'tiny'"):
+        get_preset("tinny")
+
+
+def test_round_trip_dict():
+    cfg = resolve_model_config("small", ["num_experts=16"])
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(UserError, match="unknown field"):
+        ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_route_norm_default_depends_on_top_k():
+    assert ModelConfig(top_k=2).normalize_routes and not ModelConfig(top_k=1).normalize_routes
+    assert parse_overrides(["route_norm=false"]) == {"route_norm": False}

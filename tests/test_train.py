@@ -1,0 +1,118 @@
+"""train.py end to end: real DeepSpeed on CPU, 1 and 2 processes."""
+
+import json
+
+import pytest
+
+from conftest import ROOT, free_port, run_train, write_ds_config
+from ds_upcycle.training.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def check_ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_loss_falls_and_metrics_are_recorded(tmp_path, train_args):
+    cfg = write_ds_config(tmp_path / "ds.json", stage=1, micro_batch=8)
+    proc = check_ok(run_train(train_args(cfg, 40, "--save", str(tmp_path / "run"), "--eval-interval", "20")))
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert records[-1]["loss"] < records[0]["loss"] - 1.5
+    assert records[-1]["val_loss"] < records[19]["val_loss"]
+    assert {"tokens", "lr", "step_time", "tokens_per_s", "load"} <= set(records[0])
+    assert [l["layer"] for l in records[0]["load"]] == [1, 3]
+    assert f"validation loss {records[-1]['val_loss']:.4f} at step 40" in proc.stdout
+    info = json.loads((tmp_path / "run" / "global_step40" / "ds_upcycle.json").read_text())
+    assert info["model"]["dim"] == 64 and info["tokens_seen"] == 40 * 8 * 32
+    assert (tmp_path / "run" / "global_step40" / "tokenizer.model").is_file()
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, train_args):
+    cfg = write_ds_config(tmp_path / "ds.json", stage=2, micro_batch=4, grad_accum=2)
+    run = tmp_path / "run"
+    check_ok(run_train(train_args(cfg, 12, "--save", str(run), "--save-interval", "6", "--eval-interval", "6")))
+    full = read_metrics(run / "metrics.jsonl")
+    # Pretend the run died after step 6: drop the final checkpoint and start the same command again.
+    (run / "latest").write_text("global_step6")
+    import shutil
+    shutil.rmtree(run / "global_step12")
+    check_ok(run_train(train_args(cfg, 12, "--save", str(run), "--save-interval", "6", "--eval-interval", "6")))
+    resumed = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    for a, b in zip(full, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), a["step"]
+        assert a["lr"] == b["lr"] and a.get("val_loss") == pytest.approx(b.get("val_loss"), rel=1e-6)
+        assert a["load"] == b["load"]
+
+
+def test_fresh_schedule_starts_cpt_stage(tmp_path, train_args):
+    cfg = write_ds_config(tmp_path / "ds.json", micro_batch=4)
+    check_ok(run_train(train_args(cfg, 8, "--save", str(tmp_path / "pre"))))
+    check_ok(run_train(train_args(cfg, 6, "--load", str(tmp_path / "pre"), "--save", str(tmp_path / "cpt"),
+                                  "--split", "cpt", "--fresh-schedule", "--warmup-steps", "3")))
+    records = read_metrics(tmp_path / "cpt" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(9, 15))
+    assert records[0]["lr"] == pytest.approx(3e-3 / 3) and records[2]["lr"] == pytest.approx(3e-3)
+    assert records[0]["tokens"] == 9 * 4 * 32
+    info = json.loads((tmp_path / "cpt" / "global_step14" / "ds_upcycle.json").read_text())
+    assert info["split"] == "cpt"
+
+
+@pytest.mark.distributed
+def test_two_processes_expert_parallel_match_one_process(tmp_path, train_args):
+    one = write_ds_config(tmp_path / "one.json", micro_batch=8)
+    two = write_ds_config(tmp_path / "two.json", micro_batch=4)
+    check_ok(run_train(train_args(one, 6, "--save", str(tmp_path / "a"), "--eval-interval", "3")))
+    check_ok(run_train(train_args(two, 6, "--save", str(tmp_path / "b"), "--eval-interval", "3",
+                                  "--ep-size", "2"), num_procs=2))
+    a, b = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
+    # Same global batch, same layout-independent init: the same training run, up to float reordering.
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
+        if "val_loss" in ra:
+            assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-4)
+    tag = tmp_path / "b" / "global_step6"
+    assert sorted(p.name for p in tag.glob("zero_pp_rank_*")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert len(list(tag.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))) == 2 * 4
+
+
+@pytest.mark.distributed
+def test_bias_update_uses_load_summed_over_ranks(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                           str(free_port()), str(ROOT / "tests" / "workers" / "balance_worker.py"), str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    # summed load [5, 1, 2, 8], mean 4: experts 0 and 3 are over-loaded
+    assert result["bias"] == [-0.25, 0.25, 0.25, -0.25]
+    assert result["stats"][0]["max_share"] == pytest.approx(8 / 16)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--model", "tinny"], "unknown model preset 'tinny' (did you mean 'tiny'?)"),
+    (["--data", "no/such/file.txt"], "data file not found: no/such/file.txt"),
+    (["--load", "no-such-checkpoint"], "checkpoint not found: no-such-checkpoint"),
+    (["--set", "num_experts=6", "--ep-size", "4"], "num_experts 6 is not divisible by --ep-size 4"),
+])
+def test_bad_input_gives_one_line(tmp_path, train_args, extra, message):
+    cfg = write_ds_config(tmp_path / "ds.json")
+    proc = run_train(train_args(cfg, 2, *extra), env={"WORLD_SIZE": "4"} if "--ep-size" in extra else None)
+    assert proc.returncode == 2
+    assert f"train.py: error: {message}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.distributed
+def test_world_size_not_divisible_by_ep_size(tmp_path, train_args):
+    cfg = write_ds_config(tmp_path / "ds.json")
+    proc = run_train(train_args(cfg, 2, "--ep-size", "3", "--set", "num_experts=6"), num_procs=2)
+    assert proc.returncode != 0
+    assert "train.py: error: world size 2 is not divisible by --ep-size 3" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
