@@ -189,3 +189,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def resolve_model_config(preset: str, overrides: list[str] | None = None) -> ModelConfig:
     return get_preset(preset).replace(**parse_overrides(overrides or []))
+
+
+def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active per token) parameter counts, computed from the config alone."""
+    D, V = cfg.dim, cfg.vocab_size
+    attention = D * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    norms = 2 * D
+    dense = 3 * D * cfg.dense_ffn_dim
+    expert = 3 * D * cfg.expert_ffn_dim
+    router = D * cfg.num_experts
+    n_moe = len(cfg.moe_layer_ids)
+    n_dense = cfg.n_layers - n_moe
+    shared = V * D * (1 if cfg.tie_embeddings else 2) + D + cfg.n_layers * (attention + norms) + n_dense * dense
+    total = shared + n_moe * (router + cfg.num_experts * expert)
+    active = shared + n_moe * (router + cfg.top_k * expert)
+    return total, active

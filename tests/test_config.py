@@ -40,3 +40,16 @@ def test_round_trip_dict():
 def test_route_norm_default_depends_on_top_k():
     assert ModelConfig(top_k=2).normalize_routes and not ModelConfig(top_k=1).normalize_routes
     assert parse_overrides(["route_norm=false"]) == {"route_norm": False}
+
+
+@pytest.mark.parametrize("changes", [{}, {"tie_embeddings": True}, {"moe_layer_freq": 1, "top_k": 3}])
+def test_parameter_count_matches_model(changes):
+    from ds_upcycle.config import count_parameters
+    from ds_upcycle.model import Transformer
+
+    cfg = resolve_model_config("tiny", ["vocab_size=300"]).replace(**changes)
+    model = Transformer(cfg)
+    total, active = count_parameters(cfg)
+    assert total == sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for p in model.moe_layers[0].local_experts[0].parameters())
+    assert total - active == len(cfg.moe_layer_ids) * (cfg.num_experts - cfg.top_k) * expert

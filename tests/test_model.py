@@ -2,7 +2,6 @@
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -47,7 +46,10 @@ def test_rope_is_relative():
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
     cos, sin = rope_tables(20, 8, 10000.0, "cpu")
-    dot = lambda i, j: (apply_rope(q, cos[i], sin[i]) * apply_rope(k, cos[j], sin[j])).sum()
+
+    def dot(i, j):
+        return (apply_rope(q, cos[i], sin[i]) * apply_rope(k, cos[j], sin[j])).sum()
+
     torch.testing.assert_close(dot(3, 1), dot(13, 11))
 
 

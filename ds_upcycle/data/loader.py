@@ -63,7 +63,15 @@ class BatchOrder:
 
 
 def validation_batches(data: PackedSequences, num_samples: int, batch_size: int, dp_size: int, dp_rank: int):
-    """The first num_samples windows of the split, in order, shared round-robin across ranks."""
-    ids = list(range(min(num_samples, data.num_samples)))[dp_rank::dp_size]
+    """The first num_samples windows of the split, in order, shared round-robin across ranks.
+
+    Every rank gets the same number of windows (expert-parallel all-to-alls need equal work), so
+    the count is rounded down to a multiple of dp_size.
+    """
+    count = min(num_samples, data.num_samples)
+    count -= count % dp_size
+    if count == 0:
+        raise UserError(f"validation needs at least {dp_size} sequences; the split has {data.num_samples}")
+    ids = list(range(count))[dp_rank::dp_size]
     for start in range(0, len(ids), batch_size):
         yield data.batch(ids[start:start + batch_size])

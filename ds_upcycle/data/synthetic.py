@@ -1,10 +1,11 @@
 """Built-in synthetic corpus: seeded, multi-domain, knowledge-heavy, no network needed.
 
 Each domain has its own pseudo-word alphabet, entities, relations and a fixed table of facts
-(entity, relation) -> value. A document belongs to one domain and states some of its facts in a
-few sentence templates; entity popularity is Zipfian. Predicting a value requires having memorised
-the fact, so validation loss keeps falling with model capacity: more experts store more facts. The
-domain-specific vocabularies give the router something to specialise on.
+(entity, relation) -> value. A document belongs to one domain and is a few records, each listing
+every fact of one entity (relations in a fixed order); entity popularity is Zipfian. Almost all
+that is predictable in a record is memorised facts, so validation loss keeps falling with model
+capacity: more experts store more facts. The domain-specific vocabularies give the router something
+to specialise on.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class SyntheticSpec:
     entities: int = 160       # per domain
     relations: int = 6        # per domain
     values: int = 16          # possible values of each relation
-    sentences: tuple[int, int] = (6, 16)
+    records: tuple[int, int] = (2, 6)
 
     @classmethod
     def parse(cls, text: str) -> "SyntheticSpec":
@@ -59,17 +60,13 @@ class _Domain:
                 used.add(word)
                 return word
 
-    def sentence(self, rng: random.Random) -> str:
+    def record(self, rng: random.Random) -> str:
+        """All facts of one entity, relations in the domain's fixed order."""
         entity = rng.choices(range(len(self.entities)), self.weights)[0]
-        relation = rng.randrange(len(self.relations))
-        ent, rel = self.entities[entity], self.relations[relation]
-        val = self.values[relation][self.facts[entity, relation]]
-        template = rng.randrange(3)
-        if template == 0:
-            return f"{ent} {rel} {val}."
-        if template == 1:
-            return f"the {rel} of {ent} is {val}."
-        return f"as for {ent}, its {rel} is {val}."
+        facts = ", ".join(f"{rel} {self.values[r][self.facts[entity, r]]}" for r, rel in enumerate(self.relations))
+        if rng.random() < 0.5:
+            return f"{self.entities[entity]}: {facts}."
+        return f"as for {self.entities[entity]}, {facts}."
 
 
 def generate_documents(spec: SyntheticSpec) -> Iterator[str]:
@@ -80,6 +77,6 @@ def generate_documents(spec: SyntheticSpec) -> Iterator[str]:
     rng = random.Random(spec.seed + 1)
     for _ in range(spec.docs):
         domain = rng.choice(domains)
-        count = rng.randint(*spec.sentences)
-        body = " ".join(domain.sentence(rng) for _ in range(count))
+        count = rng.randint(*spec.records)
+        body = " ".join(domain.record(rng) for _ in range(count))
         yield f"from the {domain.name} records: {body}"

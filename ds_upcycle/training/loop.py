@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import __version__, comm
 from ..config import ModelConfig, parse_overrides, resolve_model_config
-from ..data import BatchOrder, DataConfig, PackedSequences, prepare_data, validation_batches
+from ..data import BatchOrder, DataConfig, PackedSequences, PreparedData, prepare_data, validation_batches
 from ..errors import UserError
 from ..model import Transformer
 from ..moe.balance import balance_routers
@@ -103,7 +103,6 @@ def _prepare(data_cfg: DataConfig, tokenizer: Path | None):
 def evaluate(engine, data: PackedSequences, num_samples: int, batch_size: int) -> float:
     """Mean next-token cross-entropy over the first num_samples validation sequences."""
     world = comm.world_size()
-    num_samples = max(world, num_samples - num_samples % world)  # equal work on every rank (all-to-all)
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     for inputs_BT, targets_BT in validation_batches(data, num_samples, batch_size, world, comm.rank()):
@@ -116,7 +115,8 @@ def evaluate(engine, data: PackedSequences, num_samples: int, batch_size: int) -
     return (totals[0] / totals[1]).item()
 
 
-def _train_step(engine, model: Transformer, order: BatchOrder, position: int) -> float:
+def _train_step(engine, order: BatchOrder, position: int) -> float:
+    """One optimizer step over grad_accum micro-batches; returns the mean loss over all ranks."""
     loss_sum = 0.0
     for inputs_BT, targets_BT in order.micro_batches(position):
         logits_BTV, aux_loss = engine(inputs_BT.to(engine.device))
@@ -128,10 +128,102 @@ def _train_step(engine, model: Transformer, order: BatchOrder, position: int) ->
     return (comm.sum_over_world(mean) / comm.world_size()).item()
 
 
+def _restore(engine, schedule: WSDSchedule, start: CheckpointRef, resuming: bool, cfg: TrainConfig) -> Position:
+    """Load `start` into the engine and work out where this stage begins."""
+    config_peaks = list(schedule.peak_lrs)
+    try:
+        load_path, client = engine.load_checkpoint(str(start.save_dir), tag=start.tag)
+    except Exception as err:  # DeepSpeed raises assorted types for layout mismatches
+        raise UserError(f"cannot load {start.path} on this layout (world size {comm.world_size()}, "
+                        f"ep_size {cfg.ep_size}): {str(err).splitlines()[0]}") from None
+    if load_path is None:
+        raise UserError(f"DeepSpeed found no checkpoint in {start.path}")
+    saved = Position(**client.get("ds_upcycle", {}).get("position", {"split": cfg.split}))
+    new_stage = cfg.fresh_schedule and not resuming
+    if new_stage:
+        schedule.start_stage(cfg.steps, cfg.warmup, config_peaks)
+    else:
+        schedule.total = cfg.steps
+    same_data = saved.split == cfg.split and not new_stage
+    return Position(cfg.split, saved.samples if same_data else 0, saved.tokens)
+
+
+@dataclass
+class Trainer:
+    engine: object
+    model: Transformer
+    schedule: WSDSchedule
+    cfg: TrainConfig
+    data_cfg: DataConfig
+    prepared: PreparedData
+    position: Position
+
+    def __post_init__(self) -> None:
+        self.is_main = comm.rank() == 0
+        train = PackedSequences(self.prepared.tokens(self.cfg.split), self.data_cfg.seq_len, self.cfg.split)
+        self.val_data = PackedSequences(self.prepared.tokens("val"), self.data_cfg.seq_len, "val")
+        self.order = BatchOrder(train, self.engine.train_micro_batch_size_per_gpu(),
+                                self.engine.gradient_accumulation_steps(), comm.world_size(), comm.rank(),
+                                seed=self.cfg.seed)
+        save_dir = Path(self.cfg.save_dir) if self.cfg.save_dir else None
+        self.metrics = MetricsLog(save_dir / "metrics.jsonl" if save_dir and self.is_main else None)
+
+    def evaluate(self) -> float:
+        return evaluate(self.engine, self.val_data, self.cfg.eval_samples, self.order.micro_batch)
+
+    def save(self, step: int) -> None:
+        tag = f"global_step{step}"
+        if self.is_main:
+            data = {k: v for k, v in asdict(self.data_cfg).items() if k != "cache_dir"}
+            write_run_files(Path(self.cfg.save_dir) / tag, self.model.cfg, self.prepared.tokenizer_path, {
+                "global_step": step, "tokens_seen": self.position.tokens, "split": self.position.split,
+                "data": data, "ds_upcycle_version": __version__})
+        self.engine.save_checkpoint(self.cfg.save_dir, tag=tag,
+                                    client_state={"ds_upcycle": {"position": asdict(self.position)}})
+
+    def train_step(self) -> dict:
+        started, lr = time.perf_counter(), self.schedule.get_lr()[0]
+        loss = _train_step(self.engine, self.order, self.position.samples)
+        tokens = self.order.global_batch * self.data_cfg.seq_len
+        self.position.samples += self.order.global_batch
+        self.position.tokens += tokens
+        load = balance_routers(self.model.routers, self.model.cfg.route_bias_update, comm.sum_over_world)
+        step_time = time.perf_counter() - started
+        layers = self.model.cfg.moe_layer_ids
+        return {"step": self.engine.global_steps, "tokens": self.position.tokens, "loss": loss, "lr": lr,
+                "step_time": step_time, "tokens_per_s": tokens / step_time,
+                "load": [{"layer": layer, **stats} for layer, stats in zip(layers, load)]}
+
+    def run(self) -> RunResult:
+        from tqdm import tqdm
+
+        cfg, stage_end = self.cfg, self.schedule.stage_start + self.cfg.steps
+        bar = tqdm(total=cfg.steps, initial=self.engine.global_steps - self.schedule.stage_start,
+                   disable=not self.is_main, desc=f"train ({cfg.split})", unit="step", dynamic_ncols=True)
+        history, val_loss = [], float("nan")
+        while self.engine.global_steps < stage_end:
+            record = self.train_step()
+            step, last = record["step"], record["step"] >= stage_end
+            if last or (cfg.eval_interval and step % cfg.eval_interval == 0):
+                val_loss = record["val_loss"] = self.evaluate()
+                if self.is_main:
+                    bar.write(f"step {step}: val_loss {val_loss:.4f}")
+            self.metrics.write(record)
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+            bar.update(1)
+            if cfg.save_dir and (last or (cfg.save_interval and step % cfg.save_interval == 0)):
+                self.save(step)
+        bar.close()
+        if not history:  # the stage was already complete
+            val_loss = self.evaluate()
+        return RunResult(self.engine.global_steps, val_loss, self.position.tokens, history)
+
+
 def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict,
                  preset: str | None = None, overrides: list[str] | None = None) -> RunResult:
+    """Train one stage: from scratch, from --load, or resuming the run in --save."""
     import deepspeed
-    from tqdm import tqdm
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % train_cfg.ep_size:
@@ -143,85 +235,18 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict,
 
     _single_process_env()
     deepspeed.init_distributed()
-    rank, is_main = comm.rank(), comm.rank() == 0
     prepared = _prepare(data_cfg, start.tokenizer if start else None)
     vocab = prepared.meta["vocab_size"]
     if start is not None and model_cfg.vocab_size != vocab:
         raise UserError(f"checkpoint vocab_size {model_cfg.vocab_size} does not match its tokenizer ({vocab})")
-    model_cfg = model_cfg.replace(vocab_size=vocab)
-    model = Transformer(model_cfg, ep_size=train_cfg.ep_size, ep_rank=rank % train_cfg.ep_size, seed=train_cfg.seed)
-
+    model = Transformer(model_cfg.replace(vocab_size=vocab), ep_size=train_cfg.ep_size,
+                        ep_rank=comm.rank() % train_cfg.ep_size, seed=train_cfg.seed)
     schedule_fn = partial(WSDSchedule, total=train_cfg.steps, warmup=train_cfg.warmup,
                           decay_fraction=train_cfg.decay_fraction, min_ratio=train_cfg.min_lr_ratio)
     engine, _, _, schedule = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                   config=ds_config, lr_scheduler=schedule_fn)
-    position = Position(train_cfg.split)
-    if start is not None:
-        config_peaks = list(schedule.peak_lrs)
-        try:
-            load_path, client = engine.load_checkpoint(str(start.save_dir), tag=start.tag)
-        except Exception as err:  # DeepSpeed raises assorted types for layout mismatches
-            raise UserError(f"cannot load {start.path} on this layout (world size {world}, "
-                            f"ep_size {train_cfg.ep_size}): {str(err).splitlines()[0]}") from None
-        if load_path is None:
-            raise UserError(f"DeepSpeed found no checkpoint in {start.path}")
-        saved = Position(**client.get("ds_upcycle", {}).get("position", {"split": train_cfg.split}))
-        new_stage = train_cfg.fresh_schedule and not resuming
-        same_data = saved.split == train_cfg.split and not new_stage
-        position = Position(train_cfg.split, saved.samples if same_data else 0, saved.tokens)
-        if new_stage:
-            schedule.start_stage(train_cfg.steps, train_cfg.warmup, config_peaks)
-        else:
-            schedule.total = train_cfg.steps
-    stage_end = schedule.stage_start + train_cfg.steps
-
-    train_data = PackedSequences(prepared.tokens(train_cfg.split), data_cfg.seq_len, train_cfg.split)
-    val_data = PackedSequences(prepared.tokens("val"), data_cfg.seq_len, "val")
-    order = BatchOrder(train_data, engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(),
-                       world, rank, seed=train_cfg.seed)
-    metrics = MetricsLog(Path(train_cfg.save_dir) / "metrics.jsonl" if train_cfg.save_dir and is_main else None)
+    position = _restore(engine, schedule, start, resuming, train_cfg) if start else Position(train_cfg.split)
+    trainer = Trainer(engine, model, schedule, train_cfg, data_cfg, prepared, position)
     if resuming:
-        metrics.truncate_after(engine.global_steps)
-
-    def save(step: int) -> None:
-        if not train_cfg.save_dir:
-            return
-        tag = f"global_step{step}"
-        if is_main:
-            write_run_files(Path(train_cfg.save_dir) / tag, model_cfg, prepared.tokenizer_path, {
-                "global_step": step, "tokens_seen": position.tokens, "split": position.split,
-                "data": {k: v for k, v in asdict(data_cfg).items() if k != "cache_dir"},
-                "ds_upcycle_version": __version__})
-        engine.save_checkpoint(train_cfg.save_dir, tag=tag, client_state={"ds_upcycle": {"position": asdict(position)}})
-
-    bar = tqdm(total=train_cfg.steps, initial=engine.global_steps - schedule.stage_start,
-               disable=not is_main, desc=f"train ({train_cfg.split})", unit="step", dynamic_ncols=True)
-    tokens_per_step = order.global_batch * data_cfg.seq_len
-    history, val_loss = [], float("nan")
-    while engine.global_steps < stage_end:
-        started, lr = time.perf_counter(), schedule.get_lr()[0]
-        loss = _train_step(engine, model, order, position.samples)
-        position.samples += order.global_batch
-        position.tokens += tokens_per_step
-        load = balance_routers(model.routers, model_cfg.route_bias_update, comm.sum_over_world)
-        step_time = time.perf_counter() - started
-        step = engine.global_steps
-        record = {"step": step, "tokens": position.tokens, "loss": loss, "lr": lr,
-                  "step_time": step_time, "tokens_per_s": tokens_per_step / step_time,
-                  "load": [{"layer": layer, **stats} for layer, stats in zip(model_cfg.moe_layer_ids, load)]}
-        last = step >= stage_end
-        if last or (train_cfg.eval_interval and step % train_cfg.eval_interval == 0):
-            val_loss = evaluate(engine, val_data, train_cfg.eval_samples, order.micro_batch)
-            record["val_loss"] = val_loss
-            if is_main:
-                bar.write(f"step {step}: val_loss {val_loss:.4f}")
-        metrics.write(record)
-        history.append(record)
-        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        bar.update(1)
-        if last or (train_cfg.save_interval and step % train_cfg.save_interval == 0):
-            save(step)
-    bar.close()
-    if not history:  # the stage was already complete
-        val_loss = evaluate(engine, val_data, train_cfg.eval_samples, order.micro_batch)
-    return RunResult(engine.global_steps, val_loss, position.tokens, history)
+        trainer.metrics.truncate_after(engine.global_steps)
+    return trainer.run()
