@@ -20,21 +20,23 @@ import torch
 import torch.nn.functional as F
 
 
-def timed(fn, warmup: int, repeats: int) -> float:
-    """Median seconds of fn() over `repeats` runs after `warmup` runs."""
+def timed(fns: dict, warmup: int, repeats: int) -> dict:
+    """Median seconds of each fn(), measured in alternation so that drift hits all alike."""
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    for _ in range(warmup):
-        fn()
-    times = []
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        acc.synchronize()
-        start = time.perf_counter()
-        fn()
-        acc.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            acc.synchronize()
+            start = time.perf_counter()
+            fn()
+            acc.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_layers(cfg, tokens: int, device, warmup: int, repeats: int) -> None:
@@ -60,14 +62,14 @@ def bench_layers(cfg, tokens: int, device, warmup: int, repeats: int) -> None:
             out.float().square().mean().backward()
         return run
 
-    base = timed(step(ours), warmup, repeats)
+    times = timed({"ours (loss-free)": step(ours), **{name: step(layer) for name, layer in stock.items()}},
+                  warmup, repeats)
+    base = times["ours (loss-free)"]
     print(f"\nMoE layer: dim {cfg.dim}, expert ffn {cfg.expert_ffn_dim}, {cfg.num_experts} experts, "
-          f"top-{cfg.top_k}, {tokens} tokens, forward+backward")
-    print(f"  {'layer':<22}{'tokens/s':>12}{'ours / it':>12}")
-    print(f"  {'ours (loss-free)':<22}{tokens / base:>12,.0f}{1.0:>12.2f}")
-    for name, layer in stock.items():
-        t = timed(step(layer), warmup, repeats)
-        print(f"  {name:<22}{tokens / t:>12,.0f}{t / base:>12.2f}")
+          f"top-{cfg.top_k}, {tokens} tokens, forward+backward, median of {repeats}")
+    print(f"  {'layer':<22}{'tokens/s':>12}{'speed vs ours':>15}")
+    for name, t in times.items():
+        print(f"  {name:<22}{tokens / t:>12,.0f}{base / t:>15.3f}")
 
 
 def bench_models(cfg, batch: int, seq_len: int, warmup: int, repeats: int, bf16: bool) -> None:
@@ -78,7 +80,7 @@ def bench_models(cfg, batch: int, seq_len: int, warmup: int, repeats: int, bf16:
     ds_config = {"train_micro_batch_size_per_gpu": batch, "gradient_clipping": 1.0,
                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": not torch.cuda.is_available()}},
                  "zero_optimization": {"stage": 2}, "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
-    def step_time(experts: int) -> float:
+    def train_step(experts: int):
         model = Transformer(cfg.replace(num_experts=experts))
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
         tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=engine.device)
@@ -88,9 +90,9 @@ def bench_models(cfg, batch: int, seq_len: int, warmup: int, repeats: int, bf16:
             engine.backward(F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()) + aux)
             engine.step()
 
-        return timed(step, warmup, repeats)
+        return step
 
-    times = {experts: step_time(experts) for experts in (cfg.num_experts, 2 * cfg.num_experts)}
+    times = timed({e: train_step(e) for e in (cfg.num_experts, 2 * cfg.num_experts)}, warmup, repeats)
     (e, t_e), (me, t_me) = times.items()
     print(f"\nTraining step ({batch} x {seq_len} tokens, ZeRO-2{', bf16' if bf16 else ''}):")
     print(f"  t_E  ({e:>3} experts) = {t_e * 1000:8.1f} ms   {batch * seq_len / t_e:>10,.0f} tokens/s")
@@ -106,7 +108,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--bf16", action="store_true")
     args = parser.parse_args()
 

@@ -47,7 +47,7 @@ def test_parameter_count_matches_model(changes):
     from ds_upcycle.config import count_parameters
     from ds_upcycle.model import Transformer
 
-    cfg = resolve_model_config("tiny", ["vocab_size=300"]).replace(**changes)
+    cfg = resolve_model_config("tiny-il", ["vocab_size=300"]).replace(**changes)
     model = Transformer(cfg)
     total, active = count_parameters(cfg)
     assert total == sum(p.numel() for p in model.parameters())

@@ -106,3 +106,10 @@ def test_validation_batches_are_fixed_and_shared():
     data = PackedSequences(np.arange(500, dtype=np.uint16), seq_len=4)
     seen = [x[:, 0].tolist() for r in range(2) for x, _ in validation_batches(data, 10, 3, 2, r)]
     assert sorted(sum(seen, [])) == [4 * i for i in range(10)]
+
+
+def test_synthetic_corpus_is_seeded_and_scales():
+    spec = SyntheticSpec(docs=30, entities=1500, seed=2)
+    docs = list(generate_documents(spec))
+    assert docs == list(generate_documents(spec)) and len(docs) == 30
+    assert docs != list(generate_documents(SyntheticSpec(docs=30, entities=1500, seed=3)))

@@ -84,6 +84,7 @@ def test_presets_build_configs():
         assert cfg.moe_layer_ids, name
     assert PRESETS["paper-full"].num_experts == 256 and PRESETS["paper-full"].top_k == 8
     assert PRESETS["paper-il10"].n_layers == 10 and PRESETS["paper-il10"].moe_layer_freq == 2
+    assert PRESETS["tiny"].moe_layer_freq == 1 and PRESETS["tiny-il"].moe_layer_freq == 2
 
 
 def test_loss_falls_when_fitting_a_batch():

@@ -23,7 +23,7 @@ def test_loss_falls_and_metrics_are_recorded(tmp_path, train_args):
     assert records[-1]["loss"] < records[0]["loss"] - 1.5
     assert records[-1]["val_loss"] < records[19]["val_loss"]
     assert {"tokens", "lr", "step_time", "tokens_per_s", "load"} <= set(records[0])
-    assert [layer["layer"] for layer in records[0]["load"]] == [1, 3]
+    assert [layer["layer"] for layer in records[0]["load"]] == [0, 1, 2, 3]
     assert f"validation loss {records[-1]['val_loss']:.4f} at step 40" in proc.stdout
     info = json.loads((tmp_path / "run" / "global_step40" / "ds_upcycle.json").read_text())
     assert info["model"]["dim"] == 64 and info["tokens_seen"] == 40 * 8 * 32
@@ -77,7 +77,7 @@ def test_two_processes_expert_parallel_match_one_process(tmp_path, train_args):
     tag = tmp_path / "b" / "global_step6"
     assert sorted(p.name for p in tag.glob("zero_pp_rank_*")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    assert len(list(tag.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))) == 2 * 4
+    assert len(list(tag.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))) == 4 * 4
 
 
 @pytest.mark.distributed

@@ -23,7 +23,7 @@ class SyntheticSpec:
     docs: int = 24000
     seed: int = 0
     domains: int = 8
-    entities: int = 160       # per domain
+    entities: int = 400       # per domain
     relations: int = 6        # per domain
     values: int = 16          # possible values of each relation
     records: tuple[int, int] = (2, 6)
@@ -54,11 +54,13 @@ class _Domain:
         self.weights = [1.0 / (rank + 1) ** 0.8 for rank in range(spec.entities)]
 
     def _word(self, rng: random.Random, syllables: int, used: set[str]) -> str:
-        while True:
-            word = "".join(rng.choice(self.syllables) for _ in range(syllables))
+        """A new word; lengthens it when short words run out, so any size of world terminates."""
+        for attempt in range(1000):
+            word = "".join(rng.choice(self.syllables) for _ in range(syllables + attempt // 20))
             if word not in used:
                 used.add(word)
                 return word
+        raise RuntimeError("could not make a new word")
 
     def record(self, rng: random.Random) -> str:
         """All facts of one entity, relations in the domain's fixed order."""
