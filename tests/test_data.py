@@ -75,8 +75,13 @@ def test_source_errors(tmp_path, monkeypatch):
         resolve_source(str(tmp_path / "missing.txt"))
     with pytest.raises(UserError, match="bad synthetic"):
         resolve_source("synthetic:colour=3")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # Offline as on a cluster without internet: the libraries read these settings at import time.
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="cannot load dataset 'someone/nothing-here'"):
         list(resolve_source("someone/nothing-here").documents())
 
