@@ -1,0 +1,1 @@
+"""Expert upcycling: the operator (pure), utility scores, and the expand pipeline."""

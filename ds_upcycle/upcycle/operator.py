@@ -1,0 +1,165 @@
+"""The expert-upcycling operator: pure functions, tensors in, tensors and a plan out.
+
+For one MoE layer with E source experts and a target of N > E experts:
+
+1. `allocate_copies` chooses replication counts c_i >= 1 with sum c_i = N, uniformly or from
+   per-expert utility scores;
+2. `place_copies` orders the N new experts ("copy-major": new ids 0..E-1 are the source experts
+   themselves, then one round of replicas after another), which spreads each expert's copies over
+   expert-parallel ranks;
+3. `expand_rows` builds any per-expert tensor (expert weights, router rows, their optimizer
+   moments) for the new experts; `expand_router_bias` adds N(0, sigma^2) noise to the replicas'
+   routing bias only, so that the source experts' routing is unchanged.
+
+It knows nothing of files, DeepSpeed or ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..errors import UserError
+
+
+def allocate_copies(num_experts: int, target: int, scores: Sequence[float] | None = None,
+                    max_copies: int | None = None) -> list[int]:
+    """Replication counts c_i (>= 1, sum = target).
+
+    Without scores every expert gets target // E copies and the remainder goes to the lowest ids.
+    With scores, each expert starts with one copy and the target - E extra slots are handed out one
+    at a time, with replacement, to the expert with the highest score per copy, s_i / c_i (a copy
+    shares its expert's utility with the other copies); ties go to the expert with fewer copies,
+    then to the lower id. This is a
+    proportional (D'Hondt) apportionment of slots to utility. `max_copies` caps any c_i.
+    """
+    if target < num_experts:
+        raise UserError(f"target of {target} experts is fewer than the {num_experts} source experts")
+    cap = max_copies if max_copies is not None else target
+    if cap < 1 or cap * num_experts < target:
+        raise UserError(f"--max-copies {cap} cannot reach {target} experts from {num_experts}")
+    if scores is None:
+        base, extra = divmod(target, num_experts)
+        return [base + (i < extra) for i in range(num_experts)]
+    if len(scores) != num_experts:
+        raise ValueError(f"{len(scores)} scores for {num_experts} experts")
+    if any(not (s >= 0) for s in scores):  # also catches NaN
+        raise UserError("utility scores must be finite and non-negative")
+    counts = [1] * num_experts
+    for _ in range(target - num_experts):
+        open_ids = [i for i in range(num_experts) if counts[i] < cap]
+        best = max(open_ids, key=lambda i: (scores[i] / counts[i], -counts[i], -i))
+        counts[best] += 1
+    return counts
+
+
+def place_copies(counts: Sequence[int]) -> list[int]:
+    """Source expert of every new expert id, copy-major.
+
+    New ids 0..E-1 are the source experts (unchanged ids), then the first replica of every expert
+    that has one, then the second, and so on. Under expert parallelism with P ranks holding
+    consecutive blocks of N/P ids, the copies of an expert therefore land on different ranks as far
+    as possible, and each rank's expected load stays close to 1/P.
+    """
+    sources = []
+    for round_ in range(max(counts)):
+        sources.extend(i for i, c in enumerate(counts) if c > round_)
+    return sources
+
+
+def replica_mask(sources: Sequence[int]) -> torch.Tensor:
+    """True for new experts that are copies (every occurrence of a source after its first)."""
+    seen: set[int] = set()
+    mask = []
+    for src in sources:
+        mask.append(src in seen)
+        seen.add(src)
+    return torch.tensor(mask, dtype=torch.bool)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one MoE layer grows: `sources[j]` is the source expert copied into new expert j."""
+
+    num_source: int
+    sources: tuple[int, ...]
+    scores: tuple[float, ...] | None = None
+
+    @property
+    def num_target(self) -> int:
+        return len(self.sources)
+
+    @property
+    def counts(self) -> list[int]:
+        return [self.sources.count(i) for i in range(self.num_source)]
+
+    @property
+    def replicas(self) -> torch.Tensor:
+        return replica_mask(self.sources)
+
+    def rank_loads(self, ep_size: int, source_loads: Sequence[float] | None = None) -> list[float]:
+        """Expected share of tokens on each expert-parallel rank of the new layer, assuming each
+        source expert's load (uniform if not given) splits evenly among its copies."""
+        loads = list(source_loads) if source_loads is not None else [1.0] * self.num_source
+        total = sum(loads)
+        counts = self.counts
+        per_rank = self.num_target // ep_size
+        shares = [0.0] * ep_size
+        for new_id, src in enumerate(self.sources):
+            shares[new_id // per_rank] += loads[src] / counts[src] / total
+        return shares
+
+    def to_dict(self) -> dict:
+        return {"num_source": self.num_source, "num_target": self.num_target, "sources": list(self.sources),
+                "counts": self.counts, "scores": list(self.scores) if self.scores is not None else None}
+
+
+def plan_layer(num_experts: int, target: int, scores: Sequence[float] | None = None,
+               max_copies: int | None = None) -> LayerPlan:
+    counts = allocate_copies(num_experts, target, scores, max_copies)
+    return LayerPlan(num_experts, tuple(place_copies(counts)), tuple(scores) if scores is not None else None)
+
+
+OPTIMIZER_STATE_MODES = ("copy", "reset", "scale")
+
+
+def expand_rows(tensor: torch.Tensor, plan: LayerPlan, moment: int = 0, mode: str = "copy") -> torch.Tensor:
+    """Per-expert tensor (experts along dim 0) for the new experts.
+
+    Weights (moment=0) are always copied exactly. For Adam moments (moment=1 for exp_avg, 2 for
+    exp_avg_sq) `mode` says what the replicas get: "copy" the source's moments, "reset" zeros, or
+    "scale" the source's moments times (1/c_i)**moment for every copy of expert i, since each copy
+    can expect about 1/c_i of its expert's tokens and so of its gradient.
+    """
+    if mode not in OPTIMIZER_STATE_MODES:
+        raise ValueError(f"unknown optimizer-state mode {mode!r}")
+    if tensor.shape[0] != plan.num_source:
+        raise ValueError(f"tensor has {tensor.shape[0]} rows for {plan.num_source} experts")
+    out = tensor[torch.tensor(plan.sources)].clone()
+    if moment == 0 or mode == "copy":
+        return out
+    if mode == "reset":
+        out[plan.replicas] = 0
+        return out
+    counts = torch.tensor(plan.counts, dtype=torch.float64)[torch.tensor(plan.sources)]
+    factor = counts.reciprocal().pow(moment).to(out.dtype)
+    return out * factor.view(-1, *([1] * (out.dim() - 1)))
+
+
+def expand_router_bias(bias: torch.Tensor | None, plan: LayerPlan, noise_std: float,
+                       generator: torch.Generator) -> torch.Tensor:
+    """Routing bias of the new experts: copied, plus N(0, noise_std^2) on the replicas only.
+
+    The noise breaks the exact ties between an expert and its copies in top-K selection; it is
+    drawn independently of the existing biases, so it is non-zero even when they are all equal
+    (e.g. a freshly initialised bias). A missing bias counts as zeros.
+    """
+    if bias is None:
+        bias = torch.zeros(plan.num_source)
+    new = expand_rows(bias.float(), plan)
+    replicas = plan.replicas
+    noise = torch.randn(int(replicas.sum()), generator=generator, dtype=torch.float64) * noise_std
+    new[replicas] += noise.to(new.dtype)
+    return new.to(bias.dtype)

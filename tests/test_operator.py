@@ -1,0 +1,114 @@
+"""The upcycling operator alone, against hand-made inputs."""
+
+import pytest
+import torch
+
+from ds_upcycle.errors import UserError
+from ds_upcycle.upcycle.operator import (LayerPlan, allocate_copies, expand_router_bias, expand_rows,
+                                         place_copies, plan_layer, replica_mask)
+from ds_upcycle.upcycle.scores import GradientStats, expert_score
+
+
+@pytest.mark.parametrize("E,N", [(4, 8), (4, 12), (3, 7), (8, 9), (5, 5)])
+def test_uniform_counts_sum_to_target(E, N):
+    counts = allocate_copies(E, N)
+    assert sum(counts) == N and min(counts) >= 1 and max(counts) - min(counts) <= 1
+
+
+def test_utility_allocation_is_proportional_greedy():
+    # 3 extra slots: expert 0 (score 9) gets 2 (9/1 > 9/2=4.5 > 4 > 9/3), expert 1 gets 1.
+    assert allocate_copies(3, 6, [9.0, 4.0, 1.0]) == [3, 2, 1]
+    # with replacement: one dominant expert takes every extra slot...
+    assert allocate_copies(4, 8, [100.0, 1.0, 1.0, 1.0]) == [5, 1, 1, 1]
+    # ...unless capped
+    assert allocate_copies(4, 8, [100.0, 1.0, 1.0, 1.0], max_copies=3) == [3, 2, 2, 1]
+    # equal scores give the uniform allocation; ties go to the lower id
+    assert allocate_copies(4, 6, [2.0] * 4) == allocate_copies(4, 6) == [2, 2, 1, 1]
+    assert allocate_copies(2, 5, [0.0, 0.0]) == [3, 2]
+
+
+def test_allocation_errors():
+    with pytest.raises(UserError, match="fewer than"):
+        allocate_copies(4, 3)
+    with pytest.raises(UserError, match="max-copies"):
+        allocate_copies(4, 12, max_copies=2)
+    with pytest.raises(UserError, match="non-negative"):
+        allocate_copies(2, 4, [1.0, float("nan")])
+
+
+def test_copy_major_placement():
+    assert place_copies([2, 2, 2]) == [0, 1, 2, 0, 1, 2]
+    assert place_copies([3, 1, 2]) == [0, 1, 2, 0, 2, 0]
+    assert replica_mask([0, 1, 2, 0, 2, 0]).tolist() == [False, False, False, True, True, True]
+    plan = plan_layer(4, 8)
+    # 2 expert-parallel ranks: each holds one copy of every expert, half of the tokens each
+    assert plan.rank_loads(2) == [0.5, 0.5]
+    assert plan.rank_loads(4) == pytest.approx([0.25] * 4)
+    skewed = LayerPlan(2, (0, 1, 0, 0))
+    assert skewed.counts == [3, 1] and skewed.rank_loads(2) == pytest.approx([0.5 / 3 + 0.5, 1 / 3])
+
+
+def test_expand_rows_copies_exactly():
+    torch.manual_seed(0)
+    weights = torch.randn(3, 5, 4)
+    plan = plan_layer(3, 7, [3.0, 2.0, 1.0])
+    new = expand_rows(weights, plan)
+    assert new.shape == (7, 5, 4)
+    for j, src in enumerate(plan.sources):
+        assert torch.equal(new[j], weights[src])
+    assert torch.equal(new[:3], weights)  # source experts keep their ids and values
+
+
+def test_optimizer_state_modes():
+    plan = LayerPlan(2, (0, 1, 0))  # expert 0 has 2 copies
+    m = torch.tensor([[2.0, 2.0], [3.0, 3.0]])
+    assert expand_rows(m, plan, moment=1, mode="copy").tolist() == [[2, 2], [3, 3], [2, 2]]
+    assert expand_rows(m, plan, moment=1, mode="reset").tolist() == [[2, 2], [3, 3], [0, 0]]
+    assert expand_rows(m, plan, moment=1, mode="scale").tolist() == [[1, 1], [3, 3], [1, 1]]
+    assert expand_rows(m, plan, moment=2, mode="scale").tolist() == [[0.5, 0.5], [3, 3], [0.5, 0.5]]
+    assert expand_rows(m, plan, moment=0, mode="reset").tolist() == [[2, 2], [3, 3], [2, 2]]
+
+
+def test_router_bias_noise_only_on_replicas_and_seeded():
+    plan = plan_layer(4, 10)
+    bias = torch.tensor([0.1, -0.2, 0.0, 0.3])
+    new = expand_router_bias(bias, plan, 0.01, torch.Generator().manual_seed(0))
+    assert torch.equal(new[:4], bias)  # source experts unchanged
+    replicas = plan.replicas
+    diffs = new[replicas] - bias[torch.tensor(plan.sources)[replicas]]
+    assert (diffs != 0).all() and diffs.abs().max() < 0.1
+    again = expand_router_bias(bias, plan, 0.01, torch.Generator().manual_seed(0))
+    assert torch.equal(new, again)
+    other = expand_router_bias(bias, plan, 0.01, torch.Generator().manual_seed(1))
+    assert not torch.equal(new, other)
+    # all-equal (fresh) bias still gets noise; a missing bias counts as zeros
+    fresh = expand_router_bias(None, plan, 0.01, torch.Generator().manual_seed(0))
+    assert (fresh[replicas] != 0).all() and (fresh[~replicas] == 0).all()
+    assert expand_router_bias(bias, plan, 0.0, torch.Generator()).tolist() == expand_rows(bias, plan).tolist()
+
+
+def test_scores_on_hand_made_state():
+    w = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([3.0])}
+    m = {"a": torch.tensor([0.5, 0.5]), "b": torch.tensor([-1.0])}
+    v = {"a": torch.tensor([1.0, 4.0]), "b": torch.tensor([4.0])}
+    stats = GradientStats.from_adam(w, m, v)
+    assert expert_score("grad_sq", stats) == pytest.approx(9.0)
+    assert expert_score("saliency", stats) == pytest.approx(abs(0.5 - 1.0 - 3.0))
+    assert expert_score("weight_norm", stats) == pytest.approx(14 ** 0.5)
+    assert expert_score("fisher", stats) == pytest.approx(0.25 / 1 + 0.25 / 4 + 1.0 / 4)
+    with pytest.raises(ValueError, match="unknown selection rule"):
+        expert_score("random", stats)
+
+
+def test_each_rule_changes_the_plan():
+    # Expert 1 has the biggest gradients, expert 2 the biggest weights.
+    experts = [
+        GradientStats.from_adam({"w": torch.ones(4)}, {"w": torch.full((4,), 0.1)}, {"w": torch.full((4,), 0.01)}),
+        GradientStats.from_adam({"w": torch.ones(4)}, {"w": torch.full((4,), 1.0)}, {"w": torch.full((4,), 2.0)}),
+        GradientStats.from_adam({"w": torch.full((4,), 5.0)}, {"w": torch.zeros(4)}, {"w": torch.full((4,), 0.02)}),
+    ]
+    top = {rule: max(range(3), key=lambda i: expert_score(rule, experts[i]))
+           for rule in ("grad_sq", "saliency", "weight_norm", "fisher")}
+    assert top == {"grad_sq": 1, "saliency": 1, "weight_norm": 2, "fisher": 0}
+    plan = plan_layer(3, 4, [expert_score("grad_sq", e) for e in experts])
+    assert plan.counts == [1, 2, 1] and plan.sources == (0, 1, 2, 1)
