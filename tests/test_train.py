@@ -116,3 +116,17 @@ def test_world_size_not_divisible_by_ep_size(tmp_path, train_args):
     assert proc.returncode != 0
     assert "train.py: error: world size 2 is not divisible by --ep-size 3" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_bf16_run_keeps_routing_bias_in_fp32(tmp_path, train_args):
+    import torch
+    cfg = tmp_path / "bf16.json"
+    cfg.write_text(json.dumps({**json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text()),
+                               "train_micro_batch_size_per_gpu": 4}))
+    check_ok(run_train(train_args(cfg, 4, "--save", str(tmp_path / "run"))))
+    module = torch.load(tmp_path / "run" / "global_step4" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert module["tok_embeddings.weight"].dtype == torch.bfloat16
+    bias = module["layers.0.ffn.moe.deepspeed_moe.gate.route_bias"]
+    # sums of +-1e-3 steps stay exact multiples of 1e-3 only because the bias is kept in fp32
+    assert bias.dtype == torch.float32 and bias.abs().max() > 0
+    assert ((bias * 1000).round() - bias * 1000).abs().max() < 1e-3

@@ -59,12 +59,13 @@ def _files(path: Path, text_field: str) -> TextSource:
     identity = "files:" + hashlib.sha256(json.dumps([stat, text_field]).encode()).hexdigest()
 
     def documents() -> Iterable[str]:
-        if kind == "text":
-            for file in files:
-                yield file.read_text(encoding="utf-8", errors="replace")
-            return
         import datasets
 
+        if kind == "text":  # one row per file
+            data = datasets.load_dataset("text", data_files=[str(p) for p in files], sample_by="document",
+                                         split="train")
+            yield from data["text"]
+            return
         data = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
         if text_field not in data.column_names:
             raise UserError(f"{path}: no field {text_field!r} (fields: {', '.join(data.column_names)}); "
