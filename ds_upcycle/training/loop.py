@@ -100,7 +100,7 @@ def _prepare(data_cfg: DataConfig, tokenizer: Path | None):
 
 
 @torch.no_grad()
-def evaluate(engine, data: PackedSequences, num_samples: int, batch_size: int) -> float:
+def validation_loss(engine, data: PackedSequences, num_samples: int, batch_size: int) -> float:
     """Mean next-token cross-entropy over the first num_samples validation sequences."""
     world = comm.world_size()
     engine.eval()
@@ -169,7 +169,7 @@ class Trainer:
         self.metrics = MetricsLog(save_dir / "metrics.jsonl" if save_dir and self.is_main else None)
 
     def evaluate(self) -> float:
-        return evaluate(self.engine, self.val_data, self.cfg.eval_samples, self.order.micro_batch)
+        return validation_loss(self.engine, self.val_data, self.cfg.eval_samples, self.order.micro_batch)
 
     def save(self, step: int) -> None:
         tag = f"global_step{step}"

@@ -1,0 +1,97 @@
+"""A plain DeepSpeed MoE script, not ds-upcycle's model: two stock MoE layers with the stock gate.
+
+    train: stock_moe.py --config ds.json --experts 4 --ep-size 1 --steps 3 --save DIR
+    resume: stock_moe.py --config ds.json --experts 8 --ep-size 1 --steps 1 --load DIR --report out.json
+
+With --load it loads the checkpoint with stock engine.load_checkpoint, then trains --steps more.
+--report FILE writes, per rank (FILE.rank<r>), every parameter's full fp32 weight and Adam moments
+as DeepSpeed's own accessors see them, expert names with global ids: the oracle for checkpoint tests.
+"""
+
+import argparse
+import json
+import re
+
+import deepspeed
+import torch
+from deepspeed.moe.layer import MoE
+from torch import nn
+
+
+class Expert(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, dim, experts, ep_size):
+        super().__init__()
+        self.inp = nn.Linear(dim, dim)
+        self.moe1 = MoE(dim, Expert(dim), experts, ep_size=ep_size, k=2, use_rts=False,
+                        top2_2nd_expert_sampling=False)
+        self.moe2 = MoE(dim, Expert(dim), experts, ep_size=ep_size, k=1, use_rts=False)
+        self.out = nn.Linear(dim, 1)
+
+    def forward(self, x):
+        x = self.inp(x)
+        x = x + self.moe1(x)[0]
+        x = x + self.moe2(x)[0]
+        return self.out(x)
+
+
+def report(engine, num_local, ep_rank, path):
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # relink expert groups' state (DESIGN.md)
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+    out = {}
+    for name, param in engine.module.named_parameters():
+        name = re.sub(r"deepspeed_experts\.(\d+)\.",
+                      lambda m: f"deepspeed_experts.{ep_rank * num_local + int(m.group(1))}.", name)
+        out[name] = {"fp32": safe_get_full_fp32_param(param).tolist(),
+                     "exp_avg": safe_get_full_optimizer_state(param, "exp_avg").tolist(),
+                     "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq").tolist()}
+    json.dump(out, open(path, "w"))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--local_rank", type=int, default=0)
+    p.add_argument("--config", required=True)
+    p.add_argument("--experts", type=int, required=True)
+    p.add_argument("--ep-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--save")
+    p.add_argument("--load")
+    p.add_argument("--report")
+    args = p.parse_args()
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model = Net(16, args.experts, args.ep_size)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=json.load(open(args.config)))
+    if args.load:
+        path, _ = engine.load_checkpoint(args.load)
+        assert path is not None, "nothing loaded"
+    if args.report:  # what was loaded, before any further step
+        rank = engine.global_rank
+        report(engine, args.experts // args.ep_size, rank % args.ep_size, f"{args.report}.rank{rank}")
+    gen = torch.Generator().manual_seed(100 + engine.global_rank)
+    for _ in range(args.steps):
+        x = torch.randn(4, 8, 16, generator=gen)
+        loss = engine(x).square().mean()
+        engine.backward(loss)
+        engine.step()
+    if args.save:
+        engine.save_checkpoint(args.save)
+    print(f"rank {engine.global_rank} steps {engine.global_steps} loss {loss.item():.6f}")
+
+
+if __name__ == "__main__":
+    main()
