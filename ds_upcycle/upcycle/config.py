@@ -1,0 +1,72 @@
+"""Settings of one `ds-upcycle expand` run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UserError
+from .operator import OPTIMIZER_STATE_MODES
+from .scores import SELECTION_RULES
+
+
+@dataclass(frozen=True)
+class ExpandConfig:
+    """Grow every MoE layer of a checkpoint from E to N experts (or reshard it unchanged).
+
+    Attributes:
+        source, destination: checkpoint paths (a save dir with `latest`, or a tag dir; the
+            destination is a new save dir).
+        num_experts: target experts per layer N; or `multiplier` m, N = m * E. m = 1 reshards.
+        select: how copies are allocated: "uniform" or a utility score (see scores.py).
+        max_copies: cap on the copies of one expert.
+        router_noise: standard deviation of the N(0, sigma^2) noise on the replicas' routing bias.
+        optimizer_state: what replicas get of the source's Adam moments: copy, reset or scale.
+        world_size, ep_size: target layout (default: the source's).
+        seed: seeds the router noise; same inputs and seed give identical output.
+        force: replace an existing non-empty destination.
+    """
+
+    source: str
+    destination: str
+    num_experts: int | None = None
+    multiplier: int | None = None
+    select: str = "grad_sq"
+    max_copies: int | None = None
+    router_noise: float = 0.01
+    optimizer_state: str = "copy"
+    world_size: int | None = None
+    ep_size: int | None = None
+    seed: int = 0
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.num_experts is None) == (self.multiplier is None):
+            raise UserError("give exactly one of --num-experts and --multiplier")
+        if self.multiplier is not None and self.multiplier < 1:
+            raise UserError(f"--multiplier must be >= 1, got {self.multiplier}")
+        if self.select not in SELECTION_RULES:
+            raise UserError(f"--select must be one of {', '.join(SELECTION_RULES)}, got {self.select!r}")
+        if self.optimizer_state not in OPTIMIZER_STATE_MODES:
+            raise UserError(f"--optimizer-state must be one of {', '.join(OPTIMIZER_STATE_MODES)}")
+        if self.router_noise < 0:
+            raise UserError("--router-noise must be >= 0")
+        for name in ("world_size", "ep_size", "max_copies"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+    def target_experts(self, source_experts: int) -> int:
+        target = self.num_experts if self.num_experts is not None else self.multiplier * source_experts
+        if target < source_experts or (self.num_experts is not None and target == source_experts):
+            raise UserError(f"--num-experts {target} must be larger than the source's {source_experts} experts "
+                            f"(use --multiplier 1 to reshard unchanged)")
+        return target
+
+    def target_layout(self, source_world: int, source_ep: int, target_experts: int) -> tuple[int, int]:
+        world = self.world_size or source_world
+        ep = self.ep_size or source_ep
+        if world % ep:
+            raise UserError(f"target world size {world} is not divisible by ep_size {ep}")
+        if target_experts % ep:
+            raise UserError(f"{target_experts} experts are not divisible by the target ep_size {ep}")
+        return world, ep
