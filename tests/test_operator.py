@@ -36,16 +36,35 @@ def test_allocation_errors():
         allocate_copies(2, 4, [1.0, float("nan")])
 
 
-def test_copy_major_placement():
+def test_placement_is_copy_major_on_one_rank():
     assert place_copies([2, 2, 2]) == [0, 1, 2, 0, 1, 2]
     assert place_copies([3, 1, 2]) == [0, 1, 2, 0, 2, 0]
     assert replica_mask([0, 1, 2, 0, 2, 0]).tolist() == [False, False, False, True, True, True]
-    plan = plan_layer(4, 8)
-    # 2 expert-parallel ranks: each holds one copy of every expert, half of the tokens each
+
+
+def test_placement_balances_expert_parallel_ranks():
+    plan = plan_layer(4, 8, ep_size=2)
+    # uniform: each rank holds one copy of every expert, half of the tokens each
+    assert plan.sources == (0, 1, 2, 3, 0, 1, 2, 3)
     assert plan.rank_loads(2) == [0.5, 0.5]
-    assert plan.rank_loads(4) == pytest.approx([0.25] * 4)
+    assert plan_layer(4, 8, ep_size=4).rank_loads(4) == pytest.approx([0.25] * 4)
+    # skewed counts: the single-copy experts 1 and 2 go to different ranks
+    skewed = plan_layer(4, 12, [100.0, 2.0, 1.0, 30.0], ep_size=2)
+    assert skewed.counts == [7, 1, 1, 3]
+    ranks = [set(skewed.sources[:6]), set(skewed.sources[6:])]
+    assert (1 in ranks[0]) != (2 in ranks[0])
+    loads = skewed.rank_loads(2)
+    assert abs(loads[0] - loads[1]) < 0.1
+    # the naive copy-major order would have put both on rank 0
+    naive = LayerPlan(4, tuple(place_copies(skewed.counts)))
+    assert abs(naive.rank_loads(2)[0] - naive.rank_loads(2)[1]) > 0.4
+    assert sorted(skewed.sources) == sorted(naive.sources)
+
+
+def test_rank_loads_with_given_source_loads():
     skewed = LayerPlan(2, (0, 1, 0, 0))
     assert skewed.counts == [3, 1] and skewed.rank_loads(2) == pytest.approx([0.5 / 3 + 0.5, 1 / 3])
+    assert skewed.rank_loads(1, [3.0, 1.0]) == pytest.approx([1.0])
 
 
 def test_expand_rows_copies_exactly():

@@ -4,9 +4,8 @@ For one MoE layer with E source experts and a target of N > E experts:
 
 1. `allocate_copies` chooses replication counts c_i >= 1 with sum c_i = N, uniformly or from
    per-expert utility scores;
-2. `place_copies` orders the N new experts ("copy-major": new ids 0..E-1 are the source experts
-   themselves, then one round of replicas after another), which spreads each expert's copies over
-   expert-parallel ranks;
+2. `place_copies` orders the N new experts so that expected load is balanced over the target's
+   expert-parallel ranks (with one rank, new ids 0..E-1 are the source experts themselves);
 3. `expand_rows` builds any per-expert tensor (expert weights, router rows, their optimizer
    moments) for the new experts; `expand_router_bias` adds N(0, sigma^2) noise to the replicas'
    routing bias only, so that the source experts' routing is unchanged.
@@ -55,18 +54,30 @@ def allocate_copies(num_experts: int, target: int, scores: Sequence[float] | Non
     return counts
 
 
-def place_copies(counts: Sequence[int]) -> list[int]:
-    """Source expert of every new expert id, copy-major.
+def place_copies(counts: Sequence[int], ep_size: int = 1, loads: Sequence[float] | None = None) -> list[int]:
+    """Source expert of every new expert id, balancing expected load over expert-parallel ranks.
 
-    New ids 0..E-1 are the source experts (unchanged ids), then the first replica of every expert
-    that has one, then the second, and so on. Under expert parallelism with P ranks holding
-    consecutive blocks of N/P ids, the copies of an expert therefore land on different ranks as far
-    as possible, and each rank's expected load stays close to 1/P.
+    Rank p of `ep_size` holds new ids [p * N/P, (p + 1) * N/P). Each copy of expert i is expected to
+    carry loads[i] / c_i (source loads uniform unless given); copies are assigned heaviest first to
+    the least-loaded rank with a free slot (longest-processing-time scheduling), so the copies of
+    an expert spread over ranks and no rank gets all the experts that have a single copy. Within
+    a rank, ids are copy-major (first copies by source id, then second copies, ...); with one rank
+    this makes new ids 0..E-1 the source experts themselves.
     """
-    sources = []
-    for round_ in range(max(counts)):
-        sources.extend(i for i, c in enumerate(counts) if c > round_)
-    return sources
+    num_target = sum(counts)
+    if num_target % ep_size:
+        raise UserError(f"{num_target} experts are not divisible by ep_size {ep_size}")
+    loads = list(loads) if loads is not None else [1.0] * len(counts)
+    slots_per_rank = num_target // ep_size
+    copies = sorted(((loads[i] / c, i, k) for i, c in enumerate(counts) for k in range(c)),
+                    key=lambda item: (-item[0], item[1], item[2]))
+    rank_load, rank_copies = [0.0] * ep_size, [[] for _ in range(ep_size)]
+    for weight, expert, copy in copies:
+        rank = min((r for r in range(ep_size) if len(rank_copies[r]) < slots_per_rank),
+                   key=lambda r: (rank_load[r], r))
+        rank_load[rank] += weight
+        rank_copies[rank].append((copy, expert))
+    return [expert for held in rank_copies for _, expert in sorted(held)]
 
 
 def replica_mask(sources: Sequence[int]) -> torch.Tensor:
@@ -117,35 +128,40 @@ class LayerPlan:
 
 
 def plan_layer(num_experts: int, target: int, scores: Sequence[float] | None = None,
-               max_copies: int | None = None) -> LayerPlan:
+               max_copies: int | None = None, ep_size: int = 1) -> LayerPlan:
     counts = allocate_copies(num_experts, target, scores, max_copies)
-    return LayerPlan(num_experts, tuple(place_copies(counts)), tuple(scores) if scores is not None else None)
+    return LayerPlan(num_experts, tuple(place_copies(counts, ep_size)), tuple(scores) if scores is not None else None)
 
 
 OPTIMIZER_STATE_MODES = ("copy", "reset", "scale")
 
 
-def expand_rows(tensor: torch.Tensor, plan: LayerPlan, moment: int = 0, mode: str = "copy") -> torch.Tensor:
-    """Per-expert tensor (experts along dim 0) for the new experts.
+def moment_factor(plan: LayerPlan, slot: int, moment: int, mode: str) -> float:
+    """Factor on new expert `slot`'s copy of its source's Adam moment (1: exp_avg, 2: exp_avg_sq).
 
-    Weights (moment=0) are always copied exactly. For Adam moments (moment=1 for exp_avg, 2 for
-    exp_avg_sq) `mode` says what the replicas get: "copy" the source's moments, "reset" zeros, or
-    "scale" the source's moments times (1/c_i)**moment for every copy of expert i, since each copy
-    can expect about 1/c_i of its expert's tokens and so of its gradient.
+    "copy": replicas inherit the source's moments (factor 1); "reset": replicas start at zero;
+    "scale": every copy of expert i gets (1/c_i)**moment, since each copy can expect about 1/c_i of
+    its expert's tokens and so of its gradient. Weights (moment 0) are always copied exactly.
     """
     if mode not in OPTIMIZER_STATE_MODES:
         raise ValueError(f"unknown optimizer-state mode {mode!r}")
+    if moment == 0 or mode == "copy":
+        return 1.0
+    if mode == "reset":
+        return 0.0 if bool(plan.replicas[slot]) else 1.0
+    return (1.0 / plan.counts[plan.sources[slot]]) ** moment
+
+
+def expand_rows(tensor: torch.Tensor, plan: LayerPlan, moment: int = 0, mode: str = "copy") -> torch.Tensor:
+    """Per-expert tensor (experts along dim 0) for the new experts; see `moment_factor`."""
     if tensor.shape[0] != plan.num_source:
         raise ValueError(f"tensor has {tensor.shape[0]} rows for {plan.num_source} experts")
     out = tensor[torch.tensor(plan.sources)].clone()
-    if moment == 0 or mode == "copy":
-        return out
-    if mode == "reset":
-        out[plan.replicas] = 0
-        return out
-    counts = torch.tensor(plan.counts, dtype=torch.float64)[torch.tensor(plan.sources)]
-    factor = counts.reciprocal().pow(moment).to(out.dtype)
-    return out * factor.view(-1, *([1] * (out.dim() - 1)))
+    factors = torch.tensor([moment_factor(plan, j, moment, mode) for j in range(plan.num_target)],
+                           dtype=torch.float64)
+    if bool((factors != 1).any()):
+        out = out * factors.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
+    return out
 
 
 def expand_router_bias(bias: torch.Tensor | None, plan: LayerPlan, noise_std: float,
