@@ -1,0 +1,138 @@
+"""Layout-independent training state of a DeepSpeed MoE checkpoint.
+
+Everything here is full (unpartitioned) tensors named as in the model's state_dict, experts by
+their GLOBAL id, so the same state can be written for any data-parallel size and ep_size. The
+reader produces it lazily (one expert at a time), the writer consumes anything with the same
+interface (`CheckpointSource`), so a caller can transform a checkpoint one MoE layer at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from .names import expert_param
+
+
+@dataclass
+class ParamState:
+    """One parameter: fp32 master weight and Adam moments, all in the parameter's shape."""
+
+    fp32: torch.Tensor
+    exp_avg: torch.Tensor | None = None      # None before the optimizer's first step
+    exp_avg_sq: torch.Tensor | None = None
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ParamState:
+        """The same function applied to weight and moments (e.g. duplicating router rows)."""
+        return ParamState(fn(self.fp32), *(None if t is None else fn(t) for t in (self.exp_avg, self.exp_avg_sq)))
+
+
+@dataclass(frozen=True, eq=False)
+class MoELayer:
+    """One deepspeed.moe.layer.MoE module."""
+
+    index: int                          # L in layer_{L}_expert_{G}: MoE modules in module order
+    prefix: str                         # module path, e.g. "layers.1.ffn.moe"
+    num_experts: int
+    param_shapes: dict[str, torch.Size]  # parameters of one expert, in module order, e.g. "w_up.weight"
+
+    def param_name(self, expert: int, suffix: str) -> str:
+        return expert_param(self.prefix, expert, suffix)
+
+    def with_experts(self, num_experts: int) -> MoELayer:
+        return replace(self, num_experts=num_experts)
+
+
+@dataclass
+class ParamGroup:
+    """Hyperparameters of one optimizer parameter group, and (non-expert groups) its parameters."""
+
+    hypers: dict                   # torch param_group entries except "params" (lr, betas, name, ...)
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointMeta:
+    """Everything in a checkpoint besides the parameters, layout-independent."""
+
+    global_steps: int
+    global_samples: int
+    skipped_steps: int
+    lr_scheduler: dict | None
+    client_state: dict             # what the training script passed to save_checkpoint
+    ds_config: dict
+    ds_version: str
+    zero_stage: int
+    dp_world_size: int             # of the source layout (informational)
+    ep_size: int                   # of the source layout (informational)
+    module_dtype: torch.dtype      # dtype of the module weights (fp32 master is cast to it)
+    optimizer_step: torch.Tensor | None   # Adam step count, shared by all groups
+    dense_groups: list[ParamGroup]  # non-expert optimizer groups, in order, with their parameters
+    expert_hypers: dict | None      # hyperparameters of the expert groups (None without MoE)
+    optimizer_extras: dict          # loss scaler, clip_grad, overflow: copied to every rank
+    module_keys: list[str]          # key order of the non-expert module state_dict
+    buffer_names: list[str]
+    shared_params: dict[str, str]   # tied parameter name -> the name that holds the tensor
+    model_extras: dict              # other DeepSpeed model-file entries, copied verbatim
+    run_info: dict | None = None    # ds_upcycle.json (model config, run metadata)
+    tokenizer: Path | None = None   # tokenizer.model of the tag directory
+    source: Path | None = None      # tag directory it was read from
+
+
+@dataclass
+class NonExpertState:
+    params: dict[str, ParamState]   # every non-expert parameter, router weights included
+    buffers: dict[str, torch.Tensor]  # persistent module buffers, e.g. routing biases
+
+
+class CheckpointSource(Protocol):
+    """What the writer needs; implemented by CheckpointReader (lazy) and CheckpointState."""
+
+    meta: CheckpointMeta
+    moe_layers: list[MoELayer]
+
+    def non_expert_state(self) -> NonExpertState: ...
+
+    def expert_state(self, layer: int, expert: int) -> dict[str, ParamState]:
+        """The parameters of global expert `expert` of MoE layer `layer`, keyed by name inside the expert.
+
+        The writer may ask for an expert more than once; each call must return the same values.
+        """
+        ...
+
+
+@dataclass
+class CheckpointState:
+    """A whole checkpoint in memory; build one to write a transformed checkpoint."""
+
+    meta: CheckpointMeta
+    moe_layers: list[MoELayer]
+    non_expert: NonExpertState
+    experts: dict[tuple[int, int], dict[str, ParamState]]  # (layer, global expert id) -> parameters
+
+    def non_expert_state(self) -> NonExpertState:
+        return self.non_expert
+
+    def expert_state(self, layer: int, expert: int) -> dict[str, ParamState]:
+        return self.experts[(layer, expert)]
+
+
+def load_state(source: CheckpointSource) -> CheckpointState:
+    """Materialise a (lazy) source in memory."""
+    experts = {(layer.index, e): source.expert_state(layer.index, e)
+               for layer in source.moe_layers for e in range(layer.num_experts)}
+    return CheckpointState(source.meta, list(source.moe_layers), source.non_expert_state(), experts)
+
+
+def named_param_states(source: CheckpointSource) -> dict[str, ParamState]:
+    """Every parameter by its layout-independent name (as Transformer.global_param_names() values)."""
+    states = dict(source.non_expert_state().params)
+    for layer in source.moe_layers:
+        for expert in range(layer.num_experts):
+            for suffix, state in source.expert_state(layer.index, expert).items():
+                states[layer.param_name(expert, suffix)] = state
+    return states

@@ -1,0 +1,112 @@
+"""Oracle for checkpoint I/O: load checkpoints with stock `engine.load_checkpoint` on this layout.
+
+    [deepspeed --num_gpus N] checkpoint_worker.py --ep-size P JOBS.json
+
+JOBS.json is a list of {"ckpt", "ds_config", "dump", "resave" (or null), "step" (bool)}. For each
+job every rank builds the model the checkpoint describes, loads it, and writes `<dump>.rank<r>.pt`:
+every parameter's fp32 master weight and Adam moments through DeepSpeed's own accessors
+(safe_get_full_*), module weights and buffers under layout-independent names, and the restored
+scheduler, client state and step. With "resave" it then saves the engine again with
+`engine.save_checkpoint` (DeepSpeed's own layout for this state), and with "step" it takes a
+training step and records the loss and whether the weights moved.
+"""
+
+import argparse
+import json
+import os
+import socket
+from functools import partial
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+from ds_upcycle import comm
+from ds_upcycle.model import Transformer
+from ds_upcycle.training.checkpoint import find_checkpoint
+from ds_upcycle.training.schedule import WSDSchedule
+
+
+def single_process_env() -> None:
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def full_state(engine, model: Transformer) -> dict:
+    optimizer = engine.optimizer
+    # DeepSpeed 0.19.8 links optimizer-state fragments once, when only the first group has state;
+    # relink so expert groups (later groups) are visible to safe_get_full_optimizer_state.
+    optimizer._hp_optimizer_states_linked = False
+    optimizer._lazy_init_hp_params_optimizer_state()
+    names = model.global_param_names()
+    params = {}
+    for name, param in model.named_parameters():  # same order on every rank: the getters are collectives
+        params[names[name]] = {
+            "fp32": safe_get_full_fp32_param(param).detach().cpu().clone(),
+            "exp_avg": safe_get_full_optimizer_state(param, "exp_avg").detach().cpu().clone(),
+            "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq").detach().cpu().clone(),
+            "module": param.detach().cpu().clone(),
+        }
+    return params
+
+
+def training_step(engine, model: Transformer, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed * 1000 + comm.rank())
+    tokens = torch.randint(model.cfg.vocab_size, (engine.train_micro_batch_size_per_gpu(), 17), generator=gen)
+    before = [p.detach().clone() for p in model.parameters()]
+    logits, aux = engine(tokens[:, :-1])
+    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    engine.backward(loss + aux)
+    engine.step()
+    moved = sum(not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
+    return {"loss": loss.item(), "params_moved": moved, "params": len(before)}
+
+
+def run_job(job: dict, ep_size: int, index: int) -> None:
+    ref = find_checkpoint(job["ckpt"])
+    cfg = ref.model_config
+    model = Transformer(cfg, ep_size=ep_size, ep_rank=comm.rank() % ep_size)
+    ds_config = json.loads(Path(job["ds_config"]).read_text())
+    schedule_fn = partial(WSDSchedule, total=1)
+    engine, _, _, schedule = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                  config=ds_config, lr_scheduler=schedule_fn)
+    load_path, client = engine.load_checkpoint(str(ref.save_dir), tag=ref.tag)
+    assert load_path is not None, f"nothing loaded from {ref.path}"
+    dump = {
+        "params": full_state(engine, model),
+        "buffers": {name: buf.clone() for name, buf in model.state_dict().items() if "route_bias" in name},
+        "global_steps": engine.global_steps,
+        "lr_scheduler": schedule.state_dict(),
+        "client": client.get("ds_upcycle"),
+        "step": [float(s["step"]) for s in engine.optimizer.optimizer.state.values()],
+        "num_experts": cfg.num_experts,
+    }
+    if job.get("resave"):
+        engine.save_checkpoint(job["resave"], tag=ref.tag, client_state={"ds_upcycle": client["ds_upcycle"]})
+    if job.get("step"):
+        schedule.start_stage(10, 0, schedule.peak_lrs)  # the saved stage ended at LR 0
+        dump["train_step"] = training_step(engine, model, index)
+    torch.save(dump, f"{job['dump']}.rank{comm.rank()}.pt")
+    comm.barrier()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--local_rank", type=int)
+    parser.add_argument("--ep-size", type=int, default=1)
+    parser.add_argument("jobs")
+    args = parser.parse_args()
+    single_process_env()
+    deepspeed.init_distributed(dist_backend="gloo")
+    for index, job in enumerate(json.loads(Path(args.jobs).read_text())):
+        run_job(job, args.ep_size, index)
+
+
+if __name__ == "__main__":
+    main()
