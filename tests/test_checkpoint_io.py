@@ -8,19 +8,16 @@ the flat groups, so the padding rules are exercised.
 """
 
 import copy
-import hashlib
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, SMALL_DATA, free_port, run_train, write_ds_config
+from ckpt_helpers import check_ok, load_pt, merged_dump, run_worker, tree_digest
+from conftest import SMALL_DATA, run_train, write_ds_config
 from ds_upcycle.checkpoint import (CheckpointMeta, CheckpointState, MoELayer, NonExpertState, ParamGroup, ParamState,
                                    load_state, named_param_states, read_checkpoint, write_checkpoint)
 from ds_upcycle.checkpoint.layout import FlatGroup, alignment_paddings, flat_group, split_moe_group
@@ -49,37 +46,6 @@ def train_command(data_cache: Path, ds_config: Path, *extra: str) -> list[str]:
             "--seq-len", "32", "--data-cache", str(data_cache), "--set", "dim=70", "--set", "n_heads=5",
             "--set", "n_kv_heads=1", "--set", "dense_ffn_dim=128", "--set", "expert_ffn_dim=63",
             "--set", "moe_layer_freq=2", "--eval-samples", "8", *extra]
-
-
-def load_pt(path: Path):
-    return torch.load(path, weights_only=False)
-
-
-def check_ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-def run_worker(jobs: list[dict], world: int, ep_size: int, jobs_file: Path) -> None:
-    jobs_file.write_text(json.dumps(jobs))
-    script = str(ROOT / "tests" / "workers" / "checkpoint_worker.py")
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
-                "--master_port", str(free_port())] if world > 1 else [sys.executable]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
-    check_ok(subprocess.run([*launcher, script, "--ep-size", str(ep_size), str(jobs_file)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600, check=False))
-
-
-def merged_dump(prefix: Path, world: int) -> dict:
-    """Rank 0's dump with the parameters of every rank (each rank holds its own experts)."""
-    dumps = [load_pt(f"{prefix}.rank{rank}.pt") for rank in range(world)]
-    params = {}
-    for dump in dumps:
-        for name, tensors in dump["params"].items():
-            if name in params:  # replicated on several ranks: DeepSpeed must agree with itself
-                assert all(torch.equal(params[name][k], tensors[k]) for k in tensors), name
-            params[name] = tensors
-    return {**dumps[0], "params": params}
 
 
 def assert_same_params(expected: dict[str, ParamState], dump: dict) -> None:
@@ -129,11 +95,6 @@ def duplicate_experts(state: CheckpointState) -> CheckpointState:
         buffers[f"{gate}.route_bias"] = torch.cat([buffers[f"{gate}.route_bias"]] * 2)
     layers = [layer.with_experts(2 * layer.num_experts) for layer in state.moe_layers]
     return CheckpointState(state.meta, layers, NonExpertState(params, buffers), experts)
-
-
-def tree_digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 # -- fixtures: train sources, write targets, load everything with stock DeepSpeed --------------

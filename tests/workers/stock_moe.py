@@ -83,6 +83,7 @@ def main():
         rank = engine.global_rank
         report(engine, args.experts // args.ep_size, rank % args.ep_size, f"{args.report}.rank{rank}")
     gen = torch.Generator().manual_seed(100 + engine.global_rank)
+    loss = torch.tensor(float("nan"))
     for _ in range(args.steps):
         x = torch.randn(4, 8, 16, generator=gen)
         loss = engine(x).square().mean()

@@ -1,0 +1,205 @@
+"""ds-upcycle expand end to end: real checkpoints in, stock DeepSpeed loads what comes out.
+
+The oracle is DeepSpeed itself: the source and the expanded checkpoint are each loaded with stock
+`engine.load_checkpoint` on their layout (tests/workers/checkpoint_worker.py) and every parameter
+is read back with `safe_get_full_*`. The expected expanded state is computed directly from the
+source's dump and the plan in the manifest: expert j is source expert sources[j], router rows
+likewise, Adam moments by the chosen mode.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ckpt_helpers import check_ok, merged_dump, run_worker, tree_digest
+from conftest import ROOT, SMALL_DATA, free_port, run_train, write_ds_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+GATE = ".deepspeed_moe.gate"
+
+
+def expand_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ds_upcycle.cli", "expand", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, data_cache):
+    """A (dp 2, ep 2) ZeRO-2 source of 4 experts, trained a few steps, and DeepSpeed's view of it."""
+    root = tmp_path_factory.mktemp("expand")
+    cfg = write_ds_config(root / "z2.json", stage=2, micro_batch=4)
+    src = root / "src"
+    check_ok(run_train(["--deepspeed_config", str(cfg), "--steps", "4", "--data", SMALL_DATA, "--vocab-size", "512",
+                        "--seq-len", "32", "--data-cache", str(data_cache), "--set", "dim=64",
+                        "--set", "expert_ffn_dim=48", "--eval-samples", "8", "--ep-size", "2", "--save", str(src)],
+                       num_procs=2))
+    return {"root": root, "cfg": cfg, "src": src, "digest": tree_digest(src)}
+
+
+def expected_state(source: dict, manifest: dict, mode: str) -> dict:
+    """Each expanded parameter computed from the source's full state and the plan."""
+    params = dict(source["params"])
+    out = {n: v for n, v in params.items() if "deepspeed_experts" not in n and GATE not in n}
+    for layer in manifest["layers"]:
+        prefix, sources, counts = layer["prefix"], layer["sources"], layer["counts"]
+        first = {s: sources.index(s) for s in set(sources)}
+        def factor(j, moment):
+            if moment == 0 or mode == "copy":
+                return 1.0
+            if mode == "reset":
+                return 1.0 if first[sources[j]] == j else 0.0
+            return (1.0 / counts[sources[j]]) ** moment
+        router = params[f"{prefix}{GATE}.wg.weight"]
+        out[f"{prefix}{GATE}.wg.weight"] = {
+            key: torch.stack([router[key][s] * factor(j, m) for j, s in enumerate(sources)])
+            for m, key in ((0, "fp32"), (1, "exp_avg"), (2, "exp_avg_sq"))}
+        for j, s in enumerate(sources):
+            for name, tensors in params.items():
+                marker = f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{s}."
+                if name.startswith(marker):
+                    new_name = f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{j}." + name[len(marker):]
+                    out[new_name] = {"fp32": tensors["fp32"], "exp_avg": tensors["exp_avg"] * factor(j, 1),
+                                     "exp_avg_sq": tensors["exp_avg_sq"] * factor(j, 2)}
+    return out
+
+
+def load_with_deepspeed(work, name: str, ckpt, world: int, ep: int, step: bool = False) -> dict:
+    dump = work["root"] / "dump" / name
+    dump.parent.mkdir(exist_ok=True)
+    run_worker([{"name": name, "ckpt": str(ckpt), "ds_config": str(work["cfg"]), "dump": str(dump),
+                 "resave": None, "step": step}], world, ep, work["root"] / f"{name}.jobs.json")
+    return merged_dump(dump, world)
+
+
+@pytest.fixture(scope="module")
+def source_dump(work):
+    return load_with_deepspeed(work, "source", work["src"], 2, 2)
+
+
+def assert_matches(expected: dict, dump: dict) -> None:
+    assert sorted(expected) == sorted(dump["params"])
+    for name, tensors in expected.items():
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(tensors[key], dump["params"][name][key]), (name, key)
+
+
+@pytest.mark.parametrize("args,world,ep,mode", [
+    (["-m", "2", "--select", "grad_sq", "--world-size", "1", "--ep-size", "1"], 1, 1, "copy"),
+    (["--num-experts", "6", "--select", "uniform", "--optimizer-state", "scale", "--world-size", "2"], 2, 2,
+     "scale"),
+    (["-m", "3", "--select", "saliency", "--optimizer-state", "reset", "--ep-size", "1"], 2, 1, "reset"),
+])
+def test_expand_loads_in_deepspeed_with_expected_state(work, source_dump, args, world, ep, mode):
+    dst = work["root"] / f"out-{world}-{ep}-{mode}"
+    proc = expand_cli(str(work["src"]), str(dst), *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tag_dir = dst / (dst / "latest").read_text().strip()
+    manifest = json.loads((tag_dir / "upcycle_manifest.json").read_text())
+    dump = load_with_deepspeed(work, dst.name, dst, world, ep, step=True)
+    assert_matches(expected_state(source_dump, manifest, mode), dump)
+    # routing bias: sources unchanged, replicas noisy copies
+    for layer in manifest["layers"]:
+        assert sum(layer["counts"]) == layer["num_target"] == dump["num_experts"]
+        name = layer["prefix"] + GATE + ".route_bias"
+        before, after = source_dump["buffers"][name], dump["buffers"][name]
+        first = {s: layer["sources"].index(s) for s in set(layer["sources"])}
+        for j, s in enumerate(layer["sources"]):
+            if first[s] == j:
+                assert after[j] == before[s]
+            else:
+                assert after[j] != before[s] and abs(after[j] - before[s]) < 0.1
+    assert dump["global_steps"] == source_dump["global_steps"] and dump["client"] == source_dump["client"]
+    assert dump["train_step"]["params_moved"] == dump["train_step"]["params"]
+    info = json.loads((tag_dir / "ds_upcycle.json").read_text())
+    assert info["model"]["num_experts"] == dump["num_experts"]
+    assert manifest["checksums"]["mp_rank_00_model_states.pt"]
+    assert tree_digest(work["src"]) == work["digest"], "the source was modified"
+
+
+def test_reshard_is_bit_exact(work, source_dump):
+    dst = work["root"] / "reshard"
+    proc = expand_cli(str(work["src"]), str(dst), "-m", "1", "--world-size", "1", "--ep-size", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dump = load_with_deepspeed(work, "reshard", dst, 1, 1)
+    assert_matches(source_dump["params"], dump)
+    assert all(torch.equal(v, dump["buffers"][k]) for k, v in source_dump["buffers"].items())
+
+
+def test_same_seed_same_bytes_and_dry_run(work):
+    a, b = work["root"] / "seed-a", work["root"] / "seed-b"
+    for dst in (a, b):
+        assert expand_cli(str(work["src"]), str(dst), "-m", "2", "--seed", "7").returncode == 0
+    def digest(d):  # the manifest records timings, everything else must be identical
+        return {k: v for k, v in tree_digest(d).items() if not k.endswith("upcycle_manifest.json")}
+
+    assert digest(a) == digest(b)
+    c = work["root"] / "seed-c"
+    assert expand_cli(str(work["src"]), str(c), "-m", "2", "--seed", "8").returncode == 0
+    assert digest(a) != digest(c)
+    dry = expand_cli(str(work["src"]), str(work["root"] / "dry"), "-m", "2", "--dry-run")
+    assert dry.returncode == 0 and "MoE layer 0" in dry.stdout and "copies" in dry.stdout
+    assert not (work["root"] / "dry").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{missing}", "{dst}", "-m", "2"], "checkpoint not found"),
+    (["{root}", "{dst}", "-m", "2"], "not a DeepSpeed checkpoint"),
+    (["{src}", "{dst}", "--num-experts", "4"], "must be larger than the source's 4 experts"),
+    (["{src}", "{dst}", "--num-experts", "5"], "not divisible by the target ep_size 2"),
+    (["{src}", "{dst}", "-m", "2", "--world-size", "3"], "world size 3 is not divisible by ep_size 2"),
+    (["{src}", "{existing}", "-m", "2"], "is not empty; pass --force"),
+    (["{src}", "{dst}"], "exactly one of --num-experts and --multiplier"),
+])
+def test_bad_input_one_line_and_source_untouched(work, args, message):
+    existing = work["root"] / "existing"
+    existing.mkdir(exist_ok=True)
+    (existing / "keep.txt").write_text("mine")
+    paths = {"missing": work["root"] / "missing", "dst": work["root"] / "never", "root": work["root"],
+             "src": work["src"], "existing": existing}
+    proc = expand_cli(*[a.format(**paths) for a in args])
+    assert proc.returncode == 2
+    assert "ds-upcycle: error:" in proc.stderr and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (work["root"] / "never").exists() and (existing / "keep.txt").read_text() == "mine"
+    assert tree_digest(work["src"]) == work["digest"]
+
+
+def test_stock_deepspeed_script_checkpoint_expands_and_resumes(tmp_path):
+    """A plain DeepSpeed MoE model with the stock gate (no routing bias, top-1 and top-2 layers)."""
+    cfg = write_ds_config(tmp_path / "ds.json", stage=2, micro_batch=4)
+    script = str(ROOT / "tests" / "workers" / "stock_moe.py")
+
+    def launch(*args):
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                               str(free_port()), script, "--config", str(cfg), "--ep-size", "2", *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    launch("--experts", "4", "--steps", "3", "--save", str(tmp_path / "src"))
+    launch("--experts", "4", "--steps", "0", "--load", str(tmp_path / "src"), "--report", str(tmp_path / "before"))
+    proc = expand_cli(str(tmp_path / "src"), str(tmp_path / "dst"), "-m", "2", "--select", "uniform")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = launch("--experts", "8", "--steps", "2", "--load", str(tmp_path / "dst"), "--report", str(tmp_path / "after"))
+    assert "steps 5" in out.stdout  # resumed at step 3, trained 2 more
+    def merge(prefix):
+        return {**json.load(open(f"{prefix}.rank0")), **json.load(open(f"{prefix}.rank1"))}
+
+    before, after = merge(tmp_path / "before"), merge(tmp_path / "after")
+    for k in range(8):  # uniform doubling: new expert k copies expert k % 4, moments included
+        for suffix in ("fc1.weight", "fc2.bias"):
+            new, old = after[f"moe1.deepspeed_moe.experts.deepspeed_experts.{k}.{suffix}"], \
+                before[f"moe1.deepspeed_moe.experts.deepspeed_experts.{k % 4}.{suffix}"]
+            assert new == old
+    router_after = after["moe2.deepspeed_moe.gate.wg.weight"]
+    router_before = before["moe2.deepspeed_moe.gate.wg.weight"]
+    assert router_after["fp32"][:4] == router_before["fp32"]  # source rows unchanged
+    assert router_after["fp32"][4:] != router_before["fp32"]  # replicas: rows plus noise (no bias)
+    assert router_after["exp_avg"][4:] == router_before["exp_avg"]
+    manifest = json.loads((tmp_path / "dst" / "global_step3" / "upcycle_manifest.json").read_text())
+    assert manifest["layers"][0]["router_noise_on"].startswith("router weight rows")
