@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-import sys
-
 import click
 
 from . import __version__
-from .errors import UserError
-
-
-def user_errors(fn):
-    """Print UserError as one line and exit 2, instead of a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as err:
-            click.echo(f"ds-upcycle: error: {err}", err=True)
-            sys.exit(2)
-    return wrapper
+from .errors import user_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,6 +15,47 @@ def main() -> None:
 
     Train with `deepspeed train.py --deepspeed_config ds_configs/<name>.json ...`.
     """
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.argument("destination", type=click.Path())
+@click.option("--num-experts", type=int, default=None, help="target experts per MoE layer (N)")
+@click.option("--multiplier", "-m", type=int, default=None, help="target = m x source experts; 1 reshards")
+@click.option("--select", default="grad_sq", show_default=True,
+              type=click.Choice(["uniform", "grad_sq", "saliency", "weight_norm", "fisher"]),
+              help="how copies are allocated: uniformly, or by a utility score from the Adam state")
+@click.option("--max-copies", type=int, default=None, help="cap on the copies of one expert")
+@click.option("--router-noise", type=float, default=0.01, show_default=True,
+              help="std of the N(0, sigma^2) noise on the replicas' routing bias")
+@click.option("--optimizer-state", default="copy", show_default=True, type=click.Choice(["copy", "reset", "scale"]),
+              help="replicas' Adam moments: the source's, zeros, or the source's scaled by 1/copies")
+@click.option("--world-size", type=int, default=None, help="target data-parallel world size (default: source's)")
+@click.option("--ep-size", type=int, default=None, help="target expert-parallel size (default: source's)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dry-run", is_flag=True, help="print the allocation plan per layer, write nothing")
+@click.option("--force", is_flag=True, help="replace a non-empty destination")
+@user_errors
+def expand(source, destination, num_experts, multiplier, select, max_copies, router_noise, optimizer_state,
+           world_size, ep_size, seed, dry_run, force) -> None:
+    """Expand a DeepSpeed MoE checkpoint SOURCE to more experts per layer, written to DESTINATION.
+
+    SOURCE is a save directory with `latest` or a tag directory (ZeRO 1 or 2, any data-parallel
+    size and ep_size); DESTINATION is a new save directory that `engine.load_checkpoint` (and
+    `train.py --load DESTINATION --fresh-schedule`) resumes from on the target layout.
+    """
+    from .upcycle.config import ExpandConfig
+    from .upcycle.expand import expand_checkpoint
+    from .upcycle.report import describe_plans
+
+    cfg = ExpandConfig(source=source, destination=destination, num_experts=num_experts, multiplier=multiplier,
+                       select=select, max_copies=max_copies, router_noise=router_noise,
+                       optimizer_state=optimizer_state, world_size=world_size, ep_size=ep_size, seed=seed,
+                       force=force)
+    result = expand_checkpoint(cfg, dry_run=dry_run)
+    click.echo(describe_plans(result.manifest))
+    if not dry_run:
+        click.echo(f"wrote {result.destination / result.tag} in {result.manifest['seconds']:.1f} s")
 
 
 @main.command()
@@ -72,6 +98,15 @@ def prepare_data_cmd(data, text_field, vocab_size, tokenizer, val_fraction, cpt_
     for split, counts in meta["splits"].items():
         click.echo(f"  {split:<9}{counts['documents']:>9,} documents {counts['tokens']:>13,} tokens")
 
+
+def _register_evaluation() -> None:
+    from .evaluation.cli import compare_command, eval_command
+
+    main.add_command(eval_command)
+    main.add_command(compare_command)
+
+
+_register_evaluation()
 
 if __name__ == "__main__":
     main()

@@ -31,9 +31,56 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torc
 
 
 def apply_rope(x_BHTDh: torch.Tensor, cos_TDh: torch.Tensor, sin_TDh: torch.Tensor) -> torch.Tensor:
+    """Rotate x by its positions' angles; the tables may also be per row ([B, 1, T, Dh])."""
     half = x_BHTDh.shape[-1] // 2
     rotated = torch.cat([-x_BHTDh[..., half:], x_BHTDh[..., :half]], dim=-1)
     return (x_BHTDh.float() * cos_TDh + rotated.float() * sin_TDh).type_as(x_BHTDh)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for incremental decoding.
+
+    Rows may be left-padded to a common length: row b's first `pad_B[b]` slots hold no token.
+    Those slots are masked out of attention and the row's positions count from its first real
+    token, so a padded row computes what it would compute alone.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32,
+                 pad_B: torch.Tensor | None = None) -> None:
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.pad_B = (torch.zeros(batch, dtype=torch.long, device=device) if pad_B is None
+                      else pad_B.to(device=device, dtype=torch.long))
+        self.cos_TDh, self.sin_TDh = rope_tables(max_len, cfg.head_dim, cfg.rope_theta, device)
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (e.g. drop finished generations), in that order."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.pad_B = self.pad_B.index_select(0, rows)
+
+    def rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row RoPE tables [B, 1, T, Dh] of slots start..start+length."""
+        slots_T = torch.arange(start, start + length, device=self.pad_B.device)
+        positions_BT = (slots_T[None, :] - self.pad_B[:, None]).clamp_min(0)
+        return self.cos_TDh[positions_BT].unsqueeze(1), self.sin_TDh[positions_BT].unsqueeze(1)
+
+    def mask(self, start: int, length: int) -> torch.Tensor:
+        """Which cached slots each new query attends to: [B, 1, T, start + T], boolean."""
+        device = self.pad_B.device
+        query_T = torch.arange(start, start + length, device=device)
+        key_S = torch.arange(start + length, device=device)
+        causal_TS = key_S[None, :] <= query_T[:, None]
+        real_BS = key_S[None, :] >= self.pad_B[:, None]
+        # A padding query sees only itself: a row with nothing to attend to would give NaN, and NaN
+        # in any token reaches every token through the MoE layer's shared expert buffers.
+        itself_TS = key_S[None, :] == query_T[:, None]
+        return ((causal_TS[None] & real_BS[:, None]) | itself_TS[None]).unsqueeze(1)
 
 
 class Attention(nn.Module):
@@ -45,14 +92,25 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor, cos_TDh: torch.Tensor, sin_TDh: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cos_TDh: torch.Tensor, sin_TDh: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+        """cache: (keys, values, mask, start) of this layer: the new keys and values are written
+        at slots start..start+T and the queries attend to slots 0..start+T under `mask`."""
         B, T, _ = x_BTD.shape
         q_BHTDh = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k_BGTDh = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v_BGTDh = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q_BHTDh, k_BGTDh = apply_rope(q_BHTDh, cos_TDh, sin_TDh), apply_rope(k_BGTDh, cos_TDh, sin_TDh)
-        out_BHTDh = F.scaled_dot_product_attention(q_BHTDh, k_BGTDh, v_BGTDh, is_causal=True,
-                                                   enable_gqa=self.n_heads != self.n_kv_heads)
+        gqa = self.n_heads != self.n_kv_heads
+        if cache is None:
+            out_BHTDh = F.scaled_dot_product_attention(q_BHTDh, k_BGTDh, v_BGTDh, is_causal=True, enable_gqa=gqa)
+        else:
+            keys_BGSDh, values_BGSDh, mask_B1TS, start = cache
+            keys_BGSDh[:, :, start:start + T] = k_BGTDh
+            values_BGSDh[:, :, start:start + T] = v_BGTDh
+            out_BHTDh = F.scaled_dot_product_attention(q_BHTDh, keys_BGSDh[:, :, :start + T],
+                                                       values_BGSDh[:, :, :start + T], attn_mask=mask_B1TS,
+                                                       enable_gqa=gqa)
         return self.wo(out_BHTDh.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -71,8 +129,8 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.dim, cfg.dense_ffn_dim)
 
-    def forward(self, x_BTD, cos_TDh, sin_TDh) -> tuple[torch.Tensor, torch.Tensor]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TDh, sin_TDh)
+    def forward(self, x_BTD, cos_TDh, sin_TDh, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TDh, sin_TDh, cache)
         if self.is_moe:
             ffn_BTD, aux_loss = self.ffn(self.ffn_norm(x_BTD))
         else:
@@ -81,7 +139,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """forward(tokens [B, T]) -> (logits [B, T, V], auxiliary balance loss summed over layers)."""
+    """forward(tokens [B, T]) -> (logits [B, T, V], auxiliary balance loss summed over layers).
+
+    With a KVCache, forward(tokens, cache, start_pos) treats the tokens as slots
+    start_pos..start_pos+T of the cached rows and stores their keys and values: prefill with the
+    whole prompt at start_pos 0, then feed one token at a time.
+    """
 
     def __init__(self, cfg: ModelConfig, ep_size: int = 1, ep_rank: int = 0, seed: int = 0) -> None:
         super().__init__()
@@ -130,11 +193,21 @@ class Transformer(nn.Module):
             std = residual_std if name.endswith(("wo.weight", "w_down.weight")) else self.cfg.init_std
             param.copy_(torch.randn(param.shape, generator=gen) * std)
 
-    def forward(self, tokens_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens_BT: torch.Tensor, cache: KVCache | None = None,
+                start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        T = tokens_BT.shape[1]
         x_BTD = self.tok_embeddings(tokens_BT)
-        cos_TDh, sin_TDh = rope_tables(tokens_BT.shape[1], self.cfg.head_dim, self.cfg.rope_theta, tokens_BT.device)
+        if cache is None:
+            cos_TDh, sin_TDh = rope_tables(T, self.cfg.head_dim, self.cfg.rope_theta, tokens_BT.device)
+            mask = None
+        else:
+            if start_pos + T > cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {start_pos + T}")
+            cos_TDh, sin_TDh = cache.rope(start_pos, T)
+            mask = cache.mask(start_pos, T)
         aux_loss = x_BTD.new_zeros((), dtype=torch.float32)
-        for block in self.layers:
-            x_BTD, layer_aux = block(x_BTD, cos_TDh, sin_TDh)
+        for layer_id, block in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.keys[layer_id], cache.values[layer_id], mask, start_pos)
+            x_BTD, layer_aux = block(x_BTD, cos_TDh, sin_TDh, layer_cache)
             aux_loss = aux_loss + layer_aux
         return self.output(self.norm(x_BTD)), aux_loss

@@ -118,3 +118,9 @@ def test_synthetic_corpus_is_seeded_and_scales():
     docs = list(generate_documents(spec))
     assert docs == list(generate_documents(spec)) and len(docs) == 30
     assert docs != list(generate_documents(SyntheticSpec(docs=30, entities=1500, seed=3)))
+
+
+def test_tokenizer_keeps_newlines_and_spacing(prepared):
+    sp = load_tokenizer(prepared.tokenizer_path)
+    text = "Question: two lines\nAnswer:  spaced\n\nnext"
+    assert sp.decode(sp.encode(text)) == text

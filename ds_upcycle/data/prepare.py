@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import UserError
 from .sources import TextSource, resolve_source
-from .tokenizer import EOS_ID, file_digest, load_tokenizer, train_tokenizer
+from .tokenizer import EOS_ID, TRAINING_SETTINGS, file_digest, load_tokenizer, train_tokenizer
 
 SPLITS = ("pretrain", "cpt", "val")
 
@@ -123,7 +123,7 @@ def _pretrain_documents(source: TextSource, cfg: DataConfig):
 
 
 def _trained_tokenizer(source: TextSource, cfg: DataConfig, cache: Path) -> Path:
-    final = cache / f"tokenizer-{_key(source.identity, cfg.split_params(), cfg.vocab_size)}"
+    final = cache / f"tokenizer-{_key(source.identity, cfg.split_params(), cfg.vocab_size, TRAINING_SETTINGS)}"
     if not (final / "tokenizer.model").is_file():
         tmp = _atomic_dir(final)
         train_tokenizer(_pretrain_documents(source, cfg), cfg.vocab_size, tmp / "tokenizer.model")

@@ -12,6 +12,8 @@ import sentencepiece as spm
 from ..errors import UserError
 
 EOS_ID = 2
+# Part of the cache key of trained tokenizers: change it when the training settings change.
+TRAINING_SETTINGS = "bpe-bytefallback-identity-v2"
 MAX_LINE = 4000  # SentencePiece skips longer input lines (its default limit is 4192 bytes)
 
 
@@ -30,6 +32,9 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: Path)
     spm.SentencePieceTrainer.train(
         sentence_iterator=_lines(documents), model_writer=model, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, character_coverage=0.9995,
+        # Keep text as written: newlines (as byte pieces) and runs of spaces survive a round trip,
+        # so generation stop strings such as "\n\n" and few-shot separators still match.
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
         unk_id=0, bos_id=1, eos_id=EOS_ID, pad_id=-1, hard_vocab_limit=False,
         input_sentence_size=2_000_000, shuffle_input_sentence=True,
         num_threads=2, minloglevel=2)

@@ -1,0 +1,88 @@
+"""`ds-upcycle eval` and `ds-upcycle compare`: parse options, build a config, call the library.
+
+Register with the `ds-upcycle` group: `main.add_command(eval_command)`,
+`main.add_command(compare_command)`.
+"""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import user_errors
+
+
+def _limit(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number") from None
+    if number <= 0:
+        raise click.BadParameter("must be positive")
+    return int(number) if number >= 1 else number
+
+
+@click.command("eval")
+@click.argument("checkpoint")
+@click.option("--tasks", default="synthetic", show_default=True,
+              help="comma-separated suites (paper11, synthetic, or a suite .yaml) and lm-eval task/group names")
+@click.option("--num-fewshot", type=int, default=None, help="shots for every task (default: each task's setting)")
+@click.option("--limit", default=None, help="documents per task (N, or a fraction < 1), for quick checks")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda or cuda:1")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--max-length", type=int, default=None,
+              help="context window in tokens (default: the checkpoint's training sequence length)")
+@click.option("--max-gen-toks", type=int, default=256, show_default=True,
+              help="generation length when a task does not set one")
+@click.option("--kv-cache/--no-kv-cache", default=True, show_default=True, help="reuse keys and values while generating")
+@click.option("--data-dir", default=None,
+              help="local copies of hub datasets: DIR/<dataset_path>/<dataset_name>/<split>.jsonl|.parquet")
+@click.option("--include-path", "include_paths", multiple=True, help="another lm-eval task folder (repeatable)")
+@click.option("--offline", is_flag=True, help="never try the network: local data and caches only")
+@click.option("--output", default=None, help="results file (default: eval_results.json in the checkpoint)")
+@click.option("--log-samples", is_flag=True, help="also write every request and response next to the results")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--bootstrap-iters", type=int, default=0, show_default=True, help="resamples for standard errors")
+@user_errors
+def eval_command(checkpoint, tasks, num_fewshot, limit, batch_size, device, dtype, max_length, max_gen_toks,
+                 kv_cache, data_dir, include_paths, offline, output, log_samples, seed, bootstrap_iters) -> None:
+    """Evaluate CHECKPOINT (a save directory or a tag directory) with lm-evaluation-harness.
+
+    Runs on one device, whatever layout trained the checkpoint. Writes lm-eval's results plus a
+    `ds_upcycle` summary (headline score per task, average, validation loss) for `compare`.
+    """
+    from .run import EvalConfig, run_eval
+
+    cfg = EvalConfig(checkpoint=checkpoint, tasks=tuple(tasks.split(",")), num_fewshot=num_fewshot,
+                     limit=_limit(limit), batch_size=batch_size, device=device, dtype=dtype, max_length=max_length,
+                     max_gen_toks=max_gen_toks, kv_cache=kv_cache, data_dir=data_dir,
+                     include_paths=tuple(include_paths), offline=offline, output=output, log_samples=log_samples,
+                     seed=seed, bootstrap_iters=bootstrap_iters)
+    report = run_eval(cfg)
+    width = max(len(task) for task in report.scores)
+    for task, score in report.scores.items():
+        click.echo(f"{task:<{width}}  {'-' if score is None else f'{100 * score:.1f}'}")
+    if report.average is not None:
+        click.echo(f"{'average':<{width}}  {100 * report.average:.1f}")
+    click.echo(f"results written to {report.path}")
+
+
+@click.command("compare")
+@click.argument("results", nargs=-1, required=True)
+@click.option("--label", "labels", multiple=True, help="column name per run, in order (repeatable)")
+@click.option("--format", "fmt", type=click.Choice(["markdown", "csv"]), default="markdown", show_default=True)
+@click.option("--plot", "plot_path", default=None, help="also draw the scores as grouped bars into this image file")
+@user_errors
+def compare_command(results, labels, fmt, plot_path) -> None:
+    """Compare evaluation RESULTS (results files or checkpoints) side by side.
+
+    With three runs given as FIXED_E UPCYCLED FIXED_ME, adds the share of the gap closed.
+    """
+    from .compare import compare, plot, to_csv, to_markdown
+
+    comparison = compare(list(results), list(labels) or None)
+    click.echo(to_markdown(comparison) if fmt == "markdown" else to_csv(comparison), nl=False)
+    if plot_path:
+        click.echo(f"plot written to {plot(comparison, plot_path)}")

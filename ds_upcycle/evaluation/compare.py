@@ -1,0 +1,144 @@
+"""`ds-upcycle compare`: put evaluation results side by side and measure the gap closed.
+
+Each run is a results file written by `ds-upcycle eval` (or a checkpoint holding one). Rows are the
+tasks' headline scores, their average over the tasks every run has, and the validation loss. Given
+exactly three runs, in the order Fixed-E, Upcycled, Fixed-mE, a last column gives the upcycling
+efficiency of each row: (upcycled - fixed_E) / (fixed_mE - fixed_E), which is the paper's
+(L_E - L_up) / (L_E - L_mE) for a loss and the share of the score gap closed for a score.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from .run import RESULTS_FILE
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    values: tuple[float | None, ...]
+    kind: str                      # "score" (a fraction, higher is better) or "loss"
+
+    def gap_closure(self) -> float | None:
+        if len(self.values) != 3 or None in self.values:
+            return None
+        fixed_e, upcycled, fixed_me = self.values
+        return None if fixed_me == fixed_e else (upcycled - fixed_e) / (fixed_me - fixed_e)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    labels: tuple[str, ...]
+    rows: tuple[Row, ...]
+
+    @property
+    def has_gap(self) -> bool:
+        return len(self.labels) == 3
+
+
+def load_results(path: str | Path) -> dict:
+    """The `ds_upcycle` summary of a results file, or of the one in a checkpoint directory."""
+    path = Path(path)
+    if path.is_dir():
+        from ..training.checkpoint import find_checkpoint
+
+        path = find_checkpoint(path).path / RESULTS_FILE
+    if not path.is_file():
+        raise UserError(f"no evaluation results at {path}; run `ds-upcycle eval` first")
+    try:
+        summary = json.loads(path.read_text())["ds_upcycle"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{path} is not a results file written by `ds-upcycle eval`") from None
+    return summary
+
+
+def _label(summary: dict, path: str) -> str:
+    checkpoint = Path(summary.get("checkpoint") or path)
+    return f"{checkpoint.parent.name}/{checkpoint.name}" if summary.get("checkpoint") else Path(path).stem
+
+
+def compare(paths: list[str], labels: list[str] | None = None) -> Comparison:
+    if not paths:
+        raise UserError("give at least one results file or checkpoint")
+    if labels and len(labels) != len(paths):
+        raise UserError(f"{len(labels)} labels for {len(paths)} runs")
+    summaries = [load_results(p) for p in paths]
+    labels = tuple(labels or [_label(s, p) for s, p in zip(summaries, paths)])
+    tasks = list(dict.fromkeys(t for s in summaries for t in s["tasks"]))
+    rows = [Row(t, tuple((s["tasks"].get(t) or {}).get("value") for s in summaries), "score") for t in tasks]
+    common = [row for row in rows if None not in row.values]
+    if common:
+        rows.append(Row(f"average ({len(common)} tasks)",
+                        tuple(sum(row.values[i] for row in common) / len(common) for i in range(len(paths))), "score"))
+    losses = tuple(s.get("val_loss") for s in summaries)
+    if any(v is not None for v in losses):
+        rows.append(Row("validation loss", losses, "loss"))
+    return Comparison(labels, tuple(rows))
+
+
+def _cell(value: float | None, kind: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if kind == "loss" else f"{100 * value:.1f}"
+
+
+def table_rows(comparison: Comparison) -> list[list[str]]:
+    header = ["task", *comparison.labels] + (["gap closed"] if comparison.has_gap else [])
+    lines = [header]
+    for row in comparison.rows:
+        cells = [row.name, *(_cell(v, row.kind) for v in row.values)]
+        if comparison.has_gap:
+            closure = row.gap_closure()
+            cells.append("-" if closure is None else f"{100 * closure:.1f}%")
+        lines.append(cells)
+    return lines
+
+
+def to_markdown(comparison: Comparison) -> str:
+    header, *body = table_rows(comparison)
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    note = "Scores in %, validation loss as is."
+    if comparison.has_gap:
+        note += " Gap closed: (upcycled - fixed E) / (fixed mE - fixed E), columns in that order."
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def to_csv(comparison: Comparison) -> str:
+    import csv
+    import io
+
+    out = io.StringIO()
+    csv.writer(out).writerows(table_rows(comparison))
+    return out.getvalue()
+
+
+def plot(comparison: Comparison, path: str | Path) -> Path:
+    """Grouped bars of every score row, one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in comparison.rows if row.kind == "score"]
+    if not rows:
+        raise UserError("nothing to plot: the runs have no task scores")
+    width = 0.8 / len(comparison.labels)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows)), 4.0))
+    for i, label in enumerate(comparison.labels):
+        ax.bar([x + i * width for x in range(len(rows))], [100 * (row.values[i] or 0.0) for row in rows],
+               width, label=label)
+    ax.set_xticks([x + width * (len(comparison.labels) - 1) / 2 for x in range(len(rows))])
+    ax.set_xticklabels([row.name for row in rows], rotation=30, ha="right")
+    ax.set_ylabel("score (%)")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,142 @@
+"""`ds-upcycle eval`: run lm-eval tasks on a checkpoint and write one results file.
+
+The results file is lm-eval's own results dictionary plus a `ds_upcycle` section: which checkpoint
+(step, tokens, validation loss from its run's metrics.jsonl, model shape), and per requested task
+the headline score, with the average over tasks. `ds-upcycle compare` reads that section.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..training.checkpoint import CheckpointRef, find_checkpoint
+from .suites import TaskSpec, resolve_tasks
+
+RESULTS_FILE = "eval_results.json"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation run.
+
+    Attributes:
+        checkpoint: save directory (with `latest`) or tag directory.
+        tasks: suite names, suite files and lm-eval task/group/tag names.
+        num_fewshot: replaces every task's shot count when given.
+        limit: at most this many documents per task (a fraction < 1: that share); for quick checks.
+        batch_size, device, dtype, max_length, max_gen_toks, kv_cache: see UpcycleLM.
+        data_dir: local copies of hub datasets (see ds_upcycle.evaluation.tasks).
+        include_paths: more lm-eval task folders.
+        offline: never try the network for datasets.
+        output: results file (default: eval_results.json in the checkpoint's tag directory).
+        log_samples: also write every request and response, next to the results file.
+        seed: seeds lm-eval's random, numpy, torch and few-shot sampling.
+        bootstrap_iters: resamples for standard errors (0: none).
+    """
+
+    checkpoint: str
+    tasks: tuple[str, ...]
+    num_fewshot: int | None = None
+    limit: float | None = None
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_length: int | None = None
+    max_gen_toks: int = 256
+    kv_cache: bool = True
+    data_dir: str | None = None
+    include_paths: tuple[str, ...] = ()
+    offline: bool = False
+    output: str | None = None
+    log_samples: bool = False
+    seed: int = 0
+    bootstrap_iters: int = 0
+
+
+@dataclass
+class EvalReport:
+    path: Path
+    scores: dict[str, float | None]
+    average: float | None
+    results: dict = field(repr=False)
+
+
+def _validation_loss(ref: CheckpointRef, step: int | None) -> float | None:
+    """The run's validation loss at the checkpoint's step, when its metrics.jsonl has it."""
+    from ..training.metrics import read_metrics
+
+    metrics = ref.save_dir / "metrics.jsonl"
+    if step is None or not metrics.is_file():
+        return None
+    values = [r["val_loss"] for r in read_metrics(metrics) if r.get("step") == step and "val_loss" in r]
+    return values[-1] if values else None
+
+
+def headline(task_results: dict, metric: str | None) -> tuple[str | None, float | None]:
+    """(metric key, value): the named metric, or the first one lm-eval reports for the task."""
+    if metric is None:
+        metric = next((k for k, v in task_results.items() if "," in k and "_stderr" not in k
+                       and isinstance(v, (int, float))), None)
+    value = task_results.get(metric) if metric else None
+    return metric, (float(value) if isinstance(value, (int, float)) and not math.isnan(value) else None)
+
+
+def summarize(results: dict, specs: list[TaskSpec], ref: CheckpointRef) -> dict:
+    info = ref.run_info
+    model = info.get("model", {})
+    tasks = {}
+    for spec in specs:
+        task_results = {**results.get("groups", {}).get(spec.task, {}), **results["results"].get(spec.task, {})}
+        metric, value = headline(task_results, spec.metric)
+        tasks[spec.task] = {"metric": metric, "value": value, "num_fewshot": spec.num_fewshot}
+    values = [t["value"] for t in tasks.values() if t["value"] is not None]
+    return {
+        "checkpoint": str(ref.path), "tag": ref.tag, "global_step": info.get("global_step"),
+        "tokens_seen": info.get("tokens_seen"), "val_loss": _validation_loss(ref, info.get("global_step")),
+        "num_experts": model.get("num_experts"), "top_k": model.get("top_k"),
+        "tasks": tasks, "average": sum(values) / len(values) if len(values) == len(tasks) and values else None,
+    }
+
+
+def run_eval(cfg: EvalConfig) -> EvalReport:
+    """Evaluate cfg.checkpoint on cfg.tasks with lm-eval; write and return the results."""
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable
+
+    from .lm_model import UpcycleLM
+    from .tasks import UpcycleTaskManager, go_offline, load_tasks
+
+    if cfg.offline:
+        go_offline()
+    ref = find_checkpoint(cfg.checkpoint)
+    specs = resolve_tasks(list(cfg.tasks), cfg.num_fewshot)
+    output = Path(cfg.output) if cfg.output else ref.path / RESULTS_FILE
+    # Tasks first: a missing dataset should fail before minutes of model loading.
+    manager = UpcycleTaskManager(cfg.include_paths, cfg.data_dir,
+                                 metadata={"synthetic_source": ref.run_info.get("data", {}).get("source")},
+                                 needed=[spec.task for spec in specs])
+    objects = load_tasks(manager, specs)
+    lm = UpcycleLM(checkpoint=str(ref.path), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
+                   max_length=cfg.max_length, max_gen_toks=cfg.max_gen_toks, kv_cache=cfg.kv_cache)
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=objects, task_manager=manager, limit=cfg.limit, bootstrap_iters=cfg.bootstrap_iters,
+        log_samples=cfg.log_samples, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+    samples = results.pop("samples", None)
+    results["ds_upcycle"] = summarize(results, specs, ref)
+    results["ds_upcycle"]["eval_config"] = asdict(cfg)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+    tmp.replace(output)
+    if samples is not None:
+        with output.with_name(output.stem + "_samples.jsonl").open("w") as f:
+            for task, rows in samples.items():
+                for row in rows:
+                    f.write(json.dumps({"task": task, **row}, default=handle_non_serializable) + "\n")
+    summary = results["ds_upcycle"]
+    return EvalReport(output, {t: s["value"] for t, s in summary["tasks"].items()}, summary["average"], results)

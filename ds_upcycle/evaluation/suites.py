@@ -1,0 +1,81 @@
+"""Named task lists (suites) with their few-shot settings, and what `--tasks` names.
+
+A suite is a YAML file in `eval/suites/` (or any path): `name`, `description` and `tasks`, each
+task with its `num_fewshot` and the `metric` ("metric,filter" as lm-eval reports it) that counts
+as its score. `--tasks` takes a comma-separated mix of suite names, suite files and lm-eval task,
+group or tag names.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserError
+
+
+def eval_dir() -> Path:
+    """The repository's `eval/` folder: task YAML and suites (override: $DS_UPCYCLE_EVAL_DIR)."""
+    path = Path(os.environ.get("DS_UPCYCLE_EVAL_DIR", Path(__file__).resolve().parents[2] / "eval"))
+    if not (path / "suites").is_dir():
+        raise UserError(f"evaluation task folder not found at {path}; install ds-upcycle from a checkout "
+                        f"(pip install -e .) or set DS_UPCYCLE_EVAL_DIR")
+    return path
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    task: str
+    num_fewshot: int | None = None     # None: the task's own default
+    metric: str | None = None          # None: the first metric lm-eval reports
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    tasks: tuple[TaskSpec, ...]
+
+
+def available_suites() -> list[str]:
+    return sorted(p.stem for p in (eval_dir() / "suites").glob("*.yaml"))
+
+
+def load_suite(path: Path) -> Suite:
+    try:
+        data = yaml.safe_load(path.read_text())
+        tasks = tuple(TaskSpec(str(t["task"]), None if t.get("num_fewshot") is None else int(t["num_fewshot"]),
+                               t.get("metric")) for t in data["tasks"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as err:
+        raise UserError(f"bad suite file {path}: {type(err).__name__}: {err}") from None
+    return Suite(str(data.get("name", path.stem)), str(data.get("description", "")), tasks)
+
+
+def _suite_file(name: str) -> Path | None:
+    if name.endswith((".yaml", ".yml")) and Path(name).is_file():
+        return Path(name)
+    candidate = eval_dir() / "suites" / f"{name}.yaml"
+    return candidate if candidate.is_file() else None
+
+
+def resolve_tasks(names: list[str], num_fewshot: int | None = None) -> list[TaskSpec]:
+    """Expand suites; `num_fewshot`, when given, replaces every task's shot count."""
+    specs: list[TaskSpec] = []
+    for name in (n.strip() for n in names):
+        if not name:
+            continue
+        suite = _suite_file(name)
+        specs.extend(load_suite(suite).tasks if suite else [TaskSpec(name)])
+    if not specs:
+        raise UserError("no tasks given; name tasks or a suite (" + ", ".join(available_suites()) + ")")
+    seen = set()
+    for spec in specs:
+        if spec.task in seen:
+            raise UserError(f"task {spec.task} is named twice")
+        seen.add(spec.task)
+    if num_fewshot is not None:
+        specs = [TaskSpec(s.task, num_fewshot, s.metric) for s in specs]
+    return specs

@@ -1,0 +1,79 @@
+"""`ds-upcycle eval` and `ds-upcycle compare` as a user runs them."""
+
+import json
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from ds_upcycle.evaluation.cli import compare_command, eval_command
+from eval_helpers import offline_hub, trained_checkpoint  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("offline_hub")
+
+
+@click.group()
+def cli():
+    """Stands in for the ds-upcycle group the commands are registered with."""
+
+
+cli.add_command(eval_command)
+cli.add_command(compare_command)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, data_cache):
+    return trained_checkpoint(tmp_path_factory, data_cache)
+
+
+def write_results(path, scores: dict, val_loss: float):
+    path.write_text(json.dumps({"results": {}, "ds_upcycle": {
+        "checkpoint": str(path.parent / path.stem / "global_step10"), "val_loss": val_loss,
+        "tasks": {t: {"metric": "acc,none", "value": v} for t, v in scores.items()}}}))
+    return str(path)
+
+
+def test_eval_writes_results_into_the_checkpoint(checkpoint):
+    result = CliRunner().invoke(cli, ["eval", str(checkpoint), "--tasks", "synthetic_facts_mc", "--limit", "16",
+                                      "--offline", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    written = checkpoint / "global_step200" / "eval_results.json"
+    summary = json.loads(written.read_text())["ds_upcycle"]
+    score = summary["tasks"]["synthetic_facts_mc"]["value"]
+    assert f"synthetic_facts_mc  {100 * score:.1f}" in result.output
+    assert f"results written to {written}" in result.output
+    assert summary["eval_config"]["limit"] == 16 and summary["eval_config"]["batch_size"] == 4
+    # compare finds it through the checkpoint
+    table = CliRunner().invoke(cli, ["compare", str(checkpoint), "--label", "E4"])
+    assert table.exit_code == 0 and f"| synthetic_facts_mc | {100 * score:.1f} |" in table.output
+
+
+def test_compare_measures_the_gap_closed(tmp_path):
+    runs = [write_results(tmp_path / "fixed4.json", {"a": 0.40, "b": 0.20}, 2.0),
+            write_results(tmp_path / "up8.json", {"a": 0.55, "b": 0.30}, 1.8),
+            write_results(tmp_path / "fixed8.json", {"a": 0.60, "b": 0.25}, 1.7)]
+    result = CliRunner().invoke(cli, ["compare", *runs, "--plot", str(tmp_path / "plot.png")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "| task | fixed4/global_step10 | up8/global_step10 | fixed8/global_step10 | gap closed |"
+    assert "| a | 40.0 | 55.0 | 60.0 | 75.0% |" in lines            # (55 - 40) / (60 - 40)
+    assert "| b | 20.0 | 30.0 | 25.0 | 200.0% |" in lines
+    assert "| average (2 tasks) | 30.0 | 42.5 | 42.5 | 100.0% |" in lines
+    assert "| validation loss | 2.0000 | 1.8000 | 1.7000 | 66.7% |" in lines  # (2.0 - 1.8) / (2.0 - 1.7)
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    csv = CliRunner().invoke(cli, ["compare", *runs[:2], "--format", "csv", "--label", "E", "--label", "U"])
+    assert csv.output.splitlines()[:2] == ["task,E,U", "a,40.0,55.0"]
+
+
+def test_user_errors_are_one_line(tmp_path, checkpoint):
+    runner = CliRunner()
+    missing = runner.invoke(cli, ["compare", str(tmp_path / "none.json")])
+    assert missing.exit_code == 2
+    assert missing.output.strip() == (f"ds-upcycle: error: no evaluation results at {tmp_path / 'none.json'}; "
+                                      f"run `ds-upcycle eval` first")
+    labels = runner.invoke(cli, ["compare", str(tmp_path / "a.json"), "--label", "x", "--label", "y"])
+    assert labels.exit_code == 2 and "2 labels for 1 runs" in labels.output
+    unknown = runner.invoke(cli, ["eval", str(checkpoint), "--tasks", "synthetic_facts_mcq", "--offline"])
+    assert unknown.exit_code == 2
+    assert unknown.output.strip().splitlines()[-1] == (
+        "ds-upcycle: error: unknown task 'synthetic_facts_mcq' (did you mean 'synthetic_facts_mc'?)")
