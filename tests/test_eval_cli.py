@@ -77,3 +77,33 @@ def test_user_errors_are_one_line(tmp_path, checkpoint):
     assert unknown.exit_code == 2
     assert unknown.output.strip().splitlines()[-1] == (
         "ds-upcycle: error: unknown task 'synthetic_facts_mcq' (did you mean 'synthetic_facts_mc'?)")
+
+
+def write_metrics(run_dir, steps, step_time):
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "step_time": step_time + (0.5 if s == steps[0] else 0.0)}) + "\n" for s in steps))
+    return str(run_dir)
+
+
+def test_compute_ledger_arithmetic(tmp_path):
+    from ds_upcycle.evaluation.ledger import ComputeLedger
+
+    ledger = ComputeLedger(step_time_e=1.0, step_time_me=1.5, total_steps=100, transition_step=50)
+    assert ledger.fixed_cost == 150 and ledger.upcycled_cost == 50 * 1.0 + 50 * 1.5
+    assert ledger.saving == pytest.approx(50 * 0.5 / 150)           # T0 (t_mE - t_E) / (T t_mE)
+    assert ledger.saving_with_source == pytest.approx(0.5)          # only the CPT is paid
+
+    runs = [write_results(tmp_path / "fixed4.json", {"a": 0.40}, 2.0),
+            write_results(tmp_path / "up8.json", {"a": 0.55}, 1.8),
+            write_results(tmp_path / "fixed8.json", {"a": 0.60}, 1.7)]
+    train = [write_metrics(tmp_path / "e4", range(1, 101), 1.0),
+             write_metrics(tmp_path / "up8-cpt", range(51, 101), 1.5),  # CPT records start after T0 = 50
+             write_metrics(tmp_path / "e8", range(1, 101), 1.5)]
+    result = CliRunner().invoke(cli, ["compare", *runs, "--train-runs", *train, "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "| upcycled (E pre-training + CPT) | 125.0 | 16.7% |" in result.output
+    summary = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert summary["ledger"]["transition_step"] == 50 and summary["ledger"]["step_time_e"] == 1.0
+    assert summary["rows"][-1]["gap_closed"] == pytest.approx(2 / 3)
+    assert "Compute ledger" in (tmp_path / "out" / "compare.md").read_text()

@@ -74,15 +74,24 @@ def eval_command(checkpoint, tasks, num_fewshot, limit, batch_size, device, dtyp
 @click.option("--label", "labels", multiple=True, help="column name per run, in order (repeatable)")
 @click.option("--format", "fmt", type=click.Choice(["markdown", "csv"]), default="markdown", show_default=True)
 @click.option("--plot", "plot_path", default=None, help="also draw the scores as grouped bars into this image file")
+@click.option("--train-runs", nargs=3, default=None, metavar="FIXED_E UPCYCLED_CPT FIXED_ME",
+              help="training save dirs (or metrics.jsonl) of the three runs: adds the compute ledger")
+@click.option("--output-dir", default=None, help="also write compare.md and compare.json into this directory")
 @user_errors
-def compare_command(results, labels, fmt, plot_path) -> None:
+def compare_command(results, labels, fmt, plot_path, train_runs, output_dir) -> None:
     """Compare evaluation RESULTS (results files or checkpoints) side by side.
 
     With three runs given as FIXED_E UPCYCLED FIXED_ME, adds the share of the gap closed.
     """
-    from .compare import compare, plot, to_csv, to_markdown
+    from .compare import compare, plot, to_csv, to_json, to_markdown, write_outputs
+    from .ledger import ledger_from_runs
 
     comparison = compare(list(results), list(labels) or None)
-    click.echo(to_markdown(comparison) if fmt == "markdown" else to_csv(comparison), nl=False)
+    ledger = ledger_from_runs(*train_runs) if train_runs else None
+    markdown = to_markdown(comparison) + ("\n" + ledger.to_markdown() if ledger else "")
+    click.echo(markdown if fmt == "markdown" else to_csv(comparison), nl=False)
+    if output_dir:
+        for path in write_outputs(output_dir, markdown, to_json(comparison, ledger)):
+            click.echo(f"written {path}")
     if plot_path:
         click.echo(f"plot written to {plot(comparison, plot_path)}")

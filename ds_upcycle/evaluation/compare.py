@@ -108,6 +108,23 @@ def to_markdown(comparison: Comparison) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
+def to_json(comparison: Comparison, ledger=None) -> dict:
+    rows = [{"name": row.name, "kind": row.kind, "values": dict(zip(comparison.labels, row.values)),
+             "gap_closed": row.gap_closure() if comparison.has_gap else None} for row in comparison.rows]
+    return {"labels": list(comparison.labels), "rows": rows, "ledger": ledger.to_dict() if ledger else None}
+
+
+def write_outputs(directory: str | Path, markdown: str, summary: dict) -> list[Path]:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / "compare.md", directory / "compare.json"]
+    for path, text in zip(paths, (markdown, json.dumps(summary, indent=2) + "\n")):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return paths
+
+
 def to_csv(comparison: Comparison) -> str:
     import csv
     import io
