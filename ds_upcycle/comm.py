@@ -22,6 +22,19 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def single_process_env() -> None:
+    """Let a script that calls deepspeed.init_distributed() run as one process, without a launcher."""
+    import os
+    import socket
+
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def agree_capacity(local_max: torch.Tensor, group) -> torch.Tensor:
     """Largest per-expert token count over an expert-parallel group.
 

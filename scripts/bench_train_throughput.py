@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -114,10 +113,10 @@ def main() -> None:
 
     import deepspeed
 
+    from ds_upcycle import comm
     from ds_upcycle.config import resolve_model_config
 
-    os.environ.update({k: v for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                                               MASTER_PORT="29517").items() if k not in os.environ})
+    comm.single_process_env()
     deepspeed.init_distributed()
     cfg = resolve_model_config(args.preset, args.overrides).replace(vocab_size=args.vocab_size)
     device = torch.device(deepspeed.accelerator.get_accelerator().device_name(0)

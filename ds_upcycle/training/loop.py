@@ -61,18 +61,6 @@ def read_ds_config(path: str | os.PathLike, micro_batch: int | None, grad_accum:
     return config
 
 
-def _single_process_env() -> None:
-    """Let `python train.py` run without a launcher, as one process."""
-    if "RANK" in os.environ:
-        return
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
 def _start_checkpoint(cfg: TrainConfig) -> tuple[CheckpointRef | None, bool]:
     """(checkpoint to start from, whether it resumes this save_dir's own run)."""
     own = latest_checkpoint(cfg.save_dir)
@@ -233,7 +221,7 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict,
     if model_cfg.num_experts % train_cfg.ep_size:
         raise UserError(f"num_experts {model_cfg.num_experts} is not divisible by --ep-size {train_cfg.ep_size}")
 
-    _single_process_env()
+    comm.single_process_env()
     deepspeed.init_distributed()
     prepared = _prepare(data_cfg, start.tokenizer if start else None)
     vocab = prepared.meta["vocab_size"]

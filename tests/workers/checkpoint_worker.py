@@ -13,8 +13,6 @@ training step and records the loss and whether the weights moved.
 
 import argparse
 import json
-import os
-import socket
 from functools import partial
 from pathlib import Path
 
@@ -27,15 +25,6 @@ from ds_upcycle import comm
 from ds_upcycle.model import Transformer
 from ds_upcycle.training.checkpoint import find_checkpoint
 from ds_upcycle.training.schedule import WSDSchedule
-
-
-def single_process_env() -> None:
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def full_state(engine, model: Transformer) -> dict:
@@ -102,7 +91,7 @@ def main() -> None:
     parser.add_argument("--ep-size", type=int, default=1)
     parser.add_argument("jobs")
     args = parser.parse_args()
-    single_process_env()
+    comm.single_process_env()
     deepspeed.init_distributed(dist_backend="gloo")
     for index, job in enumerate(json.loads(Path(args.jobs).read_text())):
         run_job(job, args.ep_size, index)
