@@ -338,7 +338,7 @@ def set_key(key, value):
     (lambda d: (d / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b""), "ZeRO-3"),
     (lambda d: (d / "mp_rank_01_model_states.pt").write_bytes(b""), "tensor"),
     (lambda d: (d / "mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint"), "truncated or corrupt"),
-    (lambda d: [(d / zero_file(r)).rename(d / ("bf16_" + zero_file(r))) for r in range(4)], "bf16"),
+    (lambda d: (d / zero_file(0)).rename(d / zero_file(0, bf16=True)), "mixes bf16_zero_pp_rank"),
     (lambda d: (d / "layer_1_expert_2_mp_rank_00_model_states.pt").unlink(), "expert file"),
 ])
 def test_reader_refuses_broken_checkpoints(damage, message, synthetic, tmp_path):

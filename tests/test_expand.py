@@ -203,3 +203,28 @@ def test_stock_deepspeed_script_checkpoint_expands_and_resumes(tmp_path):
     assert router_after["exp_avg"][4:] == router_before["exp_avg"]
     manifest = json.loads((tmp_path / "dst" / "global_step3" / "upcycle_manifest.json").read_text())
     assert manifest["layers"][0]["router_noise_on"].startswith("router weight rows")
+
+
+def test_bf16_zero2_checkpoint_expands_and_loads(tmp_path, data_cache):
+    """bf16 runs write bf16_zero_pp_rank_* files; module weights are the fp32 master cast to bf16."""
+    cfg = tmp_path / "bf16.json"
+    cfg.write_text(json.dumps({**json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text()),
+                               "train_micro_batch_size_per_gpu": 4}))
+    src = tmp_path / "src"
+    check_ok(run_train(["--deepspeed_config", str(cfg), "--steps", "3", "--data", SMALL_DATA, "--vocab-size", "512",
+                        "--seq-len", "32", "--data-cache", str(data_cache), "--set", "dim=64",
+                        "--set", "expert_ffn_dim=48", "--eval-samples", "8", "--save", str(src)]))
+    work = {"root": tmp_path, "cfg": cfg}
+    source = load_with_deepspeed(work, "bf16-source", src, 1, 1)
+    dst = tmp_path / "dst"
+    proc = expand_cli(str(src), str(dst), "-m", "2", "--select", "uniform")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (dst / "global_step3").glob("*optim_states.pt")) == [
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    manifest = json.loads((dst / "global_step3" / "upcycle_manifest.json").read_text())
+    dump = load_with_deepspeed(work, "bf16-expanded", dst, 1, 1, step=True)
+    assert_matches(expected_state(source, manifest, "copy"), dump)
+    for name, tensors in dump["params"].items():
+        assert tensors["module"].dtype == torch.bfloat16
+        assert torch.equal(tensors["module"], tensors["fp32"].to(torch.bfloat16)), name
+    assert dump["train_step"]["params_moved"] > 0

@@ -13,8 +13,9 @@ ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$"
 MODEL_FILE = re.compile(r"^mp_rank_(?P<mp>\d+)_model_states\.pt$")
 
 
-def zero_file(rank: int) -> str:
-    return f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+def zero_file(rank: int, bf16: bool = False) -> str:
+    """A rank's optimizer file; DeepSpeed prefixes it with bf16_ when bf16 is enabled."""
+    return f"{'bf16_' if bf16 else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
 
 
 def expert_file(layer: int, expert: int) -> str:

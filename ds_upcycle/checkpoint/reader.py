@@ -185,10 +185,6 @@ def _refuse_unsupported_files(path: Path) -> None:
     if mp_ranks - {0}:
         raise UserError(f"{tag_dir} has tensor/expert-tensor-parallel shards (mp_rank {max(mp_ranks):02d}); "
                         f"only checkpoints without tensor parallelism are supported")
-    zero = [m for n in names if (m := ZERO_FILE.match(n))]
-    if zero and all(m["bf16"] for m in zero):
-        raise UserError(f"{tag_dir} holds bf16 optimizer files (bf16_zero_pp_rank_*), not supported yet; "
-                        f"only fp32/fp16 ZeRO-1/2 checkpoints can be read")
 
 
 def _check_model_file(model: dict, path: Path) -> None:
@@ -214,8 +210,17 @@ def _check_model_file(model: dict, path: Path) -> None:
                         f"which are not supported")
 
 
+def _uses_bf16_files(tag_dir: Path) -> bool:
+    """bf16 runs name their optimizer files bf16_zero_pp_rank_*; the content is the same format."""
+    kinds = {bool(m["bf16"]) for p in tag_dir.iterdir() if (m := ZERO_FILE.match(p.name))}
+    if len(kinds) > 1:
+        raise UserError(f"{tag_dir} mixes bf16_zero_pp_rank_* and zero_pp_rank_* optimizer files")
+    return kinds == {True}
+
+
 def _load_zero_files(tag_dir: Path, world: int) -> list[dict]:
-    present = {int(m["rank"]) for p in tag_dir.iterdir() if (m := ZERO_FILE.match(p.name)) and not m["bf16"]}
+    bf16 = _uses_bf16_files(tag_dir)
+    present = {int(m["rank"]) for p in tag_dir.iterdir() if (m := ZERO_FILE.match(p.name)) and bool(m["bf16"]) == bf16}
     missing = sorted(set(range(world)) - present)
     if missing:
         raise UserError(f"{tag_dir}: ZeRO optimizer files missing for rank(s) {', '.join(map(str, missing))} "
@@ -226,10 +231,11 @@ def _load_zero_files(tag_dir: Path, world: int) -> list[dict]:
                         f"dp_world_size {world}")
     files = []
     for rank in range(world):
-        saved = load_file(tag_dir / zero_file(rank), mmap=True)
+        saved = load_file(tag_dir / zero_file(rank, bf16), mmap=True)
         state = saved.get(OPTIMIZER_STATE_DICT) if isinstance(saved, dict) else None
         if not isinstance(state, dict) or SINGLE_PARTITION_OF_FP32_GROUPS not in state:
-            raise UserError(f"{tag_dir / zero_file(rank)} is not a ZeRO-1/2 optimizer file")
+            kind = " (DeepSpeed's BF16_Optimizer format, not supported yet)" if bf16 else ""
+            raise UserError(f"{tag_dir / zero_file(rank, bf16)} is not a ZeRO-1/2 optimizer file{kind}")
         if not isinstance(state.get(BASE_OPTIMIZER_STATE), dict):
             raise UserError(f"{tag_dir}: elastic ZeRO checkpoints (zero_optimization.elastic_checkpoint) "
                             f"are not supported")

@@ -163,15 +163,19 @@ def _check_request(state: CheckpointSource, dst_dir: Path, world_size: int, ep_s
                         f"{zero.get('stage', 0)}")
     if zero.get("round_robin_gradients") or zero.get("elastic_checkpoint"):
         raise UserError("zero_optimization.round_robin_gradients and elastic_checkpoint are not supported")
-    # bf16 runs use other file names (bf16_zero_pp_rank_*) and, with ZeRO-1, another optimizer format.
-    low_precision = any(ds_config.get(key, {}).get("enabled") for key in ("bf16", "fp16"))
-    if low_precision or state.meta.module_dtype != torch.float32:
-        raise UserError("only fp32 checkpoints can be written yet (the DeepSpeed config or the state uses bf16/fp16)")
+    expected = torch.bfloat16 if _bf16(ds_config) else torch.float32
+    if ds_config.get("fp16", {}).get("enabled") or state.meta.module_dtype != expected:
+        raise UserError(f"can write fp32 and bf16 checkpoints whose DeepSpeed config matches the weights "
+                        f"(weights {state.meta.module_dtype}, config {'bf16' if _bf16(ds_config) else 'fp32'})")
     if dst_dir.exists() and not dst_dir.is_dir():
         raise UserError(f"output {dst_dir} exists and is not a directory")
     source = state.meta.source
     if source is not None and dst_dir.resolve() in (source.resolve(), source.resolve().parent):
         raise UserError(f"refusing to write into the source checkpoint's directory {dst_dir}")
+
+
+def _bf16(ds_config: dict) -> bool:
+    return bool(ds_config.get("bf16", {}).get("enabled"))
 
 
 def _target(state: CheckpointSource, non_expert: NonExpertState, world_size: int, ep_size: int,
@@ -240,7 +244,8 @@ def _write_optimizer_and_expert_files(state: CheckpointSource, non_expert: NonEx
             rank = expert_dp_rank * target.ep_size + ep_rank
             partitions = ([_Partition.build(g, rank, params.__getitem__, with_moments) for g in target.dense]
                           + [_Partition.build(g, expert_dp_rank, expert_params, with_moments) for g in target.expert])
-            save_file(_zero_file_state(state, partitions, target.ep_size, ds_config), tag_dir / zero_file(rank))
+            save_file(_zero_file_state(state, partitions, target.ep_size, ds_config),
+                      tag_dir / zero_file(rank, _bf16(ds_config)))
         expected = sum(layer.num_experts // target.ep_size for layer in state.moe_layers)
         assert len(expert_params.written) == expected, "every expert lies in some partition"
 
