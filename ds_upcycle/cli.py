@@ -35,9 +35,16 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dry-run", is_flag=True, help="print the allocation plan per layer, write nothing")
 @click.option("--force", is_flag=True, help="replace a non-empty destination")
+@click.option("--check-data", is_flag=True,
+              help="after writing, print the validation loss of the source and the expanded model on the "
+                   "source's own validation data (the warm-start jump) and record it in the manifest")
+@click.option("--check-samples", type=int, default=64, show_default=True,
+              help="validation sequences for --check-data")
+@click.option("--data-cache", default=None,
+              help="where --check-data finds the tokenized data (default $DS_UPCYCLE_CACHE or ~/.cache/ds_upcycle)")
 @user_errors
 def expand(source, destination, num_experts, multiplier, select, max_copies, router_noise, optimizer_state,
-           world_size, ep_size, seed, dry_run, force) -> None:
+           world_size, ep_size, seed, dry_run, force, check_data, check_samples, data_cache) -> None:
     """Expand a DeepSpeed MoE checkpoint SOURCE to more experts per layer, written to DESTINATION.
 
     SOURCE is a save directory with `latest` or a tag directory (ZeRO 1 or 2, any data-parallel
@@ -51,11 +58,15 @@ def expand(source, destination, num_experts, multiplier, select, max_copies, rou
     cfg = ExpandConfig(source=source, destination=destination, num_experts=num_experts, multiplier=multiplier,
                        select=select, max_copies=max_copies, router_noise=router_noise,
                        optimizer_state=optimizer_state, world_size=world_size, ep_size=ep_size, seed=seed,
-                       force=force)
+                       force=force, check_data=check_data, check_samples=check_samples, data_cache=data_cache)
     result = expand_checkpoint(cfg, dry_run=dry_run)
     click.echo(describe_plans(result.manifest))
     if not dry_run:
         click.echo(f"wrote {result.destination / result.tag} in {result.manifest['seconds']:.1f} s")
+        if "warm_start" in result.manifest:
+            ws = result.manifest["warm_start"]
+            click.echo(f"validation loss {ws['source_loss']:.3f} -> {ws['expanded_loss']:.3f} "
+                       f"({ws['jump']:+.3f}) on {ws['samples']} sequences")
 
 
 @main.command()

@@ -224,12 +224,14 @@ def report(src: Path, copy_dst: Path, expand_dst: Path, reshard_dst: Path) -> No
     runs = {"expand -m 2 (2,2)->(2,2)": (run_expand(src, expand_dst, 2, None, None), expand_dst),
             "reshard -m 1 (2,2)->(1,1)": (run_expand(src, reshard_dst, 1, 1, 1), reshard_dst)}
 
-    mb = lambda n: f"{n / 1e6:,.0f} MB"
+    def mb(n: float) -> str:
+        return f"{n / 1e6:,.0f} MB"
+
     print(f"\nsource: {src} ({cfg.n_layers} MoE layers x {cfg.num_experts} experts, "
           f"dim {cfg.dim}, expert FFN {cfg.expert_ffn_dim}; ZeRO-2 fp32, world 2, ep 2)")
     print(f"source bytes: {size:,} ({mb(size)}); plain copy (page cache warm): {copy_s:.2f} s")
-    print(f"one MoE layer's expert state (w + 2 moments, fp32): {mb(layer_state)}; non-expert state: {mb(dense_state)}; "
-          f"aim 2 x layer + non-expert: {mb(budget)}")
+    print(f"one MoE layer's expert state (w + 2 moments, fp32): {mb(layer_state)}; "
+          f"non-expert state: {mb(dense_state)}; aim 2 x layer + non-expert: {mb(budget)}")
     print("\n| run | bytes written | seconds | x copy | peak RSS (VmHWM) | RSS before | peak RSS / aim | "
           "peak anon RSS | anon before | (peak - before) anon / aim |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -36,7 +36,8 @@ def _limit(value: str | None) -> float | None:
               help="context window in tokens (default: the checkpoint's training sequence length)")
 @click.option("--max-gen-toks", type=int, default=256, show_default=True,
               help="generation length when a task does not set one")
-@click.option("--kv-cache/--no-kv-cache", default=True, show_default=True, help="reuse keys and values while generating")
+@click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
+              help="reuse keys and values while generating")
 @click.option("--data-dir", default=None,
               help="local copies of hub datasets: DIR/<dataset_path>/<dataset_name>/<split>.jsonl|.parquet")
 @click.option("--include-path", "include_paths", multiple=True, help="another lm-eval task folder (repeatable)")

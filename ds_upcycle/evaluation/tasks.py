@@ -83,7 +83,8 @@ class DatasetLoader:
         self.data_dir = data_dir
 
     def __repr__(self) -> str:  # lm-eval writes task configs into the results file
-        return f"DatasetLoader({self.path!r}, {self.name!r}, data_dir={str(self.data_dir) if self.data_dir else None!r})"
+        data_dir = str(self.data_dir) if self.data_dir else None
+        return f"DatasetLoader({self.path!r}, {self.name!r}, data_dir={data_dir!r})"
 
     @property
     def label(self) -> str:

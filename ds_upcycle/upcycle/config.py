@@ -24,6 +24,10 @@ class ExpandConfig:
         world_size, ep_size: target layout (default: the source's).
         seed: seeds the router noise; same inputs and seed give identical output.
         force: replace an existing non-empty destination.
+        check_data: after writing, measure the validation loss of the source and the expanded model
+            on the source's own validation data (see warmstart.py); needs the source's ds_upcycle.json.
+        check_samples: validation sequences for check_data.
+        data_cache: where check_data finds or prepares the tokenized data (default: the data cache).
     """
 
     source: str
@@ -38,6 +42,9 @@ class ExpandConfig:
     ep_size: int | None = None
     seed: int = 0
     force: bool = False
+    check_data: bool = False
+    check_samples: int = 64
+    data_cache: str | None = None
 
     def __post_init__(self) -> None:
         if (self.num_experts is None) == (self.multiplier is None):
@@ -50,6 +57,8 @@ class ExpandConfig:
             raise UserError(f"--optimizer-state must be one of {', '.join(OPTIMIZER_STATE_MODES)}")
         if self.router_noise < 0:
             raise UserError("--router-noise must be >= 0")
+        if self.check_samples < 1:
+            raise UserError(f"--check-samples must be >= 1, got {self.check_samples}")
         for name in ("world_size", "ep_size", "max_copies"):
             value = getattr(self, name)
             if value is not None and value < 1:

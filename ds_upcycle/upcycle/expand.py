@@ -21,11 +21,13 @@ import torch
 
 from .. import __version__
 from ..checkpoint import CheckpointSource, NonExpertState, ParamState, read_checkpoint, write_checkpoint
+from ..checkpoint.files import write_text_atomic
 from ..checkpoint.state import MoELayer
 from ..errors import UserError
 from .config import ExpandConfig
 from .operator import LayerPlan, expand_router_bias, expand_rows, moment_factor, plan_layer
 from .scores import GradientStats, expert_score
+from .warmstart import source_data_config, validation_data, warm_start
 
 MANIFEST = "upcycle_manifest.json"
 ROUTER_WEIGHT = ".deepspeed_moe.gate.wg.weight"
@@ -98,13 +100,14 @@ class ExpandedSource:
     def expert_state(self, layer: int, expert: int) -> dict[str, ParamState]:
         plan = self.plans[layer]
         params = self.source.expert_state(layer, plan.sources[expert])
+        # The reader assembles new tensors on every call, so they can be handed on without copying.
         out = {}
         for suffix, state in params.items():
             moments = []
             for moment, tensor in ((1, state.exp_avg), (2, state.exp_avg_sq)):
                 factor = moment_factor(plan, expert, moment, self.cfg.optimizer_state)
-                moments.append(None if tensor is None else tensor.clone() * factor)
-            out[suffix] = ParamState(state.fp32.clone(), *moments)
+                moments.append(tensor if tensor is None or factor == 1.0 else tensor * factor)
+            out[suffix] = ParamState(state.fp32, *moments)
         return out
 
 
@@ -146,6 +149,8 @@ def expand_checkpoint(cfg: ExpandConfig, dry_run: bool = False, progress: bool =
         raise UserError(f"destination {dst} would overwrite the source checkpoint {src_dir}")
     if not source.moe_layers:
         raise UserError(f"{src_dir} has no MoE layers to expand")
+    if cfg.check_data:  # fail before writing anything if the source cannot be checked
+        source_data_config(src_dir, cfg.data_cache)
     _prepare_destination(dst, cfg.force)
     for layer in source.moe_layers:
         world, ep = cfg.target_layout(source.world_size, source.ep_size, cfg.target_experts(layer.num_experts))
@@ -157,13 +162,14 @@ def expand_checkpoint(cfg: ExpandConfig, dry_run: bool = False, progress: bool =
         "source": {"path": str(src_dir.resolve()), "tag": tag, "world_size": source.world_size,
                    "ep_size": source.ep_size, "global_steps": source.meta.global_steps},
         "target": {"world_size": world, "ep_size": ep},
-        "options": {k: v for k, v in asdict(cfg).items() if k not in ("source", "destination")},
+        "options": {k: v for k, v in asdict(cfg).items() if k not in ("source", "destination", "data_cache")},
         "layers": [{"index": layer.index, "prefix": layer.prefix, **plans[layer.index].to_dict(),
                     "rank_loads": plans[layer.index].rank_loads(ep)} for layer in source.moe_layers],
     }
     if dry_run:
         return ExpandResult(dst, tag, plans, manifest)
 
+    val_data = validation_data(src_dir, cfg.data_cache) if cfg.check_data else None
     expanded = ExpandedSource(source, plans, cfg)
     if progress:
         expanded = ProgressSource(expanded, tqdm)
@@ -181,6 +187,11 @@ def expand_checkpoint(cfg: ExpandConfig, dry_run: bool = False, progress: bool =
         _swap_into_place(out_dir, dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if cfg.check_data:
+        # Measured on the output in place (a failure here leaves a complete expansion behind).
+        result = warm_start(src_dir, dst, cfg.check_samples, cfg.data_cache, data=val_data)
+        manifest["warm_start"] = result.to_dict()
+        write_text_atomic(dst / tag / MANIFEST, json.dumps(manifest, indent=2))
     return ExpandResult(dst, tag, plans, manifest)
 
 

@@ -1,0 +1,119 @@
+"""`ds-upcycle expand --check-data`: the warm-start jump, measured on the source's validation data.
+
+A small 1-process source (4 experts, top-2) is trained a few steps; everything else runs in this
+process or one `ds-upcycle` subprocess.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ckpt_helpers import check_ok
+from conftest import ROOT, SMALL_DATA, run_train, write_ds_config
+
+from ds_upcycle.data import DataConfig, prepare_data
+from ds_upcycle.errors import UserError
+from ds_upcycle.evaluation.weights import load_checkpoint
+from ds_upcycle.upcycle.config import ExpandConfig
+from ds_upcycle.upcycle.expand import expand_checkpoint
+from ds_upcycle.upcycle.warmstart import model_loss, validation_data, warm_start
+
+pytestmark = pytest.mark.slow
+SAMPLES = 24
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, data_cache):
+    root = tmp_path_factory.mktemp("warmstart")
+    cfg = write_ds_config(root / "z2.json", stage=2, micro_batch=4)
+    src = root / "src"
+    # conftest's train_args settings (that fixture is function-scoped), 4 experts, top-2
+    check_ok(run_train(["--deepspeed_config", str(cfg), "--steps", "6", "--data", SMALL_DATA, "--vocab-size", "512",
+                        "--seq-len", "32", "--data-cache", str(data_cache), "--set", "dim=64",
+                        "--set", "dense_ffn_dim=128", "--set", "expert_ffn_dim=64", "--set", "num_experts=4",
+                        "--set", "top_k=2", "--eval-samples", "16", "--save", str(src)]))
+    return {"root": root, "src": src, "tag": src / (src / "latest").read_text().strip(),
+            "cache": str(data_cache)}
+
+
+def test_check_data_cli_uniform_copy_is_close_to_source(source):
+    dst = source["root"] / "e8"
+    proc = subprocess.run([sys.executable, "-m", "ds_upcycle.cli", "expand", str(source["src"]), str(dst),
+                           "--multiplier", "2", "--select", "uniform", "--router-noise", "0", "--check-data",
+                           "--check-samples", str(SAMPLES), "--data-cache", source["cache"]],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tag_dir = dst / (dst / "latest").read_text().strip()
+    manifest = json.loads((tag_dir / "upcycle_manifest.json").read_text())
+    ws = manifest["warm_start"]
+    assert ws["samples"] == SAMPLES and manifest["options"]["check_data"] is True
+    line = (f"validation loss {ws['source_loss']:.3f} -> {ws['expanded_loss']:.3f} "
+            f"({ws['expanded_loss'] - ws['source_loss']:+.3f}) on {SAMPLES} sequences")
+    assert line in proc.stdout
+    assert not [p for p in tag_dir.iterdir() if p.name.endswith(".tmp")]
+    # Why the two losses are not equal: every expert and its copy have identical weights, router
+    # rows and (noise 0) routing bias, so the copy ties with its source in top-K. A token whose
+    # top-2 was {a, b} now gets {a, a'}: the renormalised weights are 1/2 each and the output is
+    # f_a alone, i.e. the source run with top-1 (weight 1). Masking the replicas in the router gives
+    # back the source exactly. How far the jump goes depends on how much the trained model relies
+    # on its second expert (little after 6 steps; about +1.3 nats after 30 steps on this data).
+    data = validation_data(source["src"], source["cache"])
+    expanded = load_checkpoint(dst).model
+    for router in expanded.routers:
+        router.route_bias.data[4:] -= 1e4  # new ids 4..7 are the copies (uniform, one rank)
+    assert model_loss(expanded, data, SAMPLES) == pytest.approx(ws["source_loss"], rel=1e-6)
+    top1 = load_checkpoint(source["src"]).model
+    for router in top1.routers:
+        router.k = 1
+    assert ws["expanded_loss"] == pytest.approx(model_loss(top1, data, SAMPLES), rel=1e-5)
+    assert ws["source_loss"] == pytest.approx(ws["expanded_loss"], abs=0.5)
+    # a second measurement with the library function gives the same numbers
+    again = warm_start(source["src"], dst, SAMPLES, source["cache"])
+    assert again.source_loss == ws["source_loss"] and again.expanded_loss == ws["expanded_loss"]
+
+
+def test_source_loss_equals_direct_computation(source):
+    measured = warm_start(source["src"], source["src"], 10, source["cache"])
+    assert measured.source_loss == measured.expanded_loss and measured.samples == 10
+    # Independently: the run's data settings, the checkpoint's tokenizer, the first 10 windows of
+    # seq_len + 1 tokens of the val split, one batch, mean cross-entropy.
+    info = json.loads((source["tag"] / "ds_upcycle.json").read_text())
+    data = info["data"]
+    prepared = prepare_data(DataConfig(source=data["source"], seq_len=data["seq_len"],
+                                       vocab_size=data["vocab_size"], val_fraction=data["val_fraction"],
+                                       cpt_fraction=data["cpt_fraction"], cache_dir=source["cache"]),
+                            source["tag"] / "tokenizer.model")
+    val = np.fromfile(prepared.path / "val.bin", dtype=prepared.meta["dtype"]).astype(np.int64)
+    T = data["seq_len"]
+    rows = torch.from_numpy(np.stack([val[i * T:i * T + T + 1] for i in range(10)]))
+    model = load_checkpoint(source["src"]).model
+    with torch.no_grad():
+        logits, _ = model(rows[:, :-1])
+    direct = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1)).item()
+    assert measured.source_loss == pytest.approx(direct, rel=1e-5)
+
+
+def test_check_data_refuses_plain_deepspeed_checkpoint_before_writing(source):
+    plain = source["root"] / "plain" / "global_step6"
+    shutil.copytree(source["tag"], plain)
+    (plain / "ds_upcycle.json").unlink()
+    dst = source["root"] / "never-written"
+    cfg = ExpandConfig(source=str(plain), destination=str(dst), multiplier=2, select="uniform",
+                       check_data=True, data_cache=source["cache"])
+    with pytest.raises(UserError, match="--check-data needs the training data settings") as err:
+        expand_checkpoint(cfg, progress=False)
+    assert "\n" not in str(err.value)
+    assert not dst.exists() and not list(dst.parent.glob(f".{dst.name}*"))
+
+
+def test_check_samples_validated():
+    with pytest.raises(UserError, match="--check-samples"):
+        ExpandConfig(source="a", destination="b", multiplier=2, check_data=True, check_samples=0)
