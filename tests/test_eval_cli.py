@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from ds_upcycle.evaluation.cli import compare_command, eval_command
+from ds_upcycle.training.metrics import read_metrics
 from eval_helpers import offline_hub, trained_checkpoint  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
@@ -33,12 +34,19 @@ def write_results(path, scores: dict, val_loss: float):
     return str(path)
 
 
-def test_eval_writes_results_into_the_checkpoint(checkpoint):
+def test_eval_writes_results_into_the_checkpoint(checkpoint, data_cache):
     result = CliRunner().invoke(cli, ["eval", str(checkpoint), "--tasks", "synthetic_facts_mc", "--limit", "16",
-                                      "--offline", "--batch-size", "4"])
+                                      "--offline", "--batch-size", "4", "--val-samples", "16",
+                                      "--data-cache", str(data_cache)])
     assert result.exit_code == 0, result.output
     written = checkpoint / "global_step200" / "eval_results.json"
     summary = json.loads(written.read_text())["ds_upcycle"]
+    # the same 16 validation sequences train.py scored at its last step, through DeepSpeed's engine
+    recorded = [r for r in read_metrics(checkpoint / "metrics.jsonl") if r["step"] == 200][0]["val_loss"]
+    assert summary["val_loss"] == pytest.approx(recorded, abs=1e-5)
+    assert summary["val_loss_measured_on"] == {"split": "val", "sequences": 16}
+    assert any(line.startswith("validation loss") and line.endswith(f"{summary['val_loss']:.4f}")
+               for line in result.output.splitlines())
     score = summary["tasks"]["synthetic_facts_mc"]["value"]
     assert f"synthetic_facts_mc  {100 * score:.1f}" in result.output
     assert f"results written to {written}" in result.output

@@ -108,7 +108,7 @@ def test_check_data_refuses_plain_deepspeed_checkpoint_before_writing(source):
     dst = source["root"] / "never-written"
     cfg = ExpandConfig(source=str(plain), destination=str(dst), multiplier=2, select="uniform",
                        check_data=True, data_cache=source["cache"])
-    with pytest.raises(UserError, match="--check-data needs the training data settings") as err:
+    with pytest.raises(UserError, match="--check-data: validation loss needs the training data settings") as err:
         expand_checkpoint(cfg, progress=False)
     assert "\n" not in str(err.value)
     assert not dst.exists() and not list(dst.parent.glob(f".{dst.name}*"))

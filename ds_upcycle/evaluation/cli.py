@@ -46,9 +46,15 @@ def _limit(value: str | None) -> float | None:
 @click.option("--log-samples", is_flag=True, help="also write every request and response next to the results")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--bootstrap-iters", type=int, default=0, show_default=True, help="resamples for standard errors")
+@click.option("--val-samples", type=int, default=256, show_default=True,
+              help="sequences of the checkpoint's own data split for the validation loss (0: skip)")
+@click.option("--val-split", type=click.Choice(["val", "cpt", "pretrain"]), default="val", show_default=True)
+@click.option("--data-cache", default=None,
+              help="prepared-data cache (default $DS_UPCYCLE_CACHE or ~/.cache/ds_upcycle)")
 @user_errors
 def eval_command(checkpoint, tasks, num_fewshot, limit, batch_size, device, dtype, max_length, max_gen_toks,
-                 kv_cache, data_dir, include_paths, offline, output, log_samples, seed, bootstrap_iters) -> None:
+                 kv_cache, data_dir, include_paths, offline, output, log_samples, seed, bootstrap_iters,
+                 val_samples, val_split, data_cache) -> None:
     """Evaluate CHECKPOINT (a save directory or a tag directory) with lm-evaluation-harness.
 
     Runs on one device, whatever layout trained the checkpoint. Writes lm-eval's results plus a
@@ -60,13 +66,17 @@ def eval_command(checkpoint, tasks, num_fewshot, limit, batch_size, device, dtyp
                      limit=_limit(limit), batch_size=batch_size, device=device, dtype=dtype, max_length=max_length,
                      max_gen_toks=max_gen_toks, kv_cache=kv_cache, data_dir=data_dir,
                      include_paths=tuple(include_paths), offline=offline, output=output, log_samples=log_samples,
-                     seed=seed, bootstrap_iters=bootstrap_iters)
+                     seed=seed, bootstrap_iters=bootstrap_iters, val_samples=val_samples, val_split=val_split,
+                     data_cache=data_cache)
     report = run_eval(cfg)
     width = max(len(task) for task in report.scores)
     for task, score in report.scores.items():
         click.echo(f"{task:<{width}}  {'-' if score is None else f'{100 * score:.1f}'}")
     if report.average is not None:
         click.echo(f"{'average':<{width}}  {100 * report.average:.1f}")
+    val_loss = report.results["ds_upcycle"].get("val_loss")
+    if val_loss is not None:
+        click.echo(f"{'validation loss':<{width}}  {val_loss:.4f}")
     click.echo(f"results written to {report.path}")
 
 

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import UserError
 from ..training.checkpoint import CheckpointRef, find_checkpoint
 from .suites import TaskSpec, resolve_tasks
 
@@ -35,6 +36,11 @@ class EvalConfig:
         log_samples: also write every request and response, next to the results file.
         seed: seeds lm-eval's random, numpy, torch and few-shot sampling.
         bootstrap_iters: resamples for standard errors (0: none).
+        val_samples: measure the validation loss on the first this many sequences of `val_split`
+            of the checkpoint's training data (0, or a checkpoint without data settings: the
+            loss the training run recorded at this step, if any).
+        val_split: the data split for that loss (pretrain, cpt or val).
+        data_cache: prepared-data cache for it (default $DS_UPCYCLE_CACHE or ~/.cache/ds_upcycle).
     """
 
     checkpoint: str
@@ -54,6 +60,15 @@ class EvalConfig:
     log_samples: bool = False
     seed: int = 0
     bootstrap_iters: int = 0
+    val_samples: int = 256
+    val_split: str = "val"
+    data_cache: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.val_samples < 0:
+            raise UserError(f"--val-samples must be >= 0, got {self.val_samples}")
+        if self.val_split not in ("pretrain", "cpt", "val"):
+            raise UserError(f"--val-split must be pretrain, cpt or val, got {self.val_split!r}")
 
 
 @dataclass
@@ -73,6 +88,24 @@ def _validation_loss(ref: CheckpointRef, step: int | None) -> float | None:
         return None
     values = [r["val_loss"] for r in read_metrics(metrics) if r.get("step") == step and "val_loss" in r]
     return values[-1] if values else None
+
+
+def _loss_data(ref: CheckpointRef, cfg: EvalConfig):
+    """The split to measure the loss on, prepared before the (long) evaluation; None to skip."""
+    from ..upcycle.warmstart import validation_data
+
+    if not cfg.val_samples or not ref.run_info.get("data"):
+        return None
+    return validation_data(ref.path, cfg.data_cache, cfg.val_split)
+
+
+def _measured_loss(lm, data, cfg: EvalConfig) -> dict:
+    """Loss of the loaded model on the first val_samples sequences (as train.py measures it)."""
+    from ..upcycle.warmstart import model_loss
+
+    count = min(cfg.val_samples, data.num_samples)
+    return {"val_loss": model_loss(lm.model, data, count),
+            "val_loss_measured_on": {"split": cfg.val_split, "sequences": count}}
 
 
 def headline(task_results: dict, metric: str | None) -> tuple[str | None, float | None]:
@@ -119,6 +152,7 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
                                  metadata={"synthetic_source": ref.run_info.get("data", {}).get("source")},
                                  needed=[spec.task for spec in specs])
     objects = load_tasks(manager, specs)
+    loss_data = _loss_data(ref, cfg)
     lm = UpcycleLM(checkpoint=str(ref.path), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
                    max_length=cfg.max_length, max_gen_toks=cfg.max_gen_toks, kv_cache=cfg.kv_cache)
     results = lm_eval.simple_evaluate(
@@ -127,6 +161,8 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
         torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
     samples = results.pop("samples", None)
     results["ds_upcycle"] = summarize(results, specs, ref)
+    if loss_data is not None:
+        results["ds_upcycle"].update(_measured_loss(lm, loss_data, cfg))
     results["ds_upcycle"]["eval_config"] = asdict(cfg)
 
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -150,7 +150,10 @@ def expand_checkpoint(cfg: ExpandConfig, dry_run: bool = False, progress: bool =
     if not source.moe_layers:
         raise UserError(f"{src_dir} has no MoE layers to expand")
     if cfg.check_data:  # fail before writing anything if the source cannot be checked
-        source_data_config(src_dir, cfg.data_cache)
+        try:
+            source_data_config(src_dir, cfg.data_cache)
+        except UserError as err:
+            raise UserError(f"--check-data: {err}") from None
     _prepare_destination(dst, cfg.force)
     for layer in source.moe_layers:
         world, ep = cfg.target_layout(source.world_size, source.ep_size, cfg.target_experts(layer.num_experts))

@@ -50,33 +50,34 @@ def source_data_config(source_path, data_cache: str | None = None) -> tuple[Data
     """
     ref = find_checkpoint(source_path)
     if not (ref.path / RUN_FILE).is_file():
-        raise UserError(f"--check-data needs the training data settings in {ref.path / RUN_FILE}, "
+        raise UserError(f"validation loss needs the training data settings in {ref.path / RUN_FILE}, "
                         f"which this checkpoint lacks (not written by train.py)")
     data = ref.run_info.get("data")
     if not isinstance(data, dict) or "source" not in data or "seq_len" not in data:
-        raise UserError(f"--check-data: {ref.path / RUN_FILE} records no data settings (source, seq_len)")
+        raise UserError(f"{ref.path / RUN_FILE} records no data settings (source, seq_len) for a validation loss")
     if ref.tokenizer is None:
-        raise UserError(f"--check-data: {ref.path} has no tokenizer.model to tokenize the validation data with")
+        raise UserError(f"{ref.path} has no tokenizer.model to tokenize the validation data with")
     known = {f.name for f in fields(DataConfig)}
     settings = {k: v for k, v in data.items() if k in known and k not in ("cache_dir", "tokenizer")}
     return DataConfig(**settings, cache_dir=data_cache), ref.tokenizer
 
 
-def validation_data(source_path, data_cache: str | None = None) -> PackedSequences:
-    """The source's `val` split, tokenized with its own tokenizer (prepared or found in the cache)."""
+def validation_data(source_path, data_cache: str | None = None, split: str = "val") -> PackedSequences:
+    """A split (default `val`) of the checkpoint's training data, tokenized with its own tokenizer."""
     cfg, tokenizer = source_data_config(source_path, data_cache)
     prepared = prepare_data(cfg, tokenizer)
-    return PackedSequences(prepared.tokens("val"), cfg.seq_len, "val")
+    return PackedSequences(prepared.tokens(split), cfg.seq_len, split)
 
 
 @torch.no_grad()
 def model_loss(model: torch.nn.Module, data: PackedSequences, samples: int, batch_size: int = BATCH_SIZE) -> float:
     """Mean next-token cross-entropy over the first `samples` sequences (as validation_loss, 1 process)."""
     model.eval()
+    device = next(model.parameters()).device
     totals = torch.zeros(2, dtype=torch.float64)
     for inputs_BT, targets_BT in validation_batches(data, samples, batch_size, 1, 0):
-        logits_BTV, _ = model(inputs_BT)
-        loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="sum")
+        logits_BTV, _ = model(inputs_BT.to(device))
+        loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.to(device).flatten(), reduction="sum")
         totals += torch.tensor([loss.item(), targets_BT.numel()], dtype=torch.float64)
     return (totals[0] / totals[1]).item()
 
