@@ -46,12 +46,16 @@ def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data-cache")
 
 
+def tiny_run_args(ds_config: Path, steps: int, data_cache: Path, *extra: str) -> list[str]:
+    """train.py arguments for a fast tiny run on small synthetic data (later flags override earlier)."""
+    return ["--deepspeed_config", str(ds_config), "--steps", str(steps), "--data", SMALL_DATA,
+            "--vocab-size", "512", "--seq-len", "32", "--data-cache", str(data_cache),
+            "--set", "dim=64", "--set", "dense_ffn_dim=128", "--set", "expert_ffn_dim=64",
+            "--eval-samples", "16", *extra]
+
+
 @pytest.fixture
 def train_args(data_cache):
-    """Common train.py arguments for a fast tiny run on small synthetic data."""
     def make(ds_config: Path, steps: int, *extra: str) -> list[str]:
-        return ["--deepspeed_config", str(ds_config), "--steps", str(steps), "--data", SMALL_DATA,
-                "--vocab-size", "512", "--seq-len", "32", "--data-cache", str(data_cache),
-                "--set", "dim=64", "--set", "dense_ffn_dim=128", "--set", "expert_ffn_dim=64",
-                "--eval-samples", "16", *extra]
+        return tiny_run_args(ds_config, steps, data_cache, *extra)
     return make

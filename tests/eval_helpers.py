@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_DATA, run_train, write_ds_config
+from conftest import run_train, tiny_run_args, write_ds_config
 
 STEPS = 200
 TWIN_STEPS = 6      # the 1- and 2-process runs agree to float precision only over a few steps
@@ -16,10 +16,8 @@ _built: dict[tuple[int, int], Path] = {}
 
 
 def train_args(ds_config: Path, data_cache: Path, steps: int, *extra: str) -> list[str]:
-    return ["--deepspeed_config", str(ds_config), "--steps", str(steps), "--data", SMALL_DATA,
-            "--vocab-size", "512", "--seq-len", str(SEQ_LEN), "--data-cache", str(data_cache),
-            "--set", "dim=64", "--set", "dense_ffn_dim=128", "--set", "expert_ffn_dim=64",
-            "--eval-samples", "16", "--eval-interval", str(steps), *extra]
+    return tiny_run_args(ds_config, steps, data_cache, "--seq-len", str(SEQ_LEN), "--eval-interval", str(steps),
+                         *extra)
 
 
 def trained_checkpoint(tmp_path_factory, data_cache: Path, ep_size: int = 1, steps: int = STEPS) -> Path:

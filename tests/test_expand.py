@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ckpt_helpers import check_ok, merged_dump, run_worker, tree_digest
-from conftest import ROOT, SMALL_DATA, free_port, run_train, write_ds_config
+from conftest import ROOT, free_port, run_train, tiny_run_args, write_ds_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 GATE = ".deepspeed_moe.gate"
@@ -33,10 +33,8 @@ def work(tmp_path_factory, data_cache):
     root = tmp_path_factory.mktemp("expand")
     cfg = write_ds_config(root / "z2.json", stage=2, micro_batch=4)
     src = root / "src"
-    check_ok(run_train(["--deepspeed_config", str(cfg), "--steps", "4", "--data", SMALL_DATA, "--vocab-size", "512",
-                        "--seq-len", "32", "--data-cache", str(data_cache), "--set", "dim=64",
-                        "--set", "expert_ffn_dim=48", "--eval-samples", "8", "--ep-size", "2", "--save", str(src)],
-                       num_procs=2))
+    check_ok(run_train(tiny_run_args(cfg, 4, data_cache, "--set", "expert_ffn_dim=48", "--eval-samples", "8",
+                                     "--ep-size", "2", "--save", str(src)), num_procs=2))
     return {"root": root, "cfg": cfg, "src": src, "digest": tree_digest(src)}
 
 
@@ -211,9 +209,8 @@ def test_bf16_zero2_checkpoint_expands_and_loads(tmp_path, data_cache):
     cfg.write_text(json.dumps({**json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text()),
                                "train_micro_batch_size_per_gpu": 4}))
     src = tmp_path / "src"
-    check_ok(run_train(["--deepspeed_config", str(cfg), "--steps", "3", "--data", SMALL_DATA, "--vocab-size", "512",
-                        "--seq-len", "32", "--data-cache", str(data_cache), "--set", "dim=64",
-                        "--set", "expert_ffn_dim=48", "--eval-samples", "8", "--save", str(src)]))
+    check_ok(run_train(tiny_run_args(cfg, 3, data_cache, "--set", "expert_ffn_dim=48", "--eval-samples", "8",
+                                     "--save", str(src))))
     work = {"root": tmp_path, "cfg": cfg}
     source = load_with_deepspeed(work, "bf16-source", src, 1, 1)
     dst = tmp_path / "dst"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ckpt_helpers import check_ok
-from conftest import ROOT, SMALL_DATA, run_train, write_ds_config
+from conftest import ROOT, run_train, tiny_run_args, write_ds_config
 
 from ds_upcycle.data import DataConfig, prepare_data
 from ds_upcycle.errors import UserError
@@ -34,11 +34,8 @@ def source(tmp_path_factory, data_cache):
     root = tmp_path_factory.mktemp("warmstart")
     cfg = write_ds_config(root / "z2.json", stage=2, micro_batch=4)
     src = root / "src"
-    # conftest's train_args settings (that fixture is function-scoped), 4 experts, top-2
-    check_ok(run_train(["--deepspeed_config", str(cfg), "--steps", "6", "--data", SMALL_DATA, "--vocab-size", "512",
-                        "--seq-len", "32", "--data-cache", str(data_cache), "--set", "dim=64",
-                        "--set", "dense_ffn_dim=128", "--set", "expert_ffn_dim=64", "--set", "num_experts=4",
-                        "--set", "top_k=2", "--eval-samples", "16", "--save", str(src)]))
+    check_ok(run_train(tiny_run_args(cfg, 6, data_cache, "--set", "num_experts=4", "--set", "top_k=2",
+                                     "--save", str(src))))
     return {"root": root, "src": src, "tag": src / (src / "latest").read_text().strip(),
             "cache": str(data_cache)}
 
