@@ -174,16 +174,14 @@ def expand_checkpoint(cfg: ExpandConfig, dry_run: bool = False, progress: bool =
 
     val_data = validation_data(src_dir, cfg.data_cache) if cfg.check_data else None
     expanded = ExpandedSource(source, plans, cfg)
-    if progress:
-        expanded = ProgressSource(expanded, tqdm)
+    to_write = ProgressSource(expanded, tqdm) if progress else expanded
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
     try:
         out_dir = staging / "out"
-        write_checkpoint(expanded, out_dir, tag, world, ep)
-        inner = getattr(expanded, "inner", expanded)
+        write_checkpoint(to_write, out_dir, tag, world, ep)
         for entry in manifest["layers"]:
-            entry["router_noise_on"] = inner.router_noise_target.get(entry["index"], "none")
+            entry["router_noise_on"] = expanded.router_noise_target.get(entry["index"], "none")
         manifest["seconds"] = round(time.perf_counter() - started, 3)
         manifest["checksums"] = _checksums(out_dir / tag)
         (out_dir / tag / MANIFEST).write_text(json.dumps(manifest, indent=2))
