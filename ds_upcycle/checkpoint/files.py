@@ -1,7 +1,8 @@
-"""Loading checkpoint files with errors a user can act on, and writing a directory atomically."""
+"""Loading checkpoint files with errors a user can act on, writing large files in place, atomic directories."""
 
 from __future__ import annotations
 
+import mmap
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -31,6 +32,54 @@ def load_file(path: Path, mmap: bool = False) -> dict:
 
 def save_file(obj: dict, path: Path) -> None:
     torch.save(obj, path)
+
+
+def save_skeleton(obj: dict, path: Path, holes: list[torch.Tensor]) -> None:
+    """torch.save `obj` without the bytes of the tensors in `holes`, which stay zero in the file.
+
+    The hole tensors may be uninitialised (`torch.empty`): they are never read, so a file of
+    gigabytes costs no memory here. Fill them afterwards through `open_for_filling`.
+    """
+    hole_ids = {id(t) for t in holes}
+    with torch.serialization.skip_data():
+        torch.save(obj, path)
+    # skip_data leaves every tensor's bytes out; write back those that are not holes (step
+    # counters and the like), which are small.
+    with open_for_filling(path) as saved:
+        for original, mapped in zip(_tensors(obj), _tensors(saved), strict=True):
+            if original.shape != mapped.shape:
+                raise RuntimeError(f"{path}: a saved tensor came back with another shape")
+            if id(original) not in hole_ids:
+                mapped.copy_(original)
+
+
+@contextmanager
+def open_for_filling(path: Path) -> Iterator[dict]:
+    """Load a file's tensors mapped shared: what is written into them lands in the file.
+
+    Writes go to the page cache, not to anonymous memory, so filling a large file in pieces holds
+    only the piece being copied.
+    """
+    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        yield obj
+    finally:
+        del obj  # unmaps the file once the caller's references are gone
+
+
+def _tensors(obj) -> Iterator[torch.Tensor]:
+    """Tensors of a nested checkpoint structure in a fixed order (dicts in insertion order)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        yield from _tensors(vars(obj))
 
 
 @contextmanager

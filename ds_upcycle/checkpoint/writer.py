@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from collections import OrderedDict
-from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +26,9 @@ from deepspeed.utils.tensor_fragment import fragment_address
 
 from ..errors import UserError
 from ..training.checkpoint import RUN_FILE, TOKENIZER_FILE
-from .files import save_file, staging_dir, write_text_atomic
-from .layout import FlatGroup, flat_group, split_moe_group
-from .names import MODEL_STATES, expert_file, split_expert_param, zero_file
+from .files import open_for_filling, save_file, save_skeleton, staging_dir, write_text_atomic
+from .layout import FlatGroup, Fragment, flat_group, split_moe_group
+from .names import MODEL_STATES, expert_file, zero_file
 from .state import CheckpointSource, MoELayer, NonExpertState, ParamState
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -47,72 +47,6 @@ class _Target:
     @property
     def groups(self) -> list[FlatGroup]:
         return self.dense + self.expert
-
-
-@dataclass
-class _Partition:
-    """One rank's slice of one group: fp32 weights and moments, zeros where DeepSpeed pads."""
-
-    layout: FlatGroup
-    index: int
-    tensors: dict[str, torch.Tensor]
-
-    @classmethod
-    def build(cls, layout: FlatGroup, index: int, param_of: Callable[[str], ParamState],
-              with_moments: bool) -> _Partition:
-        keys = ("fp32", *MOMENTS) if with_moments else ("fp32",)
-        tensors = {key: torch.zeros(layout.partition_size, dtype=torch.float32) for key in keys}
-        for fragment in layout.fragments(index):
-            state = param_of(fragment.name)
-            for key, tensor in tensors.items():
-                source = getattr(state, key).reshape(-1).narrow(0, fragment.param_start, fragment.numel)
-                tensor.narrow(0, fragment.partition_start, fragment.numel).copy_(source)
-        return cls(layout, index, tensors)
-
-    @property
-    def fp32_without_padding(self) -> torch.Tensor:
-        # clone: torch.save of a view would store the whole partition.
-        return self.tensors["fp32"][:self.layout.partition_size - self.layout.group_padding(self.index)].clone()
-
-
-class _ExpertParams:
-    """Expert parameters of one ep_rank by local name, fetched one expert at a time.
-
-    The flat order walks the experts one after the other, so keeping the last expert suffices; one
-    straddling a partition boundary is fetched again for the next partition. The first fetch of an
-    expert also writes its module-weights file.
-    """
-
-    def __init__(self, state: CheckpointSource, ep_rank: int, ep_size: int, shapes: dict[str, torch.Size],
-                 tag_dir: Path) -> None:
-        self.state, self.ep_rank, self.ep_size, self.shapes, self.tag_dir = state, ep_rank, ep_size, shapes, tag_dir
-        self.layers = {layer.prefix: layer for layer in state.moe_layers}
-        self.current: tuple[tuple[int, int], dict[str, ParamState]] | None = None
-        self.written: set[tuple[int, int]] = set()
-
-    def __call__(self, local_name: str) -> ParamState:
-        prefix, local, suffix = split_expert_param(local_name)
-        layer = self.layers[prefix]
-        key = (layer.index, self.ep_rank * (layer.num_experts // self.ep_size) + local)
-        if self.current is None or self.current[0] != key:
-            self.current = (key, self._fetch(layer, key[1], local))
-        return self.current[1][suffix]
-
-    def _fetch(self, layer: MoELayer, expert: int, local: int) -> dict[str, ParamState]:
-        params = self.state.expert_state(layer.index, expert)
-        if set(params) != set(layer.param_shapes):
-            raise UserError(f"{layer.prefix} expert {expert}: parameters {sorted(params)}, "
-                            f"expected {list(layer.param_shapes)}")
-        with_moments = self.state.meta.optimizer_step is not None
-        for suffix, param in params.items():
-            _check_param(layer.param_name(expert, suffix), param, self.shapes[layer.param_name(local, suffix)],
-                         with_moments)
-        if (layer.index, expert) not in self.written:
-            dtype = self.state.meta.module_dtype
-            module = {layer.param_name(expert, s): p.fp32.to(dtype).clone() for s, p in params.items()}
-            save_file(module, self.tag_dir / expert_file(layer.index, expert))
-            self.written.add((layer.index, expert))
-        return params
 
 
 def write_checkpoint(state: CheckpointSource, dst_dir: str | os.PathLike, tag: str, world_size: int, ep_size: int,
@@ -232,51 +166,111 @@ def _check_param(name: str, state: ParamState, shape: torch.Size, with_moments: 
 
 def _write_optimizer_and_expert_files(state: CheckpointSource, non_expert: NonExpertState, target: _Target,
                                       ds_config: dict, tag_dir: Path) -> None:
-    """Write every rank's optimizer file, building one partition at a time to bound memory."""
+    """Write every rank's optimizer file and the per-expert module files, one expert at a time.
+
+    A rank's optimizer file holds its slice of every MoE layer, so building it in memory would
+    hold about 1/ep_size of the checkpoint. Instead each file is first saved with its flat
+    partitions left as holes, then mapped and filled parameter by parameter: memory holds the
+    non-expert state and one expert, the filled bytes go straight to the page cache.
+    """
     with_moments = state.meta.optimizer_step is not None
     params = non_expert.params
     for name in params:
         _check_param(name, params[name], target.shapes[name], with_moments)
-    expert_dp_size = target.world_size // target.ep_size
-    for ep_rank in range(target.ep_size):
-        expert_params = _ExpertParams(state, ep_rank, target.ep_size, target.shapes, tag_dir)
-        for expert_dp_rank in range(expert_dp_size):
-            rank = expert_dp_rank * target.ep_size + ep_rank
-            partitions = ([_Partition.build(g, rank, params.__getitem__, with_moments) for g in target.dense]
-                          + [_Partition.build(g, expert_dp_rank, expert_params, with_moments) for g in target.expert])
-            save_file(_zero_file_state(state, partitions, target.ep_size, ds_config),
-                      tag_dir / zero_file(rank, _bf16(ds_config)))
-        expected = sum(layer.num_experts // target.ep_size for layer in state.moe_layers)
-        assert len(expert_params.written) == expected, "every expert lies in some partition"
+    paths = [tag_dir / zero_file(rank, _bf16(ds_config)) for rank in range(target.world_size)]
+    for rank, path in enumerate(paths):
+        skeleton, holes = _zero_file_skeleton(state, target, rank, ds_config)
+        save_skeleton(skeleton, path, holes)
+    with ExitStack() as stack:
+        files = [_RankPartitions(stack.enter_context(open_for_filling(path)), with_moments) for path in paths]
+        for index, group in enumerate(target.dense):
+            for name in group.names:
+                for fragment in group.locate(name):
+                    files[fragment.partition].fill(index, fragment, params[name])
+        _fill_experts(state, target, files, tag_dir, with_moments)
 
 
-def _zero_file_state(state: CheckpointSource, partitions: list[_Partition], ep_size: int, ds_config: dict) -> dict:
-    """One rank's zero_pp_rank_*_optim_states.pt, as DeepSpeedZeroOptimizer.state_dict() lays it out."""
+class _RankPartitions:
+    """One rank's optimizer file, mapped for writing: flat fp32 partitions and Adam moments by group."""
+
+    def __init__(self, saved: dict, with_moments: bool) -> None:
+        optimizer = saved[OPTIMIZER_STATE_DICT]
+        self.fp32 = optimizer[SINGLE_PARTITION_OF_FP32_GROUPS]
+        adam = optimizer[BASE_OPTIMIZER_STATE]["state"]
+        self.moments = [adam[index] for index in range(len(self.fp32))] if with_moments else None
+
+    def fill(self, group: int, fragment: Fragment, param: ParamState) -> None:
+        targets = [("fp32", self.fp32[group])]
+        if self.moments is not None:
+            targets += [(key, self.moments[group][key]) for key in MOMENTS]
+        for key, flat in targets:
+            source = getattr(param, key).reshape(-1).narrow(0, fragment.param_start, fragment.numel)
+            flat.narrow(0, fragment.partition_start, fragment.numel).copy_(source)
+
+
+def _fill_experts(state: CheckpointSource, target: _Target, files: list[_RankPartitions], tag_dir: Path,
+                  with_moments: bool) -> None:
+    """Walk the experts layer by layer: module file, then their fragments in every holding rank."""
+    dense_count = len(target.dense)
+    group_of = {name: dense_count + index for index, group in enumerate(target.expert) for name in group.names}
+    dtype = state.meta.module_dtype
+    for layer in state.moe_layers:
+        local_count = layer.num_experts // target.ep_size
+        for expert in range(layer.num_experts):
+            params = state.expert_state(layer.index, expert)
+            if set(params) != set(layer.param_shapes):
+                raise UserError(f"{layer.prefix} expert {expert}: parameters {sorted(params)}, "
+                                f"expected {list(layer.param_shapes)}")
+            ep_rank, local = divmod(expert, local_count)
+            for suffix, param in params.items():
+                local_name = layer.param_name(local, suffix)
+                _check_param(layer.param_name(expert, suffix), param, target.shapes[local_name], with_moments)
+                group = target.groups[group_of[local_name]]
+                for fragment in group.locate(local_name):
+                    # Rank of the fragment's expert-data-parallel partition within this ep_rank.
+                    files[fragment.partition * target.ep_size + ep_rank].fill(group_of[local_name], fragment, param)
+            # copy=True: torch.save of a view would store its whole storage.
+            module = {layer.param_name(expert, s): p.fp32.to(dtype, copy=True) for s, p in params.items()}
+            save_file(module, tag_dir / expert_file(layer.index, expert))
+
+
+def _zero_file_skeleton(state: CheckpointSource, target: _Target, rank: int,
+                        ds_config: dict) -> tuple[dict, list[torch.Tensor]]:
+    """One rank's zero_pp_rank_*_optim_states.pt, as DeepSpeedZeroOptimizer.state_dict() lays it out.
+
+    Returns the file's structure with uninitialised flat partitions and the list of them (the holes).
+    """
     meta = state.meta
     dense_count = len(meta.dense_groups)
-    adam_state, param_groups = {}, []
-    for index, partition in enumerate(partitions):
+    expert_dp_rank, ep_rank = divmod(rank, target.ep_size)
+    layouts = [(g, rank) for g in target.dense] + [(g, expert_dp_rank) for g in target.expert]
+    adam_state, param_groups, holes, fp32 = {}, [], [], []
+    for index, (layout, partition) in enumerate(layouts):
+        # DeepSpeed saves the fp32 partition without its trailing padding, the moments with it.
+        fp32.append(torch.empty(layout.partition_size - layout.group_padding(partition), dtype=torch.float32))
+        holes.append(fp32[-1])
         if meta.optimizer_step is not None:
-            adam_state[index] = {"step": meta.optimizer_step.clone(),
-                                 **{key: partition.tensors[key] for key in MOMENTS}}
+            moments = {key: torch.empty(layout.partition_size, dtype=torch.float32) for key in MOMENTS}
+            adam_state[index] = {"step": meta.optimizer_step.clone(), **moments}
+            holes += moments.values()
         if index < dense_count:
             hypers = meta.dense_groups[index].hypers
         else:
-            hypers = {**meta.expert_hypers, "name": f"ep_size_{ep_size}", "moe": True}
+            hypers = {**meta.expert_hypers, "name": f"ep_size_{target.ep_size}", "moe": True}
         param_groups.append({**hypers, "params": [index]})
     optimizer = {
         **meta.optimizer_extras,
         BASE_OPTIMIZER_STATE: {"state": adam_state, "param_groups": param_groups},
-        SINGLE_PARTITION_OF_FP32_GROUPS: [p.fp32_without_padding for p in partitions],
+        SINGLE_PARTITION_OF_FP32_GROUPS: fp32,
         ZERO_STAGE: ZeroStageEnum(int(ds_config["zero_optimization"]["stage"])),
-        GROUP_PADDINGS: [p.layout.group_padding(p.index) for p in partitions],
-        PARAM_ALIGNMENT_PADDINGS: [list(p.layout.paddings) for p in partitions],
-        PARTITION_COUNT: [p.layout.dp_size for p in partitions],
+        GROUP_PADDINGS: [layout.group_padding(partition) for layout, partition in layouts],
+        PARAM_ALIGNMENT_PADDINGS: [list(layout.paddings) for layout, _ in layouts],
+        PARTITION_COUNT: [layout.dp_size for layout, _ in layouts],
         DS_VERSION: deepspeed.__version__,
         PARAM_SLICE_MAPPINGS: [OrderedDict((f.name, fragment_address(numel=f.numel, start=f.partition_start))
-                                           for f in p.layout.fragments(p.index)) for p in partitions],
+                                           for f in layout.fragments(partition)) for layout, partition in layouts],
     }
-    return {OPTIMIZER_STATE_DICT: optimizer, "ds_config": ds_config, DS_VERSION: deepspeed.__version__}
+    return {OPTIMIZER_STATE_DICT: optimizer, "ds_config": ds_config, DS_VERSION: deepspeed.__version__}, holes
 
 
 def _write_model_file(state: CheckpointSource, non_expert: NonExpertState, target: _Target, ds_config: dict,
