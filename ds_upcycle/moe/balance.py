@@ -14,21 +14,23 @@ def bias_step(bias_E: torch.Tensor, load_E: torch.Tensor, step_size: float) -> t
     return bias_E + step_size * torch.sign(load_E.mean() - load_E)
 
 
-def load_stats(load_E: torch.Tensor) -> dict[str, float]:
-    """Share of routed tokens of the least and most loaded expert, and the coefficient of variation."""
+def load_stats(load_E: torch.Tensor) -> dict:
+    """Share of routed tokens of the least and most loaded expert, the coefficient of variation, and
+    every expert's share (by global id), so that replicas can be followed apart after an expansion."""
     total = load_E.sum().clamp_min(1.0)
     share_E = load_E / total
     mean = load_E.mean()
     cv = (load_E.std(unbiased=False) / mean).item() if mean > 0 else 0.0
-    return {"min_share": share_E.min().item(), "max_share": share_E.max().item(), "cv": cv}
+    return {"min_share": share_E.min().item(), "max_share": share_E.max().item(), "cv": cv,
+            "shares": [round(share, 6) for share in share_E.tolist()]}
 
 
 def balance_routers(routers: Sequence[LossFreeRouter], step_size: float,
-                    reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[dict[str, float]]:
+                    reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[dict]:
     """Update every router's bias from the load of the whole global batch, then clear the counts.
 
     `reduce` sums a tensor over all data-parallel ranks (one collective for all layers). Returns
-    per-layer load statistics of the batch.
+    per-layer load statistics of the batch (see load_stats).
     """
     if not routers:
         return []
