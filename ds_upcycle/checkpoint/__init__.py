@@ -1,4 +1,4 @@
-"""DeepSpeed checkpoint I/O: read any ZeRO-1/2 MoE layout into full state, write it for any layout.
+"""DeepSpeed checkpoint I/O: read any MoE layout (no ZeRO, ZeRO-1 or 2) into full state, write it for any layout.
 
 Knows DeepSpeed's file layout and partitioning rules, nothing of upcycling: a caller reads a
 checkpoint (`read_checkpoint`), transforms the layout-independent state, and writes it for the

@@ -1,4 +1,4 @@
-"""Read a DeepSpeed ZeRO-1/2 MoE checkpoint of any layout into layout-independent state.
+"""Read a DeepSpeed ZeRO-1/2 MoE checkpoint of any layout into layout-independent state (stage 0: stage0.py).
 
 The reader opens every file memory-mapped and assembles a parameter only when asked, so a caller
 that walks the MoE layers one at a time holds one layer's worth of tensors, not the model's.
@@ -23,6 +23,7 @@ from ..training.checkpoint import RUN_FILE, TOKENIZER_FILE, find_checkpoint
 from .files import load_file
 from .layout import FlatGroup
 from .names import MODEL_FILE, MODEL_STATES, ZERO3_MODEL_FILE, ZERO_FILE, expert_file, split_expert_param, zero_file
+from .stage0 import Stage0Reader, is_stage0
 from .state import CheckpointMeta, MoELayer, NonExpertState, ParamGroup, ParamState
 
 ADAM_STATE_KEYS = {"step", "exp_avg", "exp_avg_sq"}
@@ -48,20 +49,20 @@ class _Group:
     shapes: dict[str, torch.Size]
 
 
-def read_checkpoint(path: str | os.PathLike) -> CheckpointReader:
-    """Open a checkpoint: a save directory with `latest`, or a tag directory."""
-    return CheckpointReader(path)
+def read_checkpoint(path: str | os.PathLike) -> CheckpointReader | Stage0Reader:
+    """Open a checkpoint: a save directory with `latest`, or a tag directory; ZeRO stage 0, 1 or 2."""
+    _refuse_unsupported_files(Path(path))
+    tag_dir = find_checkpoint(path).path
+    model = load_file(tag_dir / MODEL_STATES, mmap=True)
+    _check_model_file(model, tag_dir / MODEL_STATES)
+    return Stage0Reader(tag_dir, model) if is_stage0(model) else CheckpointReader(tag_dir, model)
 
 
 class CheckpointReader:
     """Lazy, layout-independent view of a DeepSpeed ZeRO-1/2 checkpoint (see state.CheckpointSource)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        _refuse_unsupported_files(Path(path))
-        ref = find_checkpoint(path)
-        self.path = ref.path
-        model = load_file(self.path / MODEL_STATES, mmap=True)
-        _check_model_file(model, self.path / MODEL_STATES)
+    def __init__(self, tag_dir: Path, model: dict) -> None:
+        self.path = tag_dir
         self._module = model["module"]
         world = model["dp_world_size"]
         self._zero = _load_zero_files(self.path, world)
@@ -193,9 +194,9 @@ def _check_model_file(model: dict, path: Path) -> None:
     zero = (model.get("ds_config") or {}).get("zero_optimization", {})
     if zero.get("stage", 0) == 3:
         raise UserError(f"{path.parent} is a ZeRO-3 checkpoint; only ZeRO stage 1 and 2 checkpoints are supported")
-    if zero.get("stage", 0) == 0 or model.get("param_shapes") is None:
-        raise UserError(f"{path.parent} was saved without ZeRO (stage 0); only ZeRO stage 1 and 2 "
-                        f"checkpoints are supported")
+    if (zero.get("stage", 0) == 0) != (model.get("param_shapes") is None):
+        raise UserError(f"{path} does not match its ZeRO stage {zero.get('stage', 0)} (parameter shapes "
+                        f"{'missing' if model.get('param_shapes') is None else 'present'})")
     if zero.get("round_robin_gradients"):
         raise UserError(f"{path.parent} was saved with zero_optimization.round_robin_gradients, which is not "
                         f"supported")

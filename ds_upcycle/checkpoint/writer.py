@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from ..training.checkpoint import RUN_FILE, TOKENIZER_FILE
 from .files import open_for_filling, save_file, save_skeleton, staging_dir, write_text_atomic
 from .layout import FlatGroup, Fragment, flat_group, split_moe_group
 from .names import MODEL_STATES, expert_file, zero_file
+from .stage0 import prepare_stage0_files
 from .state import CheckpointSource, MoELayer, NonExpertState, ParamState
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -67,8 +69,17 @@ def write_checkpoint(state: CheckpointSource, dst_dir: str | os.PathLike, tag: s
 
     def write_tag(tag_dir: Path) -> None:
         tag_dir.mkdir(parents=True, exist_ok=True)
-        _write_optimizer_and_expert_files(state, non_expert, target, ds_config, tag_dir)
-        _write_model_file(state, non_expert, target, ds_config, tag_dir / MODEL_STATES)
+        with_moments = meta.optimizer_step is not None
+        for name, param in non_expert.params.items():
+            _check_param(name, param, target.shapes[name], with_moments)
+        model_file = _model_file_state(state, non_expert, target, ds_config)
+        with ExitStack() as stack:
+            if _zero_stage(ds_config) == 0:
+                fill_expert = prepare_stage0_files(state, non_expert, ep_size, tag_dir, model_file, stack)
+            else:
+                save_file(model_file, tag_dir / MODEL_STATES)
+                fill_expert = _prepare_zero_files(state, non_expert, target, ds_config, tag_dir, stack)
+            _walk_experts(state, ep_size, tag_dir, fill_expert)
         if info is not None:
             (tag_dir / RUN_FILE).write_text(json.dumps(info, indent=2))
         if meta.tokenizer is not None:
@@ -92,9 +103,15 @@ def _check_request(state: CheckpointSource, dst_dir: Path, world_size: int, ep_s
         if layer.num_experts % ep_size:
             raise UserError(f"{layer.prefix}: {layer.num_experts} experts are not divisible by ep_size {ep_size}")
     zero = ds_config.get("zero_optimization", {})
-    if zero.get("stage", 0) not in (1, 2):
-        raise UserError(f"can only write ZeRO stage 1 or 2 checkpoints, the DeepSpeed config has stage "
-                        f"{zero.get('stage', 0)}")
+    stage = _zero_stage(ds_config)
+    if stage not in (0, 1, 2):
+        raise UserError(f"can only write checkpoints without ZeRO or with ZeRO stage 1 or 2, the DeepSpeed config "
+                        f"has stage {stage}")
+    if (stage == 0) != (state.meta.zero_stage == 0):
+        # The two keep different optimizer state (a torch state_dict against flat partitions with a
+        # loss scaler), so a conversion would have to invent what one of them lacks.
+        raise UserError(f"cannot write a stage-{stage} checkpoint from a stage-{state.meta.zero_stage} one: "
+                        f"converting between no ZeRO and ZeRO 1/2 is not supported")
     if zero.get("round_robin_gradients") or zero.get("elastic_checkpoint"):
         raise UserError("zero_optimization.round_robin_gradients and elastic_checkpoint are not supported")
     expected = torch.bfloat16 if _bf16(ds_config) else torch.float32
@@ -164,30 +181,39 @@ def _check_param(name: str, state: ParamState, shape: torch.Size, with_moments: 
             raise UserError(f"{name}: {key} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
 
 
-def _write_optimizer_and_expert_files(state: CheckpointSource, non_expert: NonExpertState, target: _Target,
-                                      ds_config: dict, tag_dir: Path) -> None:
-    """Write every rank's optimizer file and the per-expert module files, one expert at a time.
+ExpertFill = Callable[[MoELayer, int, dict[str, ParamState]], None]
+
+
+def _prepare_zero_files(state: CheckpointSource, non_expert: NonExpertState, target: _Target, ds_config: dict,
+                        tag_dir: Path, stack: ExitStack) -> ExpertFill:
+    """Every rank's ZeRO optimizer file, saved with its flat partitions as holes and mapped for filling.
 
     A rank's optimizer file holds its slice of every MoE layer, so building it in memory would
-    hold about 1/ep_size of the checkpoint. Instead each file is first saved with its flat
-    partitions left as holes, then mapped and filled parameter by parameter: memory holds the
-    non-expert state and one expert, the filled bytes go straight to the page cache.
+    hold about 1/ep_size of the checkpoint. Instead the non-expert fragments are filled here and
+    the returned function fills one expert's fragments in every rank that holds them: memory holds
+    the non-expert state and one expert, the filled bytes go straight to the page cache.
     """
     with_moments = state.meta.optimizer_step is not None
-    params = non_expert.params
-    for name in params:
-        _check_param(name, params[name], target.shapes[name], with_moments)
     paths = [tag_dir / zero_file(rank, _bf16(ds_config)) for rank in range(target.world_size)]
     for rank, path in enumerate(paths):
         skeleton, holes = _zero_file_skeleton(state, target, rank, ds_config)
         save_skeleton(skeleton, path, holes)
-    with ExitStack() as stack:
-        files = [_RankPartitions(stack.enter_context(open_for_filling(path)), with_moments) for path in paths]
-        for index, group in enumerate(target.dense):
-            for name in group.names:
-                for fragment in group.locate(name):
-                    files[fragment.partition].fill(index, fragment, params[name])
-        _fill_experts(state, target, files, tag_dir, with_moments)
+    files = [_RankPartitions(stack.enter_context(open_for_filling(path)), with_moments) for path in paths]
+    for index, group in enumerate(target.dense):
+        for name in group.names:
+            for fragment in group.locate(name):
+                files[fragment.partition].fill(index, fragment, non_expert.params[name])
+    group_of = {name: len(target.dense) + index for index, group in enumerate(target.expert) for name in group.names}
+
+    def fill_expert(layer: MoELayer, expert: int, params: dict[str, ParamState]) -> None:
+        ep_rank, local = divmod(expert, layer.num_experts // target.ep_size)
+        for suffix, param in params.items():
+            index = group_of[layer.param_name(local, suffix)]
+            for fragment in target.groups[index].locate(layer.param_name(local, suffix)):
+                # The fragment's partition is an expert-data-parallel rank within this ep_rank.
+                files[fragment.partition * target.ep_size + ep_rank].fill(index, fragment, param)
+
+    return fill_expert
 
 
 class _RankPartitions:
@@ -208,27 +234,20 @@ class _RankPartitions:
             flat.narrow(0, fragment.partition_start, fragment.numel).copy_(source)
 
 
-def _fill_experts(state: CheckpointSource, target: _Target, files: list[_RankPartitions], tag_dir: Path,
-                  with_moments: bool) -> None:
-    """Walk the experts layer by layer: module file, then their fragments in every holding rank."""
-    dense_count = len(target.dense)
-    group_of = {name: dense_count + index for index, group in enumerate(target.expert) for name in group.names}
+def _walk_experts(state: CheckpointSource, ep_size: int, tag_dir: Path, fill_expert: ExpertFill) -> None:
+    """Every expert once, layer by layer: checked, its optimizer state filled, its module file written."""
+    with_moments = state.meta.optimizer_step is not None
     dtype = state.meta.module_dtype
     for layer in state.moe_layers:
-        local_count = layer.num_experts // target.ep_size
         for expert in range(layer.num_experts):
             params = state.expert_state(layer.index, expert)
             if set(params) != set(layer.param_shapes):
                 raise UserError(f"{layer.prefix} expert {expert}: parameters {sorted(params)}, "
                                 f"expected {list(layer.param_shapes)}")
-            ep_rank, local = divmod(expert, local_count)
             for suffix, param in params.items():
-                local_name = layer.param_name(local, suffix)
-                _check_param(layer.param_name(expert, suffix), param, target.shapes[local_name], with_moments)
-                group = target.groups[group_of[local_name]]
-                for fragment in group.locate(local_name):
-                    # Rank of the fragment's expert-data-parallel partition within this ep_rank.
-                    files[fragment.partition * target.ep_size + ep_rank].fill(group_of[local_name], fragment, param)
+                _check_param(layer.param_name(expert, suffix), param, torch.Size(layer.param_shapes[suffix]),
+                             with_moments)
+            fill_expert(layer, expert, params)
             # copy=True: torch.save of a view would store its whole storage.
             module = {layer.param_name(expert, s): p.fp32.to(dtype, copy=True) for s, p in params.items()}
             save_file(module, tag_dir / expert_file(layer.index, expert))
@@ -273,9 +292,12 @@ def _zero_file_skeleton(state: CheckpointSource, target: _Target, rank: int,
     return {OPTIMIZER_STATE_DICT: optimizer, "ds_config": ds_config, DS_VERSION: deepspeed.__version__}, holes
 
 
-def _write_model_file(state: CheckpointSource, non_expert: NonExpertState, target: _Target, ds_config: dict,
-                      path: Path) -> None:
-    """mp_rank_00_model_states.pt: non-expert weights and buffers, layout, training progress, client state."""
+def _model_file_state(state: CheckpointSource, non_expert: NonExpertState, target: _Target, ds_config: dict) -> dict:
+    """mp_rank_00_model_states.pt: non-expert weights and buffers, layout, training progress, client state.
+
+    Without ZeRO, DeepSpeed stores no parameter shapes and puts the optimizer state in this file
+    (stage0.py adds it).
+    """
     meta = state.meta
     if set(non_expert.buffers) != set(meta.buffer_names):
         raise UserError(f"the state's buffers {sorted(non_expert.buffers)} differ from the source's "
@@ -289,16 +311,18 @@ def _write_model_file(state: CheckpointSource, non_expert: NonExpertState, targe
     for alias, holder in meta.shared_params.items():
         module[alias] = module[holder].clone()  # DeepSpeed clones every tensor before saving
     extras = meta.model_extras
+    stage = _zero_stage(ds_config)
     # ZeRO-2 records frozen parameters (none here: the reader refuses them), ZeRO-1 does not.
-    frozen = OrderedDict() if int(ds_config["zero_optimization"]["stage"]) == 2 else None
+    frozen = OrderedDict() if stage == 2 else None
     checkpoint = {
         "module": module,
         "buffer_names": list(meta.buffer_names),
         "optimizer": None,
         # As DeepSpeed records it on rank 0: experts under the local ids of ep_rank 0, shapes as tuples.
-        "param_shapes": [OrderedDict((n, tuple(target.shapes[n])) for n in g.names) for g in target.groups],
+        "param_shapes": [OrderedDict((n, tuple(target.shapes[n])) for n in g.names) for g in target.groups]
+        if stage else None,
         "frozen_param_shapes": frozen,
-        "shared_params": dict(meta.shared_params),
+        "shared_params": dict(meta.shared_params) if stage else None,
         "frozen_param_fragments": copy.copy(frozen),
         "lr_scheduler": meta.lr_scheduler,
         "data_sampler": extras.get("data_sampler"),
@@ -316,4 +340,8 @@ def _write_model_file(state: CheckpointSource, non_expert: NonExpertState, targe
         "ds_autoep_layers": None,
         **meta.client_state,
     }
-    save_file(checkpoint, path)
+    return checkpoint
+
+
+def _zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))

@@ -28,12 +28,19 @@ from ds_upcycle.training.schedule import WSDSchedule
 
 
 def full_state(engine, model: Transformer) -> dict:
+    names = model.global_param_names()
+    if not engine.zero_optimization():
+        # Without ZeRO the module weights are the fp32 master weights and the torch optimizer holds
+        # each parameter's state whole: what DeepSpeed loaded is read directly.
+        state = engine.optimizer.state
+        return {names[name]: {"fp32": param.detach().clone(), "exp_avg": state[param]["exp_avg"].clone(),
+                              "exp_avg_sq": state[param]["exp_avg_sq"].clone(), "module": param.detach().clone()}
+                for name, param in model.named_parameters()}
     optimizer = engine.optimizer
     # DeepSpeed 0.19.8 links optimizer-state fragments once, when only the first group has state;
     # relink so expert groups (later groups) are visible to safe_get_full_optimizer_state.
     optimizer._hp_optimizer_states_linked = False
     optimizer._lazy_init_hp_params_optimizer_state()
-    names = model.global_param_names()
     params = {}
     for name, param in model.named_parameters():  # same order on every rank: the getters are collectives
         params[names[name]] = {
@@ -73,7 +80,8 @@ def run_job(job: dict, ep_size: int, index: int) -> None:
         "global_steps": engine.global_steps,
         "lr_scheduler": schedule.state_dict(),
         "client": client.get("ds_upcycle"),
-        "step": [float(s["step"]) for s in engine.optimizer.optimizer.state.values()],
+        # ZeRO: one state per flat group; without ZeRO: one per parameter.
+        "step": [float(s["step"]) for s in getattr(engine.optimizer, "optimizer", engine.optimizer).state.values()],
         "num_experts": cfg.num_experts,
     }
     if job.get("resave"):

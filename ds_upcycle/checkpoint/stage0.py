@@ -1,0 +1,274 @@
+"""DeepSpeed MoE checkpoints saved without ZeRO (stage 0): read them, and write them for any layout.
+
+Without ZeRO, DeepSpeed (0.19.8) saves the torch optimizer's own `state_dict()`: every
+expert-parallel rank p writes `expp_rank_{p}_mp_rank_00_optim_states.pt` = {"optimizer": ...}
+(the non-expert parameters' state, the same on every rank, and the state of p's local experts),
+and rank 0's is stored again under "optimizer" in the model file. The module weights are the fp32
+master weights. The state is keyed by parameter index and the checkpoint records no parameter
+names (`param_shapes` is None), so names are recovered from the layout DeepSpeed gives the
+optimizer when the script passes `model.parameters()`: one group of the non-expert parameters in
+module order, then the expert groups of split_params_into_different_moe_groups_for_optimizer
+(local experts in module order, cut by size). A checkpoint whose groups do not fit that layout
+is refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..training.checkpoint import RUN_FILE, TOKENIZER_FILE
+from .files import load_file, open_for_filling, save_skeleton
+from .layout import split_moe_group
+from .names import MODEL_STATES, expert_file, split_expert_param
+from .state import CheckpointMeta, CheckpointSource, MoELayer, NonExpertState, ParamGroup, ParamState
+
+OPTIM_FILE = re.compile(r"^expp_rank_(?P<rank>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def optim_file(ep_rank: int) -> str:
+    return f"expp_rank_{ep_rank}_mp_rank_00_optim_states.pt"
+
+
+def is_stage0(model: dict) -> bool:
+    zero = (model.get("ds_config") or {}).get("zero_optimization", {})
+    return int(zero.get("stage", 0)) == 0 and model.get("param_shapes") is None
+
+
+class Stage0Reader:
+    """Lazy, layout-independent view of a stage-0 MoE checkpoint (see state.CheckpointSource)."""
+
+    def __init__(self, path: Path, model: dict) -> None:
+        from .reader import DEEPSPEED_KEYS, RECOMPUTED_KEYS, _check_module_keys, _read_run_info
+
+        self.path = path
+        self._module = model["module"]
+        self.world_size = int(model["dp_world_size"])
+        self.ep_size = _ep_size(path, self.world_size)
+        self._optim = [_load_optimizer(path / optim_file(p)) for p in range(self.ep_size)]
+        self.moe_layers = _moe_layers(path, model.get("num_experts"), self.ep_size)
+        buffer_names = list(model["buffer_names"] or [])
+        aliases = _aliases(self._module, buffer_names)
+        dense_names = [k for k in self._module if k not in buffer_names and k not in aliases]
+        groups = self._optim[0]["param_groups"]
+        self._dense_index = _check_groups(path, groups, dense_names, self._local_expert_numels(), self._optim)
+        _check_module_keys(list(self._module), dense_names, buffer_names, aliases, path)
+        step = _step(path, self._optim)
+        dense_hypers = {k: v for k, v in groups[0].items() if k != "params"}
+        expert_hypers = {k: v for k, v in groups[1].items() if k != "params"} if len(groups) > 1 else None
+        run_file, tokenizer = path / RUN_FILE, path / TOKENIZER_FILE
+        self.meta = CheckpointMeta(
+            global_steps=model["global_steps"], global_samples=model.get("global_samples", 0),
+            skipped_steps=model.get("skipped_steps", 0), lr_scheduler=model.get("lr_scheduler"),
+            client_state={k: v for k, v in model.items() if k not in DEEPSPEED_KEYS},
+            ds_config=model["ds_config"], ds_version=model["ds_version"], zero_stage=0,
+            dp_world_size=self.world_size, ep_size=self.ep_size,
+            module_dtype=self._module[dense_names[0]].dtype if dense_names else torch.float32,
+            optimizer_step=step, dense_groups=[ParamGroup(dense_hypers, dense_names)],
+            expert_hypers=expert_hypers, optimizer_extras={},
+            module_keys=list(self._module), buffer_names=buffer_names, shared_params=aliases,
+            model_extras={k: model[k] for k in DEEPSPEED_KEYS - RECOMPUTED_KEYS if k in model},
+            run_info=_read_run_info(run_file), tokenizer=tokenizer if tokenizer.is_file() else None, source=path)
+        if self.meta.module_dtype != torch.float32:
+            raise UserError(f"{path}: {self.meta.module_dtype} weights without ZeRO are saved by DeepSpeed's "
+                            f"mixed-precision optimizer wrappers, which are not supported; use ZeRO stage 1 or 2")
+
+    @property
+    def num_experts(self) -> list[int]:
+        return [layer.num_experts for layer in self.moe_layers]
+
+    def _local_expert_numels(self) -> list[int]:
+        """Sizes of one ep rank's expert parameters in the optimizer's order: layer, local expert, parameter."""
+        return [torch.Size(shape).numel() for layer in self.moe_layers
+                for _ in range(layer.num_experts // self.ep_size) for shape in layer.param_shapes.values()]
+
+    def non_expert_state(self) -> NonExpertState:
+        state = self._optim[0]["state"]
+        params = {name: ParamState(self._module[name], *_moments(state, index))
+                  for name, index in self._dense_index.items()}
+        buffers = {name: self._module[name].clone() for name in self.meta.buffer_names}
+        return NonExpertState(params, buffers)
+
+    def expert_state(self, layer: int, expert: int) -> dict[str, ParamState]:
+        moe = self.moe_layers[layer]
+        if not 0 <= expert < moe.num_experts:
+            raise UserError(f"MoE layer {layer} has {moe.num_experts} experts, no expert {expert}")
+        ep_rank, local = divmod(expert, moe.num_experts // self.ep_size)
+        weights = load_file(self.path / expert_file(layer, expert), mmap=True)
+        first = len(self._dense_index) + self._local_offset(layer, local)
+        state = self._optim[ep_rank]["state"]
+        result = {}
+        for position, suffix in enumerate(moe.param_shapes):
+            name = moe.param_name(expert, suffix)
+            if name not in weights:
+                raise UserError(f"{self.path / expert_file(layer, expert)}: no {name}")
+            result[suffix] = ParamState(weights[name], *_moments(state, first + position))
+        return result
+
+    def _local_offset(self, layer: int, local: int) -> int:
+        offset = 0
+        for moe in self.moe_layers[:layer]:
+            offset += (moe.num_experts // self.ep_size) * len(moe.param_shapes)
+        return offset + local * len(self.moe_layers[layer].param_shapes)
+
+
+def _ep_size(path: Path, world: int) -> int:
+    ranks = sorted(int(m["rank"]) for p in path.iterdir() if (m := OPTIM_FILE.match(p.name)))
+    if not ranks:
+        raise UserError(f"{path}: no expp_rank_*_optim_states.pt files (a stage-0 MoE checkpoint has one per "
+                        f"expert-parallel rank)")
+    if ranks != list(range(len(ranks))) or world % len(ranks):
+        raise UserError(f"{path}: optimizer files for expert-parallel ranks {ranks} do not fit dp_world_size {world}")
+    return len(ranks)
+
+
+def _load_optimizer(path: Path) -> dict:
+    saved = load_file(path, mmap=True)
+    optimizer = saved.get("optimizer") if isinstance(saved, dict) else None
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
+        raise UserError(f"{path} is not a stage-0 optimizer file (no torch optimizer state_dict)")
+    return optimizer
+
+
+def _moe_layers(path: Path, num_experts: list[int] | None, ep_size: int) -> list[MoELayer]:
+    """MoE layers from the per-expert files of expert 0 (names and shapes of one expert's parameters)."""
+    if not isinstance(num_experts, list) or not num_experts:
+        raise UserError(f"{path} has no MoE layers (num_experts {num_experts})")
+    layers = []
+    for index, count in enumerate(num_experts):
+        if count % ep_size:
+            raise UserError(f"{path}: MoE layer {index} has {count} experts, not divisible by ep_size {ep_size}")
+        file = path / expert_file(index, 0)
+        saved = load_file(file, mmap=True)
+        split = [split_expert_param(name) for name in saved]
+        if not split or any(s is None or s[1] != 0 for s in split) or len({s[0] for s in split}) != 1:
+            raise UserError(f"{file}: does not hold the parameters of expert 0 of one MoE layer")
+        prefix = split[0][0]
+        layers.append(MoELayer(index, prefix, count, {s[2]: saved[n].shape for n, s in zip(saved, split)}))
+    return layers
+
+
+def _aliases(module: dict, buffer_names: list[str]) -> dict[str, str]:
+    """Tied parameters: a key whose tensor shares storage with an earlier key (named_parameters keeps the first)."""
+    first_of, aliases = {}, {}
+    for name, tensor in module.items():
+        if name in buffer_names:
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in first_of:
+            aliases[name] = first_of[key]
+        else:
+            first_of[key] = name
+    return aliases
+
+
+def _check_groups(path: Path, groups: list[dict], dense_names: list[str], expert_numels: list[int],
+                  optims: list[dict]) -> dict[str, int]:
+    """The optimizer's groups must be the layout DeepSpeed builds from model.parameters(); dense name -> index."""
+    explain = ("stage-0 checkpoints record no parameter names, so ds-upcycle supports the optimizer layout "
+               "DeepSpeed builds from model.parameters(): one non-expert group, then the expert groups")
+    sizes = [len(g["params"]) for g in groups]
+    moe = [bool(g.get("moe", False)) for g in groups]
+    if not groups or moe[0] or not all(moe[1:]) or sizes[0] != len(dense_names):
+        raise UserError(f"{path}: optimizer groups of sizes {sizes} (expert groups: {moe}) for {len(dense_names)} "
+                        f"non-expert parameters; {explain}")
+    if sizes[1:] != [len(chunk) for chunk in split_moe_group(expert_numels)]:
+        raise UserError(f"{path}: expert groups of sizes {sizes[1:]} for {len(expert_numels)} expert parameters "
+                        f"per expert-parallel rank; {explain}")
+    flat = [i for g in groups for i in g["params"]]
+    if flat != list(range(len(flat))):
+        raise UserError(f"{path}: optimizer parameter indices are not in group order; {explain}")
+    for rank, optim in enumerate(optims):
+        if [len(g["params"]) for g in optim["param_groups"]] != sizes:
+            raise UserError(f"{path}: {optim_file(rank)} has other optimizer groups than {optim_file(0)}")
+    return {name: index for index, name in enumerate(dense_names)}
+
+
+def _step(path: Path, optims: list[dict]) -> torch.Tensor | None:
+    steps = [entry.get("step") for optim in optims for entry in optim["state"].values()]
+    if not steps:
+        return None
+    values = {float(s) for s in steps if s is not None}
+    if len(values) != 1 or None in steps:
+        raise UserError(f"{path}: optimizer states disagree on the Adam step count ({sorted(values)})")
+    step = steps[0]
+    return step.clone() if torch.is_tensor(step) else torch.tensor(float(step))
+
+
+def _moments(state: dict, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    entry = state.get(index)
+    if entry is None:
+        return None, None
+    extra = set(entry) - {"step", *MOMENTS}
+    if extra:
+        raise UserError(f"optimizer state {sorted(extra)} is not supported; only Adam/AdamW (exp_avg, exp_avg_sq)")
+    return entry["exp_avg"], entry["exp_avg_sq"]
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+def prepare_stage0_files(state: CheckpointSource, non_expert: NonExpertState, ep_size: int, tag_dir: Path,
+                         model_file: dict, stack: ExitStack):
+    """Save every expp_rank optimizer file and the model file (with rank 0's optimizer state) for ep_size.
+
+    As for ZeRO files, the moments are saved as holes, mapped, and filled: the non-expert ones
+    here, an expert's by the returned function (called once per expert, in any order), so memory
+    holds the non-expert state and one expert.
+    """
+    meta = state.meta
+    with_moments = meta.optimizer_step is not None
+    dense = meta.dense_groups[0].names if meta.dense_groups else []
+    # Expert parameters of one ep rank in the optimizer's order: layer, local expert, parameter.
+    local = [(layer.index, expert, suffix) for layer in state.moe_layers
+             for expert in range(layer.num_experts // ep_size) for suffix in layer.param_shapes]
+    index_of = {key: len(dense) + i for i, key in enumerate(local)}
+    layers = {layer.index: layer for layer in state.moe_layers}
+    shapes = [non_expert.params[n].fp32.shape for n in dense] + \
+             [torch.Size(layers[layer].param_shapes[suffix]) for layer, _, suffix in local]
+    chunks = split_moe_group([shape.numel() for shape in shapes[len(dense):]])
+
+    def optimizer_skeleton() -> tuple[dict, list[torch.Tensor]]:
+        adam, holes = {}, []
+        if with_moments:
+            for index, shape in enumerate(shapes):
+                moments = {key: torch.empty(shape, dtype=torch.float32) for key in MOMENTS}
+                adam[index] = {"step": meta.optimizer_step.clone(), **moments}
+                holes += moments.values()
+        groups = [{**meta.dense_groups[0].hypers, "params": list(range(len(dense)))}]
+        for chunk in chunks:
+            hypers = {**meta.expert_hypers, "name": f"ep_size_{ep_size}", "moe": True}
+            groups.append({**hypers, "params": [len(dense) + i for i in chunk]})
+        return {"state": adam, "param_groups": groups}, holes
+
+    paths = [tag_dir / optim_file(p) for p in range(ep_size)]
+    for path in paths:
+        optimizer, holes = optimizer_skeleton()
+        save_skeleton({"optimizer": optimizer}, path, holes)
+    optimizer, holes = optimizer_skeleton()
+    save_skeleton({**model_file, "optimizer": optimizer}, tag_dir / MODEL_STATES, holes)
+    if not with_moments:
+        return lambda layer, expert, params: None
+    ranks = [stack.enter_context(open_for_filling(path))["optimizer"]["state"] for path in paths]
+    rank0_copy = stack.enter_context(open_for_filling(tag_dir / MODEL_STATES))["optimizer"]["state"]
+    for index, name in enumerate(dense):
+        for target in (*ranks, rank0_copy):
+            _fill(target[index], non_expert.params[name])
+
+    def fill_expert(layer: MoELayer, expert: int, params: dict[str, ParamState]) -> None:
+        ep_rank, local_id = divmod(expert, layer.num_experts // ep_size)
+        targets = [ranks[ep_rank]] + ([rank0_copy] if ep_rank == 0 else [])
+        for suffix, param in params.items():
+            for target in targets:
+                _fill(target[index_of[(layer.index, local_id, suffix)]], param)
+
+    return fill_expert
+
+
+def _fill(entry: dict, param: ParamState) -> None:
+    for key in MOMENTS:
+        entry[key].copy_(getattr(param, key))
