@@ -30,6 +30,8 @@ class ModelConfig:
         dense_ffn_dim: SwiGLU width of the dense (non-MoE) feed-forward layers.
         expert_ffn_dim: SwiGLU width of each expert.
         num_experts: experts per MoE layer (E).
+        layer_experts: experts of each MoE layer, in order, where they differ (a checkpoint
+            expanded in some layers only); None: num_experts in every MoE layer.
         top_k: experts chosen per token.
         moe_layer_freq: 1 = every block is MoE (full MoE); 2 = dense and MoE blocks alternate,
             starting with a dense block (interleaved, Llama-4 style); n = every n-th block is MoE.
@@ -53,6 +55,7 @@ class ModelConfig:
     dense_ffn_dim: int = 768
     expert_ffn_dim: int = 384
     num_experts: int = 8
+    layer_experts: tuple[int, ...] | None = None
     top_k: int = 2
     moe_layer_freq: int = 2
     score_func: str = "sigmoid"
@@ -77,8 +80,17 @@ class ModelConfig:
             raise UserError(f"model config: n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2:
             raise UserError("model config: head dimension must be even for RoPE")
-        if self.top_k > self.num_experts:
-            raise UserError(f"model config: top_k {self.top_k} exceeds num_experts {self.num_experts}")
+        if self.layer_experts is not None:
+            # JSON gives a list; a tuple keeps the frozen config hashable.
+            object.__setattr__(self, "layer_experts", tuple(self.layer_experts))
+            if len(self.layer_experts) != len(self.moe_layer_ids):
+                raise UserError(f"model config: layer_experts has {len(self.layer_experts)} entries for "
+                                f"{len(self.moe_layer_ids)} MoE layers")
+            if any(not isinstance(n, int) or n < 1 for n in self.layer_experts):
+                raise UserError(f"model config: layer_experts must be positive integers, got {self.layer_experts}")
+        if self.top_k > min(self.experts_per_layer, default=self.num_experts):
+            raise UserError(f"model config: top_k {self.top_k} exceeds num_experts "
+                            f"{min(self.experts_per_layer, default=self.num_experts)} of a MoE layer")
         if self.score_func not in SCORE_FUNCTIONS:
             raise UserError(f"model config: score_func must be one of {SCORE_FUNCTIONS}, got {self.score_func!r}")
         if self.route_bias_update < 0 or self.aux_loss_coef < 0:
@@ -102,6 +114,16 @@ class ModelConfig:
     @property
     def moe_layer_ids(self) -> list[int]:
         return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
+    @property
+    def experts_per_layer(self) -> list[int]:
+        """Experts of each MoE layer, in module order."""
+        if self.layer_experts is not None:
+            return list(self.layer_experts)
+        return [self.num_experts] * len(self.moe_layer_ids)
+
+    def experts_in_block(self, layer_id: int) -> int:
+        return self.experts_per_layer[self.moe_layer_ids.index(layer_id)]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -199,10 +221,10 @@ def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
     norms = 2 * D
     dense = 3 * D * cfg.dense_ffn_dim
     expert = 3 * D * cfg.expert_ffn_dim
-    router = D * cfg.num_experts
-    n_moe = len(cfg.moe_layer_ids)
+    experts = cfg.experts_per_layer
+    n_moe = len(experts)
     n_dense = cfg.n_layers - n_moe
     shared = V * D * (1 if cfg.tie_embeddings else 2) + D + cfg.n_layers * (attention + norms) + n_dense * dense
-    total = shared + n_moe * (router + cfg.num_experts * expert)
-    active = shared + n_moe * (router + cfg.top_k * expert)
+    total = shared + sum(D * n + n * expert for n in experts)   # router rows and experts
+    active = shared + sum(D * n + cfg.top_k * expert for n in experts)
     return total, active

@@ -122,9 +122,10 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
         if self.is_moe:
-            router = LossFreeRouter(cfg.dim, cfg.num_experts, cfg.top_k, cfg.score_func,
+            num_experts = cfg.experts_in_block(layer_id)
+            router = LossFreeRouter(cfg.dim, num_experts, cfg.top_k, cfg.score_func,
                                     cfg.normalize_routes, cfg.aux_loss_coef)
-            self.ffn = MoEFeedForward(cfg.dim, cfg.expert_ffn_dim, cfg.num_experts, cfg.top_k, router,
+            self.ffn = MoEFeedForward(cfg.dim, cfg.expert_ffn_dim, num_experts, cfg.top_k, router,
                                       ep_size=ep_size, ep_rank=ep_rank)
         else:
             self.ffn = SwiGLU(cfg.dim, cfg.dense_ffn_dim)

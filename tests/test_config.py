@@ -42,7 +42,8 @@ def test_route_norm_default_depends_on_top_k():
     assert parse_overrides(["route_norm=false"]) == {"route_norm": False}
 
 
-@pytest.mark.parametrize("changes", [{}, {"tie_embeddings": True}, {"moe_layer_freq": 1, "top_k": 3}])
+@pytest.mark.parametrize("changes", [{}, {"tie_embeddings": True}, {"moe_layer_freq": 1, "top_k": 3},
+                                     {"layer_experts": (4, 7)}])
 def test_parameter_count_matches_model(changes):
     from ds_upcycle.config import count_parameters
     from ds_upcycle.model import Transformer
@@ -52,4 +53,20 @@ def test_parameter_count_matches_model(changes):
     total, active = count_parameters(cfg)
     assert total == sum(p.numel() for p in model.parameters())
     expert = sum(p.numel() for p in model.moe_layers[0].local_experts[0].parameters())
-    assert total - active == len(cfg.moe_layer_ids) * (cfg.num_experts - cfg.top_k) * expert
+    assert total - active == sum(n - cfg.top_k for n in cfg.experts_per_layer) * expert
+
+
+def test_layer_experts_build_layers_of_different_sizes():
+    from ds_upcycle.model import Transformer
+
+    base = resolve_model_config("tiny-il", ["vocab_size=300", "n_layers=4"])   # MoE blocks 1 and 3
+    cfg = ModelConfig.from_dict({**base.to_dict(), "layer_experts": [4, 6]})    # as JSON gives it
+    assert cfg.layer_experts == (4, 6) and cfg.experts_per_layer == [4, 6]
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    model = Transformer(cfg)
+    assert [router.num_experts for router in model.routers] == [4, 6]
+    assert [router.route_bias.numel() for router in model.routers] == [4, 6]
+    with pytest.raises(UserError, match="layer_experts has 3 entries for 2 MoE layers"):
+        base.replace(layer_experts=(4, 4, 4))
+    with pytest.raises(UserError, match="exceeds num_experts 1 of a MoE layer"):
+        base.replace(layer_experts=(4, 1))

@@ -160,13 +160,15 @@ def _target(state: CheckpointSource, non_expert: NonExpertState, world_size: int
 
 
 def _run_info(info: dict | None, layers: list[MoELayer]) -> dict | None:
+    """ds_upcycle.json with the state's expert counts (layer_experts where the layers differ)."""
     if info is None or "model" not in info or not layers:
         return info
-    counts = {layer.num_experts for layer in layers}
-    if len(counts) > 1:
-        raise UserError(f"ds_upcycle.json holds one num_experts for all MoE layers, the state has {sorted(counts)}")
     info = copy.deepcopy(info)
-    info["model"]["num_experts"] = counts.pop()
+    counts = [layer.num_experts for layer in layers]
+    if len(set(counts)) == 1:
+        info["model"]["num_experts"], info["model"]["layer_experts"] = counts[0], None
+    else:
+        info["model"]["layer_experts"] = counts
     return info
 
 

@@ -39,15 +39,14 @@ def _load(file: Path) -> dict:
 def read_state_dict(ref: CheckpointRef, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Every tensor of the model, experts keyed by global id, as stored (dtype unchanged)."""
     state = dict(_load(ref.path / MODEL_STATES)["module"])
-    missing = [expert_file(layer, expert) for layer in range(len(cfg.moe_layer_ids))
-               for expert in range(cfg.num_experts) if not (ref.path / expert_file(layer, expert)).is_file()]
+    files = [expert_file(layer, expert) for layer, count in enumerate(cfg.experts_per_layer) for expert in range(count)]
+    missing = [file for file in files if not (ref.path / file).is_file()]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise UserError(f"{ref.path} lacks expert file {missing[0]}{more} "
-                        f"(its ds_upcycle.json says {cfg.num_experts} experts per MoE layer)")
-    for layer in range(len(cfg.moe_layer_ids)):
-        for expert in range(cfg.num_experts):
-            state.update(_load(ref.path / expert_file(layer, expert)))
+                        f"(its ds_upcycle.json says {cfg.experts_per_layer} experts in its MoE layers)")
+    for file in files:
+        state.update(_load(ref.path / file))
     return state
 
 
@@ -85,7 +84,7 @@ def load_checkpoint(path, device: str | torch.device = "cpu", dtype: torch.dtype
         kind = "lacks" if result.missing_keys else "has unknown"
         raise UserError(f"{ref.path} {kind} weights {', '.join(names)}: it does not match its own model config")
     for router in model.routers:  # not saved: balancing counters only matter in training
-        router.route_load = torch.zeros(cfg.num_experts)
+        router.route_load = torch.zeros(router.num_experts)
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     # The router keeps its bias in fp32 whatever the dtype (LossFreeRouter._apply).
