@@ -61,6 +61,13 @@ def test_placement_balances_expert_parallel_ranks():
     assert sorted(skewed.sources) == sorted(naive.sources)
 
 
+def test_same_expert_count_keeps_experts_in_place():
+    # a reshard (or a layer left out of an expansion) must not permute experts over ranks
+    for ep_size in (1, 2, 4):
+        plan = plan_layer(4, 4, [3.0, 1.0, 2.0, 0.5], ep_size=ep_size)
+        assert plan.sources == (0, 1, 2, 3) and not plan.replicas.any()
+
+
 def test_rank_loads_with_given_source_loads():
     skewed = LayerPlan(2, (0, 1, 0, 0))
     assert skewed.counts == [3, 1] and skewed.rank_loads(2) == pytest.approx([0.5 / 3 + 0.5, 1 / 3])

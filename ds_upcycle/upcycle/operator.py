@@ -130,7 +130,9 @@ class LayerPlan:
 def plan_layer(num_experts: int, target: int, scores: Sequence[float] | None = None,
                max_copies: int | None = None, ep_size: int = 1) -> LayerPlan:
     counts = allocate_copies(num_experts, target, scores, max_copies)
-    return LayerPlan(num_experts, tuple(place_copies(counts, ep_size)), tuple(scores) if scores is not None else None)
+    # Nothing to balance without copies: keep every expert at its id (a reshard leaves experts in place).
+    sources = range(num_experts) if target == num_experts else place_copies(counts, ep_size)
+    return LayerPlan(num_experts, tuple(sources), tuple(scores) if scores is not None else None)
 
 
 OPTIMIZER_STATE_MODES = ("copy", "reset", "scale")
