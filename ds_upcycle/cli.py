@@ -110,6 +110,25 @@ def prepare_data_cmd(data, text_field, vocab_size, tokenizer, val_fraction, cpt_
         click.echo(f"  {split:<9}{counts['documents']:>9,} documents {counts['tokens']:>13,} tokens")
 
 
+@main.command()
+@click.option("--config", "config", required=True,
+              help="named config (tiny, pd-english, gpu) or a .yaml/.json file of config fields")
+@click.option("--out", required=True, type=click.Path(), help="experiment directory (re-run to resume)")
+@click.option("--data", default=None, help="training text: replaces the config's data source")
+@click.option("--data-cache", default=None, help="prepared-data cache (default $DS_UPCYCLE_CACHE or ~/.cache/ds_upcycle)")
+@user_errors
+def reproduce(config, out, data, data_cache) -> None:
+    """Run the paper's central experiment: Fixed-E, Upcycled and Fixed-mE at the same token budget.
+
+    Trains every arm with train.py, expands with `ds-upcycle expand`'s library, evaluates, and
+    writes compare's table, the compute ledger, a summary and plots to OUT/results. Interrupted,
+    the same command resumes and skips finished arms.
+    """
+    from .reproduce import load_config, run_reproduce
+
+    run_reproduce(load_config(config, data=data), out, data_cache=data_cache, say=click.echo)
+
+
 def _register_evaluation() -> None:
     from .evaluation.cli import compare_command, eval_command
 

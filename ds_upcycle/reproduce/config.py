@@ -1,0 +1,247 @@
+"""Settings of one reproduction of the paper's central experiment, named or read from a file.
+
+A config fixes everything the arms share (model, data, batch, total steps T) so that Fixed-E,
+Upcycled and Fixed-mE differ only in what the experiment varies: the expert count over time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import PRESETS
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    """One experiment: E -> m*E experts at the same total token budget.
+
+    Attributes:
+        name: label used in tables and plots.
+        model: model preset (see `ds-upcycle presets`); `model_overrides` are train.py `--set`
+            items applied to every arm (the expert count is set per arm from `num_experts`).
+        num_experts, multiplier: E and m; the big model has m * E experts at the same top-K.
+        total_steps: T, optimizer steps of every arm (same global batch, so the same tokens).
+        cpt_fraction: share of T spent in continued pre-training by the main upcycled arm.
+        selection_cpt_fraction: a shorter CPT budget at which uniform and grad_sq selection are
+            compared (None: skip that comparison).
+        select: selection rule of the main upcycled arm.
+        router_noise: sigma of the replicas' routing-bias noise at expansion.
+        data, text_field, seq_len, vocab_size, val_fraction, cpt_split_fraction: training data
+            (train.py --data ... --cpt-fraction); splits are assigned per document by a hash.
+        deepspeed_config: a DeepSpeed JSON file (a path, or a name in the repository's ds_configs/).
+        num_procs, ep_size: processes per training stage and expert-parallel size.
+        micro_batch_size, grad_accum_steps: per process; the global batch is their product times
+            num_procs.
+        warmup_fraction, decay_fraction: warmup-stable-decay shape of every stage (each stage ends
+            with its own anneal, as in the paper).
+        eval_interval, eval_samples: validation during training (the curves of the loss plot);
+            the warm-start jump is measured on the same first eval_samples sequences.
+        final_val_samples: validation sequences of the final evaluation of every arm.
+        tasks, task_limit: lm-eval tasks for the final evaluation (() for validation loss only)
+            and documents per task.
+        eval_device, eval_dtype, eval_batch_size: where the final evaluation runs.
+        threads: torch threads per training process (OMP_NUM_THREADS).
+        seed: model init, data order and router noise.
+    """
+
+    name: str
+    model: str = "tiny"
+    model_overrides: tuple[str, ...] = ()
+    num_experts: int = 4
+    multiplier: int = 2
+    total_steps: int = 400
+    cpt_fraction: float = 0.5
+    selection_cpt_fraction: float | None = 0.25
+    select: str = "grad_sq"
+    router_noise: float = 0.01
+    data: str | None = "synthetic"
+    text_field: str = "text"
+    seq_len: int = 128
+    vocab_size: int = 2048
+    val_fraction: float = 0.05
+    cpt_split_fraction: float = 0.35
+    deepspeed_config: str = "zero2_fp32.json"
+    num_procs: int = 1
+    ep_size: int = 1
+    micro_batch_size: int = 16
+    grad_accum_steps: int = 1
+    warmup_fraction: float = 0.05
+    decay_fraction: float = 0.1
+    eval_interval: int = 50
+    eval_samples: int = 128
+    final_val_samples: int = 256
+    tasks: tuple[str, ...] = ("synthetic",)
+    task_limit: int | None = 64
+    eval_device: str = "cpu"
+    eval_dtype: str = "float32"
+    eval_batch_size: int = 8
+    threads: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from ..upcycle.scores import SELECTION_RULES
+
+        if self.model not in PRESETS:
+            close = difflib.get_close_matches(self.model, PRESETS, n=1)
+            raise UserError(f"unknown model preset {self.model!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if self.num_experts < 1 or self.multiplier < 2:
+            raise UserError(f"need num_experts >= 1 and multiplier >= 2, got {self.num_experts} and {self.multiplier}")
+        if self.total_steps < 8:
+            raise UserError(f"total_steps must be >= 8, got {self.total_steps}")
+        for name in ("cpt_fraction", "selection_cpt_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise UserError(f"{name} must lie strictly between 0 and 1, got {value}")
+        for fraction in self.cpt_fractions:
+            if not 0 < self.transition_step(fraction) < self.total_steps:
+                raise UserError(f"cpt_fraction {fraction} leaves no steps on one side of the transition "
+                                f"at total_steps {self.total_steps}")
+        if self.select not in SELECTION_RULES:
+            raise UserError(f"select must be one of {', '.join(SELECTION_RULES)}, got {self.select!r}")
+        if self.router_noise < 0:
+            raise UserError(f"router_noise must be >= 0, got {self.router_noise}")
+        if self.data is not None and not self.data.strip():
+            raise UserError("data must name a data source")
+        if self.num_procs < 1 or self.ep_size < 1 or self.num_procs % self.ep_size:
+            raise UserError(f"num_procs {self.num_procs} must be a positive multiple of ep_size {self.ep_size}")
+        if self.num_experts % self.ep_size:
+            raise UserError(f"num_experts {self.num_experts} is not divisible by ep_size {self.ep_size}")
+        for name in ("micro_batch_size", "grad_accum_steps", "seq_len", "eval_samples", "final_val_samples",
+                     "eval_batch_size", "threads"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_interval < 0:
+            raise UserError(f"eval_interval must be >= 0, got {self.eval_interval}")
+        if not 0 <= self.warmup_fraction < 1 or not 0 < self.decay_fraction < 1:
+            raise UserError("warmup_fraction must lie in [0, 1) and decay_fraction in (0, 1)")
+        if self.task_limit is not None and self.task_limit < 1:
+            raise UserError(f"task_limit must be >= 1, got {self.task_limit}")
+        if "synthetic" in self.tasks and self.data is not None and not self.data.startswith("synthetic"):
+            raise UserError("the synthetic tasks ask about the built-in corpus; use tasks: [] (validation loss "
+                            "only) or lm-eval tasks for other data")
+        if self.eval_dtype not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"eval_dtype must be float32, bfloat16 or float16, got {self.eval_dtype!r}")
+
+    @property
+    def big_experts(self) -> int:
+        return self.num_experts * self.multiplier
+
+    @property
+    def cpt_fractions(self) -> tuple[float, ...]:
+        extra = () if self.selection_cpt_fraction is None else (self.selection_cpt_fraction,)
+        return tuple(dict.fromkeys((self.cpt_fraction, *extra)))
+
+    def transition_step(self, cpt_fraction: float) -> int:
+        """T0 for a CPT share of the total budget."""
+        return round(self.total_steps * (1 - cpt_fraction))
+
+    def stage_warmup(self, steps: int) -> int:
+        return max(1, round(self.warmup_fraction * steps))
+
+    def decay_steps(self, steps: int) -> int:
+        """Steps of the final anneal of a stage of `steps` steps (as training/schedule.py counts them)."""
+        return max(1, round(self.decay_fraction * steps))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+NAMED_CONFIGS: dict[str, ReproduceConfig] = {
+    # The README's main job: the built-in synthetic corpus, 4 -> 8 experts, one CPU process.
+    "tiny": ReproduceConfig(name="tiny", eval_interval=25),
+    # Real text (pass its directory with --data): a small interleaved model, 8 -> 16 experts,
+    # top-2. Each .txt file is one document, so the hash split holds out whole works.
+    "pd-english": ReproduceConfig(
+        name="pd-english", model="small", model_overrides=("dim=192", "dense_ffn_dim=512", "expert_ffn_dim=256",
+                                                           "n_layers=4"),
+        num_experts=8, multiplier=2, total_steps=600, data=None, seq_len=128, vocab_size=4096,
+        val_fraction=0.1, cpt_split_fraction=0.35, micro_batch_size=16, eval_interval=50, eval_samples=64,
+        final_val_samples=256, tasks=(), task_limit=None),
+    # One GPU, bf16: the paper's interleaved layout at 8 layers, 16 -> 32 experts.
+    "gpu": ReproduceConfig(
+        name="gpu", model="paper-il8", num_experts=16, multiplier=2, total_steps=4000, seq_len=512,
+        vocab_size=8192, deepspeed_config="zero2_bf16.json", micro_batch_size=32, eval_interval=200,
+        eval_samples=256, final_val_samples=512, task_limit=None, eval_device="cuda", eval_dtype="bfloat16",
+        eval_batch_size=32, threads=4),
+}
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ReproduceConfig)}
+
+
+def _read_file(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UserError(f"cannot read config {path}: {err.strerror}") from None
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except ValueError as err:  # json.JSONDecodeError and yaml.YAMLError both subclass it or Exception
+        raise UserError(f"config {path} is not valid {path.suffix.lstrip('.').upper()}: {err}") from None
+    except Exception as err:  # yaml.YAMLError
+        raise UserError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config {path} must hold a mapping of field: value")
+    return data
+
+
+def _typed(name: str, value):
+    """Lists from a file become the tuples the dataclass declares; everything else is checked later."""
+    kind = str(_FIELDS[name].type)
+    if "tuple" in kind:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise UserError(f"config field {name} must be a list")
+        return tuple(str(v) for v in value)
+    expected = {"int": int, "float": (int, float), "str": str}
+    base = kind.split("|")[0].strip()
+    if value is None and "None" in kind:
+        return None
+    if base in expected and (not isinstance(value, expected[base]) or isinstance(value, bool)):
+        raise UserError(f"config field {name} must be {base}, got {value!r}")
+    return float(value) if base == "float" else value
+
+
+def config_from_dict(data: dict, origin: str) -> ReproduceConfig:
+    """A config from a mapping; `base: NAME` starts from a named config and changes some fields."""
+    data = dict(data)
+    base = data.pop("base", None)
+    if base is not None and base not in NAMED_CONFIGS:
+        raise UserError(f"{origin}: unknown base config {base!r}; choose from {', '.join(NAMED_CONFIGS)}")
+    values = dataclasses.asdict(NAMED_CONFIGS[base]) if base else {}
+    for key, value in data.items():
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(str(key), _FIELDS, n=1)
+            raise UserError(f"{origin}: unknown field {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        values[key] = _typed(key, value)
+    values.setdefault("name", Path(origin).stem)
+    try:
+        return ReproduceConfig(**values)
+    except TypeError as err:
+        raise UserError(f"{origin}: {err}") from None
+
+
+def load_config(name_or_file: str, **changes) -> ReproduceConfig:
+    """A named config (tiny, pd-english, gpu) or a .yaml/.yml/.json file; `changes` replace fields."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if name_or_file in NAMED_CONFIGS:
+        cfg = NAMED_CONFIGS[name_or_file]
+        data = dataclasses.asdict(cfg)
+        data.update(changes)
+        return ReproduceConfig(**data)
+    path = Path(name_or_file)
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        close = difflib.get_close_matches(name_or_file, NAMED_CONFIGS, n=1)
+        raise UserError(f"unknown config {name_or_file!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                        + f"; choose from {', '.join(NAMED_CONFIGS)} or give a .yaml/.json file")
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    return config_from_dict({**_read_file(path), **changes}, str(path))

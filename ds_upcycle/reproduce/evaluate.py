@@ -1,0 +1,47 @@
+"""Final evaluation of an arm: a results file that `ds-upcycle compare` reads.
+
+With tasks, `ds-upcycle eval` itself runs (lm-eval plus the validation loss). Without tasks only the
+validation loss is measured, the same way (first N sequences of the checkpoint's own val split),
+and written in the same `ds_upcycle` summary shape, so both kinds of results compare alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import ReproduceConfig
+
+
+def _loss_only(checkpoint: Path, cfg: ReproduceConfig, data_cache: str | None) -> dict:
+    from ..training.checkpoint import find_checkpoint
+    from ..upcycle.warmstart import checkpoint_loss, validation_data
+
+    ref = find_checkpoint(checkpoint)
+    data = validation_data(ref.path, data_cache, "val")
+    count = min(cfg.final_val_samples, data.num_samples)
+    info, model = ref.run_info, ref.run_info.get("model", {})
+    return {"ds_upcycle": {
+        "checkpoint": str(ref.path), "tag": ref.tag, "global_step": info.get("global_step"),
+        "tokens_seen": info.get("tokens_seen"), "num_experts": model.get("num_experts"),
+        "top_k": model.get("top_k"), "tasks": {}, "average": None,
+        "val_loss": checkpoint_loss(ref.path, data, count),
+        "val_loss_measured_on": {"split": "val", "sequences": count}}}
+
+
+def evaluate_arm(checkpoint: Path, output: Path, cfg: ReproduceConfig, data_cache: str | None) -> Path:
+    """Evaluate the checkpoint in save dir `checkpoint`; results go to `output` (written atomically)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.tasks:
+        from ..evaluation.run import EvalConfig, run_eval
+
+        run_eval(EvalConfig(checkpoint=str(checkpoint), tasks=cfg.tasks, limit=cfg.task_limit,
+                            batch_size=cfg.eval_batch_size, device=cfg.eval_device, dtype=cfg.eval_dtype,
+                            offline=True, output=str(output), seed=cfg.seed, val_samples=cfg.final_val_samples,
+                            data_cache=data_cache))
+        return output
+    results = _loss_only(checkpoint, cfg, data_cache)
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(output)
+    return output

@@ -1,0 +1,104 @@
+"""`ds-upcycle reproduce`: the paper's central experiment, end to end and resumable.
+
+Runs the plan's stages in order (skipping complete ones), evaluates the final checkpoint of every
+arm, then writes the tables and figures under OUT/results. Interrupted at any point, the same
+command continues: a complete stage has its marker, an incomplete training stage resumes from its
+own last checkpoint, an incomplete expansion is redone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UserError
+from . import stages
+from .config import ReproduceConfig
+from .evaluate import evaluate_arm
+from .plan import FIXED_E, ExpandStage, Plan, make_plan
+from .plots import plot_loss, plot_routing
+from .report import manifest, results_path, write_report
+
+CONFIG_FILE = "config.json"
+
+
+def _check_out_dir(cfg: ReproduceConfig, out: Path) -> None:
+    """Refuse to mix two experiments in one directory; record the config otherwise."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CONFIG_FILE
+    current = json.loads(json.dumps(asdict(cfg)))
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if changed:
+            raise UserError(f"{out} holds an experiment with a different config ({', '.join(changed)} differ); "
+                            f"use another --out or the same config")
+        return
+    path.write_text(json.dumps(current, indent=2) + "\n")
+
+
+def run_stages(cfg: ReproduceConfig, plan: Plan, out: Path, data_cache: str | None,
+               say: Callable[[str], None]) -> None:
+    for stage in plan.stages:
+        arm_dir = out / stage.name
+        if stages.is_complete(arm_dir):
+            say(f"[{stage.name}] complete, skipped")
+            continue
+        if isinstance(stage, ExpandStage):
+            say(f"[{stage.name}] expanding {stage.source} to {cfg.big_experts} experts ({stage.select})")
+            record = stages.run_expand_stage(cfg, stage, out, data_cache)
+            ws = record["warm_start"]
+            say(f"[{stage.name}] warm start: validation loss {ws['source_loss']:.4f} -> {ws['expanded_loss']:.4f} "
+                f"({ws['jump']:+.4f})")
+        else:
+            origin = (f"from {stage.load}" if stage.load else
+                      f"continuing {stage.branch[0]} at step {stage.branch[1]}" if stage.branch else "from scratch")
+            say(f"[{stage.name}] training {stage.steps} steps on {stage.split} {origin} (log: {arm_dir / 'train.log'})")
+            record = stages.run_train_stage(cfg, stage, out, data_cache)
+            say(f"[{stage.name}] done in {record['seconds']:.0f} s")
+            if stage.name == FIXED_E and plan.branch_steps:
+                # Branches are taken right away: only then may the other checkpoints go.
+                for branched in plan.stages:
+                    if getattr(branched, "branch", None) and not (out / branched.name / "latest").is_file():
+                        stages.branch_checkpoint(out / FIXED_E, branched.branch[1], out / branched.name)
+            stages.prune_checkpoints(arm_dir)
+        stages.mark_complete(arm_dir, record)
+
+
+def run_evaluations(cfg: ReproduceConfig, plan: Plan, out: Path, data_cache: str | None,
+                    say: Callable[[str], None]) -> None:
+    for arm in plan.evaluated:
+        output = results_path(out, arm)
+        if output.is_file():
+            say(f"[{arm}] evaluated, skipped")
+            continue
+        say(f"[{arm}] evaluating ({', '.join(cfg.tasks) or 'validation loss only'})")
+        started = time.perf_counter()
+        evaluate_arm(out / arm, output, cfg, data_cache)
+        loss = json.loads(output.read_text())["ds_upcycle"].get("val_loss")
+        say(f"[{arm}] validation loss {loss:.4f} ({time.perf_counter() - started:.0f} s)")
+
+
+def run_reproduce(cfg: ReproduceConfig, out: str | Path, data_cache: str | None = None,
+                  say: Callable[[str], None] = print) -> dict:
+    """Run (or finish) the experiment of `cfg` in `out`; returns the summary of every arm."""
+    if cfg.data is None:
+        raise UserError(f"config {cfg.name} needs --data: the directory or file of text to train on")
+    out = Path(out)
+    stages.repo_root()
+    stages.deepspeed_config_path(cfg)
+    _check_out_dir(cfg, out)
+    plan = make_plan(cfg)
+    started = time.perf_counter()
+    run_stages(cfg, plan, out, data_cache, say)
+    run_evaluations(cfg, plan, out, data_cache, say)
+    summary = write_report(cfg, plan, out)
+    manifests = {arm.expanded: manifest(out, arm.expanded) for arm in plan.upcycled}
+    figures = out / "results"
+    plot_loss(out, plan, manifests, figures / "loss.png", cfg.num_experts, cfg.big_experts)
+    plot_routing(out, plan.main, manifests[plan.main.expanded], figures / "routing.png")
+    say(f"results in {figures} ({time.perf_counter() - started:.0f} s this invocation)")
+    return summary

@@ -1,0 +1,125 @@
+"""The experiment's two figures, drawn from metrics.jsonl files and expansion manifests.
+
+loss.png     validation loss of Fixed-E, Upcycled and Fixed-mE against tokens, the transition marked
+routing.png  share of routed tokens of every replica over CPT, coloured by the expert it copies
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..training.metrics import read_metrics
+from .plan import FIXED_E, FIXED_ME, Plan, UpcycledArm
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _val_curve(records: list[dict]) -> tuple[list[int], list[float]]:
+    points = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    return [t for t, _ in points], [v for _, v in points]
+
+
+def _upcycled_curve(out: Path, arm: UpcycledArm, manifest: dict) -> tuple[list[int], list[float], int]:
+    """Source run, the loss right after expansion, then CPT; and the tokens at the transition."""
+    source = read_metrics(out / arm.source / "metrics.jsonl")
+    cpt = read_metrics(out / arm.cpt / "metrics.jsonl")
+    tokens, losses = _val_curve(source)
+    transition = source[-1]["tokens"]
+    if manifest.get("warm_start"):
+        tokens.append(transition)
+        losses.append(manifest["warm_start"]["expanded_loss"])
+    more_tokens, more_losses = _val_curve(cpt)
+    return tokens + more_tokens, losses + more_losses, transition
+
+
+def plot_loss(out: Path, plan: Plan, manifests: dict[str, dict], path: Path, e: int, me: int) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    curves = []
+    for name, label, color in ((FIXED_E, f"Fixed-E ({e} experts)", "tab:blue"),
+                               (FIXED_ME, f"Fixed-mE ({me} experts)", "tab:green")):
+        curves.append(_val_curve(read_metrics(out / name / "metrics.jsonl")))
+        ax.plot(*curves[-1], color=color, label=label, marker=".")
+    others = iter(["tab:purple", "tab:brown", "tab:pink", "tab:olive"])
+    for arm in plan.upcycled:
+        main = arm == plan.main
+        color = "tab:red" if main else next(others, "tab:gray")
+        tokens, losses, transition = _upcycled_curve(out, arm, manifests[arm.expanded])
+        curves.append((tokens, losses))
+        ax.plot(tokens, losses, color=color, marker=".", label=f"{arm.label} ({e} -> {me})",
+                linewidth=2 if main else 1, alpha=1 if main else 0.6)
+        ax.axvline(transition, color=color, linestyle=":", alpha=0.8 if main else 0.4)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("validation loss")
+    ax.set_title("Validation loss at the same token budget (dotted: transition to CPT)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_ylim(*_zoom([(x, y) for line in curves for x, y in zip(*line)]))
+    return _save(fig, path, plt)
+
+
+def _zoom(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Loss range past the first 15% of tokens: the early evaluations would hide the differences."""
+    last = max(x for x, _ in points)
+    late = [y for x, y in points if x >= 0.15 * last] or [y for _, y in points]
+    low, high = min(late), max(late)
+    margin = 0.1 * (high - low) or 0.05
+    return low - margin, high + margin
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_routing(out: Path, arm: UpcycledArm, manifest: dict, path: Path, max_layers: int = 4) -> Path:
+    """One panel per MoE layer (at most max_layers, evenly spread): every expert's share over CPT."""
+    plt = _pyplot()
+    records = read_metrics(out / arm.cpt / "metrics.jsonl")
+    layers = manifest["layers"]
+    picked = sorted({round(i * (len(layers) - 1) / max(1, max_layers - 1)) for i in range(min(max_layers, len(layers)))})
+    window = max(1, len(records) // 20)
+    steps = [r["step"] for r in records]
+    cmap = plt.get_cmap("tab10" if layers[0]["num_source"] <= 10 else "tab20")
+    fig, axes = plt.subplots(1, len(picked), figsize=(4.2 * len(picked), 3.8), squeeze=False, sharey=True)
+    for ax, position in zip(axes[0], picked):
+        layer = layers[position]
+        sources = layer["sources"]
+        shares = [r["load"][position]["shares"] for r in records]
+        for source in range(layer["num_source"]):
+            copies = [j for j, s in enumerate(sources) if s == source]
+            for n, expert in enumerate(copies):
+                ax.plot(steps, _smooth([s[expert] for s in shares], window), color=cmap(source % cmap.N),
+                        linestyle="-" if n == 0 else "--", linewidth=1.2,
+                        label=f"expert {source} ({len(copies)} cop{'y' if len(copies) == 1 else 'ies'})" if n == 0
+                        else None)
+        ax.axhline(1 / layer["num_target"], color="black", linewidth=0.8, alpha=0.5)
+        ax.set_title(f"MoE layer {layer['index']}")
+        ax.set_xlabel("step (CPT)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"share of routed tokens (mean of {window} steps)")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"{arm.label}: each copy of a source expert (same colour; black line = even share)", fontsize=10)
+    return _save(fig, path, plt)
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

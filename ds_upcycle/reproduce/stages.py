@@ -1,0 +1,164 @@
+"""Running one stage of the experiment: train.py as a subprocess, or an expansion in process.
+
+A stage is complete when its arm directory holds COMPLETE.json, written only after the stage
+finished; an incomplete stage is simply run again (train.py resumes from its own last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ds_upcycle
+
+from ..errors import UserError
+from .config import ReproduceConfig
+from .plan import ExpandStage, TrainStage
+
+MARKER = "COMPLETE.json"
+
+
+def repo_root() -> Path:
+    """The checkout holding train.py and ds_configs/ (ds-upcycle is installed from a checkout)."""
+    root = Path(ds_upcycle.__file__).resolve().parents[1]
+    if not (root / "train.py").is_file():
+        raise UserError(f"train.py not found next to the ds_upcycle package ({root}); install ds-upcycle "
+                        f"from a checkout with pip install -e .")
+    return root
+
+
+def deepspeed_config_path(cfg: ReproduceConfig) -> Path:
+    path = Path(cfg.deepspeed_config)
+    for candidate in (path, repo_root() / "ds_configs" / path):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise UserError(f"DeepSpeed config {cfg.deepspeed_config} not found (as a path or in ds_configs/)")
+
+
+def is_complete(arm_dir: Path) -> bool:
+    return (arm_dir / MARKER).is_file()
+
+
+def mark_complete(arm_dir: Path, record: dict) -> None:
+    tmp = arm_dir / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(arm_dir / MARKER)
+
+
+def read_marker(arm_dir: Path) -> dict:
+    return json.loads((arm_dir / MARKER).read_text())
+
+
+def data_args(cfg: ReproduceConfig, data_cache: str | None) -> list[str]:
+    args = ["--data", str(cfg.data), "--text-field", cfg.text_field, "--seq-len", str(cfg.seq_len),
+            "--vocab-size", str(cfg.vocab_size), "--val-fraction", str(cfg.val_fraction),
+            "--cpt-fraction", str(cfg.cpt_split_fraction)]
+    return args + (["--data-cache", data_cache] if data_cache else [])
+
+
+def train_args(cfg: ReproduceConfig, stage: TrainStage, out: Path, data_cache: str | None) -> list[str]:
+    """train.py arguments of a stage (the model comes from the preset only for runs from scratch)."""
+    args = ["--deepspeed_config", str(deepspeed_config_path(cfg)), *data_args(cfg, data_cache),
+            "--steps", str(stage.steps), "--warmup-steps", str(cfg.stage_warmup(stage.steps if stage.load else
+                                                                                 cfg.total_steps)),
+            "--decay-fraction", str(cfg.decay_fraction), "--micro-batch-size", str(cfg.micro_batch_size),
+            "--grad-accum-steps", str(cfg.grad_accum_steps), "--ep-size", str(cfg.ep_size), "--seed", str(cfg.seed),
+            "--eval-interval", str(cfg.eval_interval), "--eval-samples", str(cfg.eval_samples),
+            "--save", str(out / stage.name)]
+    if stage.load:
+        args += ["--load", str(out / stage.load), "--split", stage.split, "--fresh-schedule"]
+    else:
+        # Pre-training runs share one warmup length, so a source run equals Fixed-E up to its anneal.
+        args += ["--model", cfg.model, *(a for item in cfg.model_overrides for a in ("--set", item)),
+                 "--set", f"num_experts={stage.experts}", "--split", stage.split]
+    if stage.save_interval:
+        args += ["--save-interval", str(stage.save_interval)]
+    return args
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_command(cfg: ReproduceConfig, args: list[str]) -> list[str]:
+    train = str(repo_root() / "train.py")
+    if cfg.num_procs == 1:
+        return [sys.executable, train, *args]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.num_procs),
+            "--master_port", str(_free_port()), train, *args]
+
+
+def _env(cfg: ReproduceConfig) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
+    if cfg.eval_device == "cpu":
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # a launcher above us must not make train.py think it is one of its ranks
+    return env
+
+
+def branch_checkpoint(src_dir: Path, step: int, dst_dir: Path) -> None:
+    """Make dst_dir a save directory holding src_dir's checkpoint at `step` and its metrics so far."""
+    tag = f"global_step{step}"
+    if not (src_dir / tag).is_dir():
+        raise UserError(f"{src_dir} has no checkpoint {tag} to continue from; remove {src_dir} to retrain it")
+    staging = dst_dir.with_name(f".{dst_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(src_dir / tag, staging / tag)
+    (staging / "latest").write_text(tag)
+    records = [line for line in (src_dir / "metrics.jsonl").read_text().splitlines()
+               if line.strip() and json.loads(line)["step"] <= step]
+    (staging / "metrics.jsonl").write_text("".join(line + "\n" for line in records))
+    (staging / "BRANCHED_FROM.json").write_text(json.dumps({"arm": src_dir.name, "step": step}) + "\n")
+    shutil.rmtree(dst_dir, ignore_errors=True)
+    staging.rename(dst_dir)
+
+
+def run_train_stage(cfg: ReproduceConfig, stage: TrainStage, out: Path, data_cache: str | None) -> dict:
+    arm_dir = out / stage.name
+    if stage.branch and not (arm_dir / "latest").is_file():
+        branch_checkpoint(out / stage.branch[0], stage.branch[1], arm_dir)
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    command = launch_command(cfg, train_args(cfg, stage, out, data_cache))
+    started = time.perf_counter()
+    with (arm_dir / "train.log").open("a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        proc = subprocess.run(command, cwd=repo_root(), env=_env(cfg), stdout=log, stderr=subprocess.STDOUT,
+                              check=False)
+    if proc.returncode != 0:
+        tail = (arm_dir / "train.log").read_text().strip().splitlines()[-1:] or [""]
+        raise UserError(f"stage {stage.name} failed (exit {proc.returncode}): {tail[0][:200]} "
+                        f"(full log: {arm_dir / 'train.log'})")
+    return {"stage": stage.name, "kind": "train", "steps": stage.steps, "seconds": time.perf_counter() - started,
+            "command": command[1:], "branched_from": list(stage.branch) if stage.branch else None}
+
+
+def prune_checkpoints(save_dir: Path) -> None:
+    """Drop a finished run's intermediate checkpoints (branches are copies): only the last is used."""
+    latest = (save_dir / "latest").read_text().strip()
+    for tag_dir in save_dir.glob("global_step*"):
+        if tag_dir.is_dir() and tag_dir.name != latest:
+            shutil.rmtree(tag_dir)
+
+
+def run_expand_stage(cfg: ReproduceConfig, stage: ExpandStage, out: Path, data_cache: str | None) -> dict:
+    from ..upcycle.config import ExpandConfig
+    from ..upcycle.expand import expand_checkpoint
+
+    started = time.perf_counter()
+    expand_cfg = ExpandConfig(source=str(out / stage.source), destination=str(out / stage.name),
+                              multiplier=cfg.multiplier, select=stage.select, router_noise=cfg.router_noise,
+                              seed=cfg.seed, force=True, check_data=True, check_samples=cfg.eval_samples,
+                              data_cache=data_cache)
+    result = expand_checkpoint(expand_cfg, progress=False)
+    return {"stage": stage.name, "kind": "expand", "seconds": time.perf_counter() - started,
+            "tag": result.tag, "warm_start": result.manifest.get("warm_start")}

@@ -1,0 +1,202 @@
+"""`ds-upcycle reproduce`: configs, the plan, and a miniature run of the whole experiment."""
+
+import hashlib
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, SMALL_DATA
+from ds_upcycle.errors import UserError
+from ds_upcycle.moe.balance import load_stats
+from ds_upcycle.reproduce.config import NAMED_CONFIGS, load_config
+from ds_upcycle.reproduce.plan import ExpandStage, TrainStage, branch_step, make_plan
+from ds_upcycle.training.metrics import read_metrics
+from ds_upcycle.training.schedule import WSDSchedule
+
+MINI = {"base": "tiny", "name": "mini", "model_overrides": ["dim=64", "dense_ffn_dim=128", "expert_ffn_dim=64"],
+        "data": SMALL_DATA, "vocab_size": 512, "seq_len": 32, "total_steps": 16, "micro_batch_size": 4,
+        "eval_interval": 4, "eval_samples": 16, "final_val_samples": 16, "tasks": ["synthetic"], "task_limit": 2}
+
+
+def test_load_stats_records_every_share():
+    stats = load_stats(torch.tensor([1.0, 1.0, 2.0, 0.0]))
+    assert stats["shares"] == [0.25, 0.25, 0.5, 0.0]
+
+
+def test_named_and_file_configs(tmp_path):
+    assert set(NAMED_CONFIGS) == {"tiny", "pd-english", "gpu"}
+    tiny = load_config("tiny")
+    assert (tiny.num_experts, tiny.big_experts, tiny.data) == (4, 8, "synthetic")
+    assert load_config("pd-english", data="texts/").data == "texts/"
+    (tmp_path / "c.yaml").write_text("base: tiny\ntotal_steps: 40\nmodel_overrides: [dim=64]\n")
+    cfg = load_config(str(tmp_path / "c.yaml"))
+    assert cfg.total_steps == 40 and cfg.model_overrides == ("dim=64",) and cfg.name == "tiny"
+    (tmp_path / "c.json").write_text(json.dumps(MINI))
+    assert load_config(str(tmp_path / "c.json")).total_steps == 16
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: tiny\ntotal_step: 40\n", "unknown field 'total_step' (did you mean 'total_steps'?)"),
+    ("base: tiny\ncpt_fraction: 1.5\n", "cpt_fraction must lie strictly between 0 and 1"),
+    ("base: tiny\ntotal_steps: many\n", "total_steps must be int"),
+    ("base: tiny\nmodel: huge\n", "unknown model preset 'huge'"),
+    ("base: tiny\ndata: texts/\n", "synthetic tasks ask about the built-in corpus"),
+    ("[1, 2", "not valid YAML"),
+])
+def test_bad_config_is_one_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(str(path))
+
+
+def test_cli_bad_config_exits_with_one_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("base: tiny\nmultiplier: 1\n")
+    for config in (str(tmp_path / "bad.yaml"), "tinny"):
+        proc = subprocess.run([sys.executable, "-m", "ds_upcycle.cli", "reproduce", "--config", config, "--out",
+                               str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, check=False)
+        assert proc.returncode == 2
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+        assert proc.stderr.startswith("ds-upcycle: error:")
+    proc = subprocess.run([sys.executable, "-m", "ds_upcycle.cli", "reproduce", "--config", "pd-english", "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert proc.returncode == 2 and "needs --data" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_plan_shares_the_fixed_e_run_before_each_anneal():
+    cfg = load_config("tiny")
+    plan = make_plan(cfg)
+    names = [s.name for s in plan.stages]
+    assert names[:2] == ["fixed-e", "fixed-me"]
+    assert {a.cpt for a in plan.upcycled} == {"upcycled-cpt50-grad_sq", "upcycled-cpt25-uniform",
+                                              "upcycled-cpt25-grad_sq"}
+    assert plan.main.transition == 200 and plan.evaluated[:3] == ("fixed-e", "upcycled-cpt50-grad_sq", "fixed-me")
+    for position, stage in enumerate(plan.stages):
+        needs = [stage.source] if isinstance(stage, ExpandStage) else [stage.load, (stage.branch or [None])[0]]
+        assert all(names.index(need) < position for need in needs if need), stage.name
+        if isinstance(stage, TrainStage) and stage.branch:
+            fixed_e = plan.stages[0]
+            step = stage.branch[1]
+            assert step % fixed_e.save_interval == 0
+            # The LR of both schedules agrees up to and including the first step after the branch.
+            assert step < stage.steps - cfg.decay_steps(stage.steps)
+    assert branch_step(cfg, 200) == 160 and branch_step(cfg, 300) == 260
+
+
+def _digest(paths) -> dict:
+    return {str(p): (p.stat().st_mtime_ns, hashlib.sha1(p.read_bytes()).hexdigest())
+            for root in paths for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _median(values):
+    values = sorted(values)
+    n = len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+
+
+def _reproduce(config, out, cache):
+    return subprocess.run([sys.executable, "-m", "ds_upcycle.cli", "reproduce", "--config", str(config), "--out",
+                           str(out), "--data-cache", str(cache)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=900, check=False)
+
+
+@pytest.mark.slow
+def test_miniature_experiment_end_to_end(tmp_path, data_cache):
+    config = tmp_path / "mini.json"
+    config.write_text(json.dumps(MINI))
+    out = tmp_path / "exp"
+    proc = _reproduce(config, out, data_cache)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cfg = load_config(str(config))
+    plan = make_plan(cfg)
+
+    # Every stage is complete, with its checkpoint; expansions record their warm start.
+    for stage in plan.stages:
+        arm = out / stage.name
+        assert (arm / "COMPLETE.json").is_file(), stage.name
+        tag = (arm / "latest").read_text().strip()
+        assert (arm / tag / "mp_rank_00_model_states.pt").is_file()
+        assert [p.name for p in arm.glob("global_step*")] == [tag]  # intermediate checkpoints pruned
+        if isinstance(stage, ExpandStage):
+            manifest = json.loads((arm / tag / "upcycle_manifest.json").read_text())
+            assert manifest["options"]["select"] == stage.select
+            assert math.isfinite(manifest["warm_start"]["jump"])
+    results = out / "results"
+    for name in ("compare.md", "compare.json", "summary.md", "summary.json"):
+        assert (results / name).stat().st_size > 0
+    for name in ("loss.png", "routing.png"):
+        data = (results / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+        import matplotlib.image
+
+        assert matplotlib.image.imread(results / name).shape[0] > 100
+
+    # A source run is Fixed-E up to the branch, then its own stage end: the LR anneals to zero at T0.
+    main = plan.main
+    source = read_metrics(out / main.source / "metrics.jsonl")
+    fixed_e = read_metrics(out / "fixed-e" / "metrics.jsonl")
+    assert [r["step"] for r in source] == list(range(1, main.transition + 1))
+    schedule = WSDSchedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=3e-3), total=main.transition,
+                           warmup=cfg.stage_warmup(cfg.total_steps), decay_fraction=cfg.decay_fraction)
+    for record in source:
+        assert record["lr"] == pytest.approx(3e-3 * schedule.factor(record["step"] - 1)), record["step"]
+    branch = json.loads((out / main.source / "BRANCHED_FROM.json").read_text())["step"]
+    assert source[:branch] == fixed_e[:branch]
+
+    # Per-expert load shares are recorded over CPT, one list per MoE layer, for the routing plot.
+    cpt = read_metrics(out / main.cpt / "metrics.jsonl")
+    for layer in cpt[0]["load"]:
+        assert len(layer["shares"]) == cfg.big_experts and sum(layer["shares"]) == pytest.approx(1, abs=1e-4)
+
+    # The table's gap closed and the ledger follow from the recorded numbers.
+    table = json.loads((results / "compare.json").read_text())
+    loss_row = next(row for row in table["rows"] if row["name"] == "validation loss")
+    l_e, l_up, l_me = loss_row["values"].values()
+    recorded = [json.loads((results / f"{arm}.json").read_text())["ds_upcycle"]["val_loss"]
+                for arm in ("fixed-e", main.cpt, "fixed-me")]
+    assert [l_e, l_up, l_me] == recorded
+    assert loss_row["gap_closed"] == pytest.approx((l_e - l_up) / (l_e - l_me))
+    ledger = table["ledger"]
+    t_e = _median([r["step_time"] for r in fixed_e])
+    t_me = _median([r["step_time"] for r in read_metrics(out / "fixed-me" / "metrics.jsonl")])
+    total, t0 = cfg.total_steps, main.transition
+    assert (ledger["total_steps"], ledger["transition_step"]) == (total, t0) == (cpt[-1]["step"], cpt[0]["step"] - 1)
+    assert ledger["step_time_e"] == pytest.approx(t_e) and ledger["step_time_me"] == pytest.approx(t_me)
+    assert ledger["saving"] == pytest.approx(t0 * (t_me - t_e) / (total * t_me))
+    assert ledger["saving_with_source"] == pytest.approx(t0 / total)
+    summary = json.loads((results / "summary.json").read_text())
+    for arm in summary["upcycled"]:
+        l_arm = json.loads((results / f"{arm['arm']}.json").read_text())["ds_upcycle"]["val_loss"]
+        assert arm["gap_closed"] == pytest.approx((l_e - l_arm) / (l_e - l_me))
+        assert arm["ledger"]["transition_step"] == round(total * (1 - arm["cpt_fraction"]))
+
+    # A second invocation skips every arm and leaves their files alone.
+    arms = [out / s.name for s in plan.stages]
+    before = _digest(arms)
+    started = time.perf_counter()
+    again = _reproduce(config, out, data_cache)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped") == len(plan.stages) + len(plan.evaluated)
+    assert "training" not in again.stdout and "evaluating" not in again.stdout
+    assert _digest(arms) == before
+    assert time.perf_counter() - started < 60
+
+    # Resuming after an interruption: only the arm without a marker runs again.
+    last = plan.stages[-1]
+    (out / last.name / "COMPLETE.json").unlink()
+    resumed = _reproduce(config, out, data_cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"[{last.name}] training" in resumed.stdout and resumed.stdout.count("training") == 1
+    assert (out / last.name / "COMPLETE.json").is_file()
+
+    # The same directory refuses a different experiment.
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**MINI, "total_steps": 20}))
+    refused = _reproduce(other, out, data_cache)
+    assert refused.returncode == 2 and "different config (total_steps differ)" in refused.stderr
