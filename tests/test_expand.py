@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from ckpt_helpers import check_ok, merged_dump, run_worker, tree_digest
+from ckpt_helpers import assert_deepspeed_saves_the_same, check_ok, merged_dump, run_worker, tree_digest
 from conftest import ROOT, free_port, run_train, tiny_run_args, write_ds_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -118,13 +118,17 @@ def test_expand_loads_in_deepspeed_with_expected_state(work, source_dump, args, 
     assert tree_digest(work["src"]) == work["digest"], "the source was modified"
 
 
-def test_reshard_is_bit_exact(work, source_dump):
-    dst = work["root"] / "reshard"
-    proc = expand_cli(str(work["src"]), str(dst), "-m", "1", "--world-size", "1", "--ep-size", "1")
+@pytest.mark.parametrize("world,ep", [(1, 1), (2, 2)])
+def test_reshard_is_bit_exact(work, source_dump, world, ep):
+    dst = work["root"] / f"reshard-{world}-{ep}"
+    proc = expand_cli(str(work["src"]), str(dst), "-m", "1", "--world-size", str(world), "--ep-size", str(ep))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    dump = load_with_deepspeed(work, "reshard", dst, 1, 1)
+    dump = load_with_deepspeed(work, f"reshard-{world}-{ep}", dst, world, ep)
     assert_matches(source_dump["params"], dump)
     assert all(torch.equal(v, dump["buffers"][k]) for k, v in source_dump["buffers"].items())
+    if (world, ep) == (2, 2):  # the source's own layout: DeepSpeed's own files, tensor for tensor
+        tag = (work["src"] / "latest").read_text()
+        assert_deepspeed_saves_the_same(dst / tag, work["src"] / tag)
 
 
 def test_same_seed_same_bytes_and_dry_run(work):
