@@ -9,6 +9,9 @@ which must write exactly the same files.
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ import torch
 
 from ckpt_helpers import (assert_deepspeed_saves_the_same, assert_same_params, check_ok, duplicate_experts, merged_dump,
                           run_worker, train_command, tree_digest)
-from conftest import run_train, write_ds_config
+from conftest import ROOT, run_train, write_ds_config
 from ds_upcycle.checkpoint import load_state, named_param_states, read_checkpoint, write_checkpoint
 from ds_upcycle.checkpoint.stage0 import Stage0Reader
 from ds_upcycle.errors import UserError
@@ -134,3 +137,18 @@ def test_stage0_refuses_conversion_to_zero(sources, tmp_path):
     with pytest.raises(UserError, match="converting between no ZeRO and ZeRO 1/2"):
         write_checkpoint(read_checkpoint(sources["dp1-ep1"]), tmp_path / "out", TAG, 1, 1, ds_config=zero2)
     assert not (tmp_path / "out").exists()
+
+
+def test_stage0_bf16_is_refused_in_one_line(tmp_path, data_cache):
+    """bf16 without ZeRO saves DeepSpeed's BF16_Optimizer wrapper state, which is not supported."""
+    cfg = tmp_path / "bf16-stage0.json"
+    cfg.write_text(json.dumps({**json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text()),
+                               "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 0}}))
+    src = tmp_path / "src"
+    check_ok(run_train(train_command(data_cache, cfg, "--save", str(src))))
+    before = tree_digest(src)
+    proc = subprocess.run([sys.executable, "-m", "ds_upcycle.cli", "expand", str(src), str(tmp_path / "dst"), "-m", "2"],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 2 and "mixed-precision optimizer" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert tree_digest(src) == before and not (tmp_path / "dst").exists()

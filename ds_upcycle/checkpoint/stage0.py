@@ -48,6 +48,11 @@ class Stage0Reader:
 
         self.path = path
         self._module = model["module"]
+        dtypes = {t.dtype for t in self._module.values() if t.is_floating_point()}
+        if dtypes - {torch.float32}:
+            raise UserError(f"{path}: {', '.join(sorted(map(str, dtypes)))} weights without ZeRO are saved by "
+                            f"DeepSpeed's mixed-precision optimizer wrappers, which are not supported; use ZeRO "
+                            f"stage 1 or 2")
         self.world_size = int(model["dp_world_size"])
         self.ep_size = _ep_size(path, self.world_size)
         self._optim = [_load_optimizer(path / optim_file(p)) for p in range(self.ep_size)]
@@ -68,15 +73,12 @@ class Stage0Reader:
             client_state={k: v for k, v in model.items() if k not in DEEPSPEED_KEYS},
             ds_config=model["ds_config"], ds_version=model["ds_version"], zero_stage=0,
             dp_world_size=self.world_size, ep_size=self.ep_size,
-            module_dtype=self._module[dense_names[0]].dtype if dense_names else torch.float32,
+            module_dtype=torch.float32,
             optimizer_step=step, dense_groups=[ParamGroup(dense_hypers, dense_names)],
             expert_hypers=expert_hypers, optimizer_extras={},
             module_keys=list(self._module), buffer_names=buffer_names, shared_params=aliases,
             model_extras={k: model[k] for k in DEEPSPEED_KEYS - RECOMPUTED_KEYS if k in model},
             run_info=_read_run_info(run_file), tokenizer=tokenizer if tokenizer.is_file() else None, source=path)
-        if self.meta.module_dtype != torch.float32:
-            raise UserError(f"{path}: {self.meta.module_dtype} weights without ZeRO are saved by DeepSpeed's "
-                            f"mixed-precision optimizer wrappers, which are not supported; use ZeRO stage 1 or 2")
 
     @property
     def num_experts(self) -> list[int]:
