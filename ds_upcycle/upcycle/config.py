@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from .operator import OPTIMIZER_STATE_MODES
-from .scores import SELECTION_RULES
+from .scores import GRADIENT_FREE_RULES, SELECTION_RULES
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,12 @@ class ExpandConfig:
         check_data: after writing, measure the validation loss of the source and the expanded model
             on the source's own validation data (see warmstart.py); needs the source's ds_upcycle.json.
         check_samples: validation sequences for check_data.
-        data_cache: where check_data finds or prepares the tokenized data (default: the data cache).
+        data_cache: where check_data and calibration find or prepare the tokenized data (default:
+            the data cache).
+        calibration_data: score experts by exact gradients on this data instead of the Adam state:
+            "source" (the cpt split of the source's own training data) or a data source as train.py
+            takes it, tokenized with the source's tokenizer (see calibration.py).
+        calibration_batches, calibration_batch_size: the first batches of that many sequences.
     """
 
     source: str
@@ -45,6 +50,9 @@ class ExpandConfig:
     check_data: bool = False
     check_samples: int = 64
     data_cache: str | None = None
+    calibration_data: str | None = None
+    calibration_batches: int = 8
+    calibration_batch_size: int = 8
 
     def __post_init__(self) -> None:
         if (self.num_experts is None) == (self.multiplier is None):
@@ -59,7 +67,15 @@ class ExpandConfig:
             raise UserError("--router-noise must be >= 0")
         if self.check_samples < 1:
             raise UserError(f"--check-samples must be >= 1, got {self.check_samples}")
-        for name in ("world_size", "ep_size", "max_copies"):
+        if self.calibration_data is not None:
+            if not self.calibration_data.strip():
+                raise UserError("--calibration-data is empty; give 'source' or a data source")
+            if self.select in GRADIENT_FREE_RULES:
+                # Refused rather than ignored: the user asked for gradients that would not be used.
+                using = ", ".join(r for r in SELECTION_RULES if r not in GRADIENT_FREE_RULES)
+                raise UserError(f"--select {self.select} uses no gradients, so --calibration-data has no effect; "
+                                f"leave it out or choose {using}")
+        for name in ("world_size", "ep_size", "max_copies", "calibration_batches", "calibration_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")

@@ -25,6 +25,7 @@ from ..checkpoint import CheckpointSource, NonExpertState, ParamState, read_chec
 from ..checkpoint.files import write_text_atomic
 from ..checkpoint.state import MoELayer
 from ..errors import UserError
+from .calibration import Calibration, calibrate, check_calibration_source
 from .config import ExpandConfig
 from .operator import LayerPlan, expand_router_bias, expand_rows, moment_factor, plan_layer
 from .scores import GradientStats, expert_score
@@ -35,10 +36,18 @@ ROUTER_WEIGHT = ".deepspeed_moe.gate.wg.weight"
 ROUTER_BIAS = ".deepspeed_moe.gate.route_bias"
 
 
-def layer_scores(source: CheckpointSource, layer: MoELayer, rule: str) -> list[float] | None:
-    """Utility of each expert from the checkpoint's Adam state (no data needed)."""
+def layer_scores(source: CheckpointSource, layer: MoELayer, rule: str,
+                 calibration: Calibration | None = None) -> list[float] | None:
+    """Utility of each expert: from calibration gradients if given, else from the checkpoint's Adam
+    state (no data needed)."""
     if rule == "uniform":
         return None
+    if calibration is not None:
+        stats = calibration.layer_stats(layer.prefix)
+        if len(stats) != layer.num_experts:
+            raise UserError(f"calibration found {len(stats)} experts in {layer.prefix}, the checkpoint "
+                            f"{layer.num_experts}")
+        return [expert_score(rule, s) for s in stats]
     if source.meta.optimizer_step is None:
         raise UserError(f"--select {rule} reads the checkpoint's Adam state, but it has none "
                         f"(saved before the first step?); use --select uniform")
@@ -52,10 +61,18 @@ def layer_scores(source: CheckpointSource, layer: MoELayer, rule: str) -> list[f
     return scores
 
 
-def make_plans(source: CheckpointSource, cfg: ExpandConfig, ep_size: int) -> dict[int, LayerPlan]:
+def make_plans(source: CheckpointSource, cfg: ExpandConfig, ep_size: int,
+               calibration: Calibration | None = None) -> dict[int, LayerPlan]:
     return {layer.index: plan_layer(layer.num_experts, cfg.target_experts(layer.num_experts),
-                                    layer_scores(source, layer, cfg.select), cfg.max_copies, ep_size)
+                                    layer_scores(source, layer, cfg.select, calibration), cfg.max_copies, ep_size)
             for layer in source.moe_layers}
+
+
+def score_origin(cfg: ExpandConfig, calibration: Calibration | None) -> dict:
+    """Where the utility scores came from, for the manifest."""
+    if cfg.select == "uniform":
+        return {"from": "none (uniform)"}
+    return dict(calibration.info) if calibration is not None else {"from": "adam state"}
 
 
 def _expand_param(state: ParamState, plan: LayerPlan, mode: str) -> ParamState:
@@ -158,10 +175,22 @@ def expand_checkpoint(cfg: ExpandConfig, dry_run: bool = False, progress: bool =
             source_data_config(src_dir, cfg.data_cache)
         except UserError as err:
             raise UserError(f"--check-data: {err}") from None
+    if cfg.calibration_data is not None:  # likewise for calibration: the data must be there
+        try:
+            check_calibration_source(src_dir, cfg.calibration_data, cfg.data_cache)
+        except UserError as err:
+            raise UserError(f"--calibration-data: {err}") from None
     _prepare_destination(dst, cfg.force)
     for layer in source.moe_layers:
         world, ep = cfg.target_layout(source.world_size, source.ep_size, cfg.target_experts(layer.num_experts))
-    plans = make_plans(source, cfg, ep)
+    calibration = None
+    if cfg.calibration_data is not None:
+        try:
+            calibration = calibrate(src_dir, source, cfg.calibration_data, cfg.calibration_batches,
+                                    cfg.calibration_batch_size, cfg.data_cache)
+        except UserError as err:
+            raise UserError(f"--calibration-data: {err}") from None
+    plans = make_plans(source, cfg, ep, calibration)
     tag = src_dir.name
     manifest = {
         "ds_upcycle_version": __version__, "torch_version": torch.__version__,
@@ -173,6 +202,7 @@ def expand_checkpoint(cfg: ExpandConfig, dry_run: bool = False, progress: bool =
         "layers": [{"index": layer.index, "prefix": layer.prefix, **plans[layer.index].to_dict(),
                     "rank_loads": plans[layer.index].rank_loads(ep)} for layer in source.moe_layers],
     }
+    manifest["scores"] = score_origin(cfg, calibration)
     if dry_run:
         return ExpandResult(dst, tag, plans, manifest)
 

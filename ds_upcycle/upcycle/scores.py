@@ -11,9 +11,9 @@ Gradient estimates come from either source:
 - the checkpoint's Adam state, no data needed: exp_avg is a running mean of g and exp_avg_sq a
   running mean of g^2 (the diagonal empirical Fisher); `GradientStats.from_adam`;
 - exact gradients over calibration batches: the mean gradient and the mean squared gradient over
-  batches; `GradientStats.accumulate`.
-For fisher with Adam state the score is sum m^2 / (v + eps): how consistent an expert's gradient is
-relative to its curvature, rather than how large.
+  batches; calibration.py.
+For fisher the score is sum g^2 / (g2 + eps) (with Adam state, m^2 / (v + eps)): how consistent an
+expert's gradient is relative to its curvature, rather than how large.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Callable, Mapping
 import torch
 
 SELECTION_RULES = ("uniform", "grad_sq", "saliency", "weight_norm", "fisher")
+GRADIENT_FREE_RULES = ("uniform", "weight_norm")  # need no gradient estimate
 FISHER_EPS = 1e-12
 
 
