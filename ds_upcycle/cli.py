@@ -24,7 +24,8 @@ def main() -> None:
 @click.option("--multiplier", "-m", type=int, default=None, help="target = m x source experts; 1 reshards")
 @click.option("--select", default="grad_sq", show_default=True,
               type=click.Choice(["uniform", "grad_sq", "saliency", "weight_norm", "fisher"]),
-              help="how copies are allocated: uniformly, or by a utility score from the Adam state")
+              help="how copies are allocated: uniformly, or by a utility score (from the Adam state, "
+                   "or from gradients on --calibration-data)")
 @click.option("--max-copies", type=int, default=None, help="cap on the copies of one expert")
 @click.option("--router-noise", type=float, default=0.01, show_default=True,
               help="std of the N(0, sigma^2) noise on the replicas' routing bias")
@@ -41,10 +42,20 @@ def main() -> None:
 @click.option("--check-samples", type=int, default=64, show_default=True,
               help="validation sequences for --check-data")
 @click.option("--data-cache", default=None,
-              help="where --check-data finds the tokenized data (default $DS_UPCYCLE_CACHE or ~/.cache/ds_upcycle)")
+              help="where --check-data and --calibration-data find the tokenized data "
+                   "(default $DS_UPCYCLE_CACHE or ~/.cache/ds_upcycle)")
+@click.option("--calibration-data", default=None, metavar="DATA",
+              help="score experts by exact gradients on this data instead of the Adam state: 'source' (the "
+                   "cpt split of the source's training data) or 'synthetic[:...]', a .txt/.jsonl/.parquet "
+                   "file or directory, tokenized with the source's tokenizer")
+@click.option("--calibration-batches", type=int, default=8, show_default=True,
+              help="batches of --calibration-data (the first ones, in order)")
+@click.option("--calibration-batch-size", type=int, default=8, show_default=True,
+              help="sequences per calibration batch (of the source's seq_len)")
 @user_errors
 def expand(source, destination, num_experts, multiplier, select, max_copies, router_noise, optimizer_state,
-           world_size, ep_size, seed, dry_run, force, check_data, check_samples, data_cache) -> None:
+           world_size, ep_size, seed, dry_run, force, check_data, check_samples, data_cache, calibration_data,
+           calibration_batches, calibration_batch_size) -> None:
     """Expand a DeepSpeed MoE checkpoint SOURCE to more experts per layer, written to DESTINATION.
 
     SOURCE is a save directory with `latest` or a tag directory (ZeRO 1 or 2, any data-parallel
@@ -58,9 +69,17 @@ def expand(source, destination, num_experts, multiplier, select, max_copies, rou
     cfg = ExpandConfig(source=source, destination=destination, num_experts=num_experts, multiplier=multiplier,
                        select=select, max_copies=max_copies, router_noise=router_noise,
                        optimizer_state=optimizer_state, world_size=world_size, ep_size=ep_size, seed=seed,
-                       force=force, check_data=check_data, check_samples=check_samples, data_cache=data_cache)
+                       force=force, check_data=check_data, check_samples=check_samples, data_cache=data_cache,
+                       calibration_data=calibration_data, calibration_batches=calibration_batches,
+                       calibration_batch_size=calibration_batch_size)
     result = expand_checkpoint(cfg, dry_run=dry_run)
     click.echo(describe_plans(result.manifest))
+    origin = result.manifest.get("scores", {})
+    if origin.get("from") == "calibration data":
+        click.echo(f"scores from gradients on {origin['batches']} batches ({origin['sequences']} sequences of "
+                   f"{origin['seq_len']} tokens) of {origin['description']}")
+    elif origin.get("from") == "adam state":
+        click.echo("scores from the checkpoint's Adam state")
     if not dry_run:
         click.echo(f"wrote {result.destination / result.tag} in {result.manifest['seconds']:.1f} s")
         if "warm_start" in result.manifest:
