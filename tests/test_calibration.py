@@ -1,0 +1,252 @@
+"""`ds-upcycle expand --calibration-data`: utility scores from exact gradients on calibration batches.
+
+The oracle is plain autograd: the same batches through the model (built directly, or loaded with
+evaluation/weights.py), `loss.backward()` on every parameter, expert gradients picked by name and
+averaged over batches by hand.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ckpt_helpers import check_ok, tree_digest
+from conftest import ROOT, run_train, tiny_run_args, write_ds_config
+
+from ds_upcycle.checkpoint import read_checkpoint
+from ds_upcycle.config import ModelConfig
+from ds_upcycle.data import DataConfig, prepare_data
+from ds_upcycle.errors import UserError
+from ds_upcycle.evaluation.weights import load_checkpoint
+from ds_upcycle.model import Transformer
+from ds_upcycle.upcycle.calibration import calibrate, calibration_data, expert_gradient_stats, scores_by_layer
+from ds_upcycle.upcycle.config import ExpandConfig
+from ds_upcycle.upcycle.expand import expand_checkpoint
+from ds_upcycle.upcycle.operator import allocate_copies
+from ds_upcycle.upcycle.scores import FISHER_EPS, SELECTION_RULES
+
+EXPERT = re.compile(r"^(.+)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.+)$")
+SMALL = ModelConfig(vocab_size=97, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, dense_ffn_dim=48,
+                    expert_ffn_dim=24, num_experts=4, top_k=2, moe_layer_freq=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two threads on a shared two-core machine make small backward passes 100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def direct_stats(model, batches):
+    """{(prefix, expert, name): (mean grad, mean squared grad, weight)} by plain backward()."""
+    sums = {}
+    for inputs, targets in batches:
+        model.zero_grad(set_to_none=True)
+        logits, _ = model(inputs)
+        F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)).backward()
+        for name, p in model.named_parameters():
+            match = EXPERT.match(name)
+            if match:
+                key = (match[1], int(match[2]), match[3])
+                grad = torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                g, g2 = sums.get(key, (0, 0))
+                sums[key] = (g + grad, g2 + grad * grad)
+    n = len(batches)
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    return {key: (g / n, g2 / n, weights[f"{key[0]}.deepspeed_moe.experts.deepspeed_experts.{key[1]}.{key[2]}"])
+            for key, (g, g2) in sums.items()}
+
+
+def direct_score(rule, entries):
+    """Score of one expert from its [(g, g2, w)] by the formulas of DESIGN.md."""
+    if rule == "grad_sq":
+        return sum(float(g2.double().sum()) for g, g2, w in entries)
+    if rule == "saliency":
+        return abs(sum(float((w.double() * g.double()).sum()) for g, g2, w in entries))
+    if rule == "weight_norm":
+        return sum(float(w.double().square().sum()) for g, g2, w in entries) ** 0.5
+    return sum(float((g.double().square() / (g2.double() + FISHER_EPS)).sum()) for g, g2, w in entries)
+
+
+def assert_match_direct(stats, direct):
+    assert {(p, e, s) for p, experts in stats.items() for e, st in enumerate(experts) for s in st.grad} == set(direct)
+    for (prefix, expert, suffix), (g, g2, w) in direct.items():
+        st = stats[prefix][expert]
+        torch.testing.assert_close(st.grad[suffix], g, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(st.grad_sq[suffix], g2, rtol=1e-5, atol=1e-12)
+        assert torch.equal(st.weight[suffix], w.detach())
+    for rule in SELECTION_RULES[1:]:
+        got = scores_by_layer(stats, rule)
+        for prefix, scores in got.items():
+            expected = [direct_score(rule, [v for k, v in direct.items() if k[:2] == (prefix, e)])
+                        for e in range(len(scores))]
+            assert scores == pytest.approx(expected, rel=1e-4), (rule, prefix)
+
+
+def test_stats_match_plain_autograd_on_a_fresh_model():
+    torch.manual_seed(0)
+    model = Transformer(SMALL, seed=1).eval()
+    batches = [(x[:, :-1], x[:, 1:]) for x in torch.randint(0, 97, (3, 4, 13)).unbind(0)]
+    stats = expert_gradient_stats(model, batches)
+    assert sorted(stats) == ["layers.1.ffn.moe", "layers.3.ffn.moe"] and all(len(v) == 4 for v in stats.values())
+    # the model is left as found: every parameter still requires grad, eval mode kept
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+    assert_match_direct(stats, direct_stats(model, batches))
+    again = expert_gradient_stats(model, batches)
+    for prefix in stats:
+        for a, b in zip(stats[prefix], again[prefix]):
+            assert all(torch.equal(a.grad_sq[k], b.grad_sq[k]) and torch.equal(a.grad[k], b.grad[k]) for k in a.grad)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"select": "uniform", "calibration_data": "source"}, "--select uniform uses no gradients"),
+    ({"select": "weight_norm", "calibration_data": "source"}, "--select weight_norm uses no gradients"),
+    ({"calibration_data": " "}, "--calibration-data is empty"),
+    ({"calibration_data": "source", "calibration_batches": 0}, "--calibration-batches must be >= 1"),
+    ({"calibration_data": "source", "calibration_batch_size": 0}, "--calibration-batch-size must be >= 1"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        ExpandConfig(source="a", destination="b", multiplier=2, **kwargs)
+
+
+# ---- a trained source checkpoint ----
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, data_cache):
+    root = tmp_path_factory.mktemp("calibration")
+    cfg = write_ds_config(root / "z2.json", stage=2, micro_batch=4)
+    src = root / "src"
+    check_ok(run_train(tiny_run_args(cfg, 12, data_cache, "--set", "num_experts=4", "--set", "top_k=2",
+                                     "--eval-samples", "8", "--save", str(src))))
+    text = root / "calib.jsonl"
+    text.write_text("".join(json.dumps({"text": f"Document {i}: the quick brown fox {i * 7} jumps over "
+                                                f"the lazy dog {i * 3} times.\n" * 3}) + "\n"
+                            for i in range(40)))
+    return {"root": root, "src": src, "tag": src / (src / "latest").read_text().strip(),
+            "cache": str(data_cache), "text": text, "digest": tree_digest(src)}
+
+
+def expand_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ds_upcycle.cli", "expand", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_source_calibration_matches_autograd_on_cpt_windows(source):
+    cal = calibrate(source["src"], read_checkpoint(source["src"]), "source", 3, 4, source["cache"])
+    assert cal.info == {"from": "calibration data", "data": "source", "batches": 3, "batch_size": 4,
+                        "sequences": 12, "seq_len": 32, "description": cal.info["description"]}
+    # Independently: the first 12 windows of seq_len + 1 tokens of the cpt split, in order.
+    info = json.loads((source["tag"] / "ds_upcycle.json").read_text())["data"]
+    prepared = prepare_data(DataConfig(source=info["source"], seq_len=info["seq_len"], vocab_size=info["vocab_size"],
+                                       val_fraction=info["val_fraction"], cpt_fraction=info["cpt_fraction"],
+                                       cache_dir=source["cache"]), source["tag"] / "tokenizer.model")
+    cpt = np.fromfile(prepared.path / "cpt.bin", dtype=prepared.meta["dtype"]).astype(np.int64)
+    rows = torch.from_numpy(np.stack([cpt[i * 32:i * 32 + 33] for i in range(12)]))
+    batches = [(rows[i:i + 4, :-1], rows[i:i + 4, 1:]) for i in range(0, 12, 4)]
+    # fp32 checkpoint: its module weights are the fp32 masters
+    model = load_checkpoint(source["src"]).model
+    assert_match_direct(cal.stats, direct_stats(model, batches))
+
+
+@pytest.mark.slow
+def test_deterministic_scores_and_allocation(source):
+    def dry(rule):
+        cfg = ExpandConfig(source=str(source["src"]), destination=str(source["root"] / "never"), multiplier=2,
+                           select=rule, calibration_data="source", calibration_batches=2,
+                           calibration_batch_size=4, data_cache=source["cache"])
+        return expand_checkpoint(cfg, dry_run=True, progress=False).manifest
+
+    first, second = dry("grad_sq"), dry("grad_sq")
+    assert first["layers"] == second["layers"]  # scores bit-identical (exact float equality), same plans
+    assert first["scores"]["from"] == "calibration data" and first["scores"]["batches"] == 2
+    assert not (source["root"] / "never").exists()
+    adam = expand_checkpoint(ExpandConfig(source=str(source["src"]), destination=str(source["root"] / "never"),
+                                          multiplier=2), dry_run=True, progress=False).manifest
+    assert adam["scores"] == {"from": "adam state"}
+    assert [layer["scores"] for layer in adam["layers"]] != [layer["scores"] for layer in first["layers"]]
+
+
+@pytest.mark.slow
+def test_cli_expands_with_calibration_scores(source):
+    dst = source["root"] / "e8"
+    proc = expand_cli(str(source["src"]), str(dst), "-m", "2", "--select", "grad_sq", "--calibration-data",
+                      str(source["text"]), "--calibration-batches", "2", "--calibration-batch-size", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "scores from gradients on 2 batches (8 sequences of 32 tokens)" in proc.stdout
+    manifest = json.loads((dst / source["tag"].name / "upcycle_manifest.json").read_text())
+    assert manifest["scores"]["from"] == "calibration data" and manifest["scores"]["data"] == str(source["text"])
+    assert manifest["options"]["calibration_data"] == str(source["text"])
+    # The recorded scores are those of the library on the same data, and the allocation follows them.
+    cal = calibrate(source["src"], read_checkpoint(source["src"]), str(source["text"]), 2, 4)
+    expected = scores_by_layer(cal.stats, "grad_sq")
+    for layer in manifest["layers"]:
+        assert layer["scores"] == expected[layer["prefix"]]
+        assert layer["counts"] == allocate_copies(4, 8, layer["scores"])
+        assert layer["counts"][int(np.argmax(layer["scores"]))] == max(layer["counts"])
+    # The data: the documents in order, each followed by EOS, tokenized with the checkpoint's tokenizer.
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(source["tag"] / "tokenizer.model"))
+    docs = [json.loads(line)["text"] for line in source["text"].read_text().splitlines()]
+    tokens = np.concatenate([np.asarray(sp.encode(d) + [2]) for d in docs])
+    windows = calibration_data(source["src"], str(source["text"]), 8).windows
+    assert np.array_equal(windows, np.stack([tokens[i * 32:i * 32 + 33] for i in range(8)]))
+    assert tree_digest(source["src"]) == source["digest"]
+
+
+@pytest.mark.slow
+def test_missing_calibration_data_one_line_and_nothing_written(source):
+    dst = source["root"] / "not-written"
+    proc = expand_cli(str(source["src"]), str(dst), "-m", "2", "--calibration-data",
+                      str(source["root"] / "missing.txt"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"ds-upcycle: error: --calibration-data: data file not found: {source['root'] / 'missing.txt'}"]
+    assert not dst.exists() and not list(dst.parent.glob(f".{dst.name}*"))
+    assert tree_digest(source["src"]) == source["digest"]
+
+
+@pytest.mark.slow
+def test_checkpoint_without_run_file_refused_before_writing(source):
+    plain = source["root"] / "plain" / source["tag"].name
+    shutil.copytree(source["tag"], plain)
+    (plain / "ds_upcycle.json").unlink()
+    dst = source["root"] / "plain-out"
+    cfg = ExpandConfig(source=str(plain), destination=str(dst), multiplier=2, calibration_data="source",
+                       data_cache=source["cache"])
+    with pytest.raises(UserError, match="--calibration-data: calibration needs the model settings") as err:
+        expand_checkpoint(cfg, progress=False)
+    assert "\n" not in str(err.value)
+    assert not dst.exists() and not list(dst.parent.glob(f".{dst.name}*"))
+
+
+@pytest.mark.slow
+def test_bf16_checkpoint_calibrates_at_the_fp32_master_weights(tmp_path, data_cache):
+    """A bf16 run's module weights are its fp32 masters rounded; calibration uses the masters."""
+    cfg = tmp_path / "bf16.json"
+    cfg.write_text(json.dumps({**json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text()),
+                               "train_micro_batch_size_per_gpu": 4}))
+    src = tmp_path / "src"
+    check_ok(run_train(tiny_run_args(cfg, 3, data_cache, "--set", "num_experts=4", "--eval-samples", "8",
+                                     "--save", str(src))))
+    reader = read_checkpoint(src)
+    cal = calibrate(src, reader, "synthetic:docs=20,seed=5", 1, 2, str(data_cache))
+    rounded = 0
+    for layer in reader.moe_layers:
+        for expert in range(layer.num_experts):
+            for suffix, state in reader.expert_state(layer.index, expert).items():
+                weight = cal.layer_stats(layer.prefix)[expert].weight[suffix]
+                assert torch.equal(weight, state.fp32)
+                rounded += not torch.equal(weight, state.fp32.bfloat16().float())
+    assert rounded  # the masters are not all representable in bf16: the test can tell them apart
