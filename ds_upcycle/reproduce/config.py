@@ -160,7 +160,7 @@ NAMED_CONFIGS: dict[str, ReproduceConfig] = {
         name="pd-english", model="small", model_overrides=("dim=192", "dense_ffn_dim=512", "expert_ffn_dim=256",
                                                            "n_layers=4"),
         num_experts=8, multiplier=2, total_steps=600, data=None, seq_len=128, vocab_size=4096,
-        val_fraction=0.1, cpt_split_fraction=0.35, micro_batch_size=16, eval_interval=50, eval_samples=64,
+        val_fraction=0.12, cpt_split_fraction=0.35, micro_batch_size=16, eval_interval=50, eval_samples=64,
         final_val_samples=256, tasks=(), task_limit=None),
     # One GPU, bf16: the paper's interleaved layout at 8 layers, 16 -> 32 experts.
     "gpu": ReproduceConfig(

@@ -107,10 +107,10 @@ def plot_routing(out: Path, arm: UpcycledArm, manifest: dict, path: Path, max_la
                         else None)
         ax.axhline(1 / layer["num_target"], color="black", linewidth=0.8, alpha=0.5)
         ax.set_title(f"MoE layer {layer['index']}")
+        ax.legend(fontsize=7, loc="upper right")  # per panel: copy counts differ between layers
         ax.set_xlabel("step (CPT)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"share of routed tokens (mean of {window} steps)")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"{arm.label}: each copy of a source expert (same colour; black line = even share)", fontsize=10)
     return _save(fig, path, plt)
 
