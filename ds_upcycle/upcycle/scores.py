@@ -43,7 +43,8 @@ class GradientStats:
 
 
 def _sum(stats: GradientStats, fn: Callable[[str], torch.Tensor]) -> float:
-    return float(sum(fn(name).double().sum() for name in sorted(stats.weight)))
+    # Detached: checkpoint readers may hand over Parameters, and a score is never differentiated.
+    return float(sum(fn(name).detach().double().sum() for name in sorted(stats.weight)))
 
 
 def expert_score(rule: str, stats: GradientStats) -> float:
