@@ -26,6 +26,9 @@ def main() -> None:
               type=click.Choice(["uniform", "grad_sq", "saliency", "weight_norm", "fisher"]),
               help="how copies are allocated: uniformly, or by a utility score (from the Adam state, "
                    "or from gradients on --calibration-data)")
+@click.option("--layers", default=None, metavar="L[,L...]",
+              help="grow only these MoE layers (indices L of layer_L_expert_* files, from 0); the others keep "
+                   "their experts (default: every MoE layer)")
 @click.option("--max-copies", type=int, default=None, help="cap on the copies of one expert")
 @click.option("--router-noise", type=float, default=0.01, show_default=True,
               help="std of the N(0, sigma^2) noise on the replicas' routing bias")
@@ -53,21 +56,21 @@ def main() -> None:
 @click.option("--calibration-batch-size", type=int, default=8, show_default=True,
               help="sequences per calibration batch (of the source's seq_len)")
 @user_errors
-def expand(source, destination, num_experts, multiplier, select, max_copies, router_noise, optimizer_state,
+def expand(source, destination, num_experts, multiplier, select, layers, max_copies, router_noise, optimizer_state,
            world_size, ep_size, seed, dry_run, force, check_data, check_samples, data_cache, calibration_data,
            calibration_batches, calibration_batch_size) -> None:
     """Expand a DeepSpeed MoE checkpoint SOURCE to more experts per layer, written to DESTINATION.
 
-    SOURCE is a save directory with `latest` or a tag directory (ZeRO 1 or 2, any data-parallel
-    size and ep_size); DESTINATION is a new save directory that `engine.load_checkpoint` (and
+    SOURCE is a save directory with `latest` or a tag directory (no ZeRO, ZeRO 1 or 2, any
+    data-parallel size and ep_size); DESTINATION is a new save directory that `engine.load_checkpoint` (and
     `train.py --load DESTINATION --fresh-schedule`) resumes from on the target layout.
     """
-    from .upcycle.config import ExpandConfig
+    from .upcycle.config import ExpandConfig, parse_layers
     from .upcycle.expand import expand_checkpoint
     from .upcycle.report import describe_plans
 
     cfg = ExpandConfig(source=source, destination=destination, num_experts=num_experts, multiplier=multiplier,
-                       select=select, max_copies=max_copies, router_noise=router_noise,
+                       select=select, layers=parse_layers(layers), max_copies=max_copies, router_noise=router_noise,
                        optimizer_state=optimizer_state, world_size=world_size, ep_size=ep_size, seed=seed,
                        force=force, check_data=check_data, check_samples=check_samples, data_cache=data_cache,
                        calibration_data=calibration_data, calibration_batches=calibration_batches,

@@ -118,6 +118,31 @@ def test_expand_loads_in_deepspeed_with_expected_state(work, source_dump, args, 
     assert tree_digest(work["src"]) == work["digest"], "the source was modified"
 
 
+def test_expand_chosen_layers_only_then_train(work, source_dump, data_cache):
+    dst = work["root"] / "layer-1-only"
+    proc = expand_cli(str(work["src"]), str(dst), "-m", "2", "--layers", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tag_dir = dst / (dst / "latest").read_text().strip()
+    manifest = json.loads((tag_dir / "upcycle_manifest.json").read_text())
+    assert [(layer["num_source"], layer["num_target"]) for layer in manifest["layers"]] == [(4, 4), (4, 8), (4, 4),
+                                                                                          (4, 4)]
+    assert manifest["layers"][0]["sources"] == [0, 1, 2, 3]
+    assert json.loads((tag_dir / "ds_upcycle.json").read_text())["model"]["layer_experts"] == [4, 8, 4, 4]
+    dump = load_with_deepspeed(work, dst.name, dst, 2, 2, step=True)
+    assert_matches(expected_state(source_dump, manifest, "copy"), dump)
+    layer0 = manifest["layers"][0]["prefix"] + GATE + ".route_bias"
+    assert torch.equal(dump["buffers"][layer0], source_dump["buffers"][layer0])
+    assert dump["train_step"]["params_moved"] == dump["train_step"]["params"]
+    # train.py continues from it on the same layout
+    cont = work["root"] / "layer-1-only-cpt"
+    check_ok(run_train(tiny_run_args(work["cfg"], 2, data_cache, "--ep-size", "2", "--load", str(dst), "--save",
+                                     str(cont), "--split", "cpt", "--fresh-schedule", "--eval-samples", "8",
+                                     "--set", "expert_ffn_dim=48"),
+                       num_procs=2))
+    cont_tag = cont / (cont / "latest").read_text().strip()
+    assert json.loads((cont_tag / "ds_upcycle.json").read_text())["model"]["layer_experts"] == [4, 8, 4, 4]
+
+
 @pytest.mark.parametrize("world,ep", [(1, 1), (2, 2)])
 def test_reshard_is_bit_exact(work, source_dump, world, ep):
     dst = work["root"] / f"reshard-{world}-{ep}"
@@ -155,6 +180,8 @@ def test_same_seed_same_bytes_and_dry_run(work):
     (["{src}", "{dst}", "-m", "2", "--world-size", "3"], "world size 3 is not divisible by ep_size 2"),
     (["{src}", "{existing}", "-m", "2"], "is not empty; pass --force"),
     (["{src}", "{dst}"], "exactly one of --num-experts and --multiplier"),
+    (["{src}", "{dst}", "-m", "2", "--layers", "4"], "--layers 4: the source has 4 MoE layers (0 to 3)"),
+    (["{src}", "{dst}", "-m", "2", "--layers", "one"], "--layers takes comma-separated MoE layer indices"),
 ])
 def test_bad_input_one_line_and_source_untouched(work, args, message):
     existing = work["root"] / "existing"

@@ -34,9 +34,10 @@ def balance_routers(routers: Sequence[LossFreeRouter], step_size: float,
     """
     if not routers:
         return []
-    loads_LE = reduce(torch.stack([r.route_load for r in routers]))
+    # Layers may differ in expert count (an expansion of some layers only): one flat tensor, split after.
+    loads = reduce(torch.cat([r.route_load for r in routers])).split([r.route_load.numel() for r in routers])
     stats = []
-    for router, load_E in zip(routers, loads_LE):
+    for router, load_E in zip(routers, loads):
         if step_size > 0:
             router.route_bias.copy_(bias_step(router.route_bias, load_E, step_size))
         router.route_load.zero_()

@@ -33,6 +33,8 @@ class ExpandConfig:
             "source" (the cpt split of the source's own training data) or a data source as train.py
             takes it, tokenized with the source's tokenizer (see calibration.py).
         calibration_batches, calibration_batch_size: the first batches of that many sequences.
+        layers: the MoE layers to grow (indices L of layer_{L}_expert_*, in module order); the
+            others keep their experts (and are resharded). None: every MoE layer.
     """
 
     source: str
@@ -53,6 +55,7 @@ class ExpandConfig:
     calibration_data: str | None = None
     calibration_batches: int = 8
     calibration_batch_size: int = 8
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.num_experts is None) == (self.multiplier is None):
@@ -75,10 +78,26 @@ class ExpandConfig:
                 using = ", ".join(r for r in SELECTION_RULES if r not in GRADIENT_FREE_RULES)
                 raise UserError(f"--select {self.select} uses no gradients, so --calibration-data has no effect; "
                                 f"leave it out or choose {using}")
+        if self.layers is not None:
+            if not self.layers or any(layer < 0 for layer in self.layers) or len(set(self.layers)) < len(self.layers):
+                raise UserError(f"--layers must list distinct MoE layer indices >= 0, got {list(self.layers)}")
+            if self.multiplier == 1:
+                raise UserError("--layers chooses layers to grow; --multiplier 1 grows none")
         for name in ("world_size", "ep_size", "max_copies", "calibration_batches", "calibration_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+    def target_experts_of(self, layer: int, source_experts: int) -> int:
+        """Target experts of MoE layer `layer`: grown if chosen, else unchanged."""
+        if self.layers is not None and layer not in self.layers:
+            return source_experts
+        return self.target_experts(source_experts)
+
+    def check_layers(self, num_layers: int) -> None:
+        beyond = sorted(layer for layer in self.layers or () if layer >= num_layers)
+        if beyond:
+            raise UserError(f"--layers {beyond[0]}: the source has {num_layers} MoE layers (0 to {num_layers - 1})")
 
     def target_experts(self, source_experts: int) -> int:
         target = self.num_experts if self.num_experts is not None else self.multiplier * source_experts
@@ -95,3 +114,13 @@ class ExpandConfig:
         if target_experts % ep:
             raise UserError(f"{target_experts} experts are not divisible by the target ep_size {ep}")
         return world, ep
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """'0,2' -> (0, 2); None or empty -> None (every layer)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--layers takes comma-separated MoE layer indices such as 0,2; got {text!r}") from None

@@ -63,9 +63,14 @@ def layer_scores(source: CheckpointSource, layer: MoELayer, rule: str,
 
 def make_plans(source: CheckpointSource, cfg: ExpandConfig, ep_size: int,
                calibration: Calibration | None = None) -> dict[int, LayerPlan]:
-    return {layer.index: plan_layer(layer.num_experts, cfg.target_experts(layer.num_experts),
-                                    layer_scores(source, layer, cfg.select, calibration), cfg.max_copies, ep_size)
-            for layer in source.moe_layers}
+    plans = {}
+    for layer in source.moe_layers:
+        target = cfg.target_experts_of(layer.index, layer.num_experts)
+        # A layer that keeps its experts needs no scores: there is nothing to allocate.
+        rule = cfg.select if target > layer.num_experts else "uniform"
+        plans[layer.index] = plan_layer(layer.num_experts, target, layer_scores(source, layer, rule, calibration),
+                                        cfg.max_copies, ep_size)
+    return plans
 
 
 def score_origin(cfg: ExpandConfig, calibration: Calibration | None) -> dict:
@@ -181,8 +186,10 @@ def expand_checkpoint(cfg: ExpandConfig, dry_run: bool = False, progress: bool =
         except UserError as err:
             raise UserError(f"--calibration-data: {err}") from None
     _prepare_destination(dst, cfg.force)
+    cfg.check_layers(len(source.moe_layers))
     for layer in source.moe_layers:
-        world, ep = cfg.target_layout(source.world_size, source.ep_size, cfg.target_experts(layer.num_experts))
+        world, ep = cfg.target_layout(source.world_size, source.ep_size,
+                                      cfg.target_experts_of(layer.index, layer.num_experts))
     calibration = None
     if cfg.calibration_data is not None:
         try:
