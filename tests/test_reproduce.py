@@ -175,6 +175,13 @@ def test_miniature_experiment_end_to_end(tmp_path, data_cache):
         l_arm = json.loads((results / f"{arm['arm']}.json").read_text())["ds_upcycle"]["val_loss"]
         assert arm["gap_closed"] == pytest.approx((l_e - l_arm) / (l_e - l_me))
         assert arm["ledger"]["transition_step"] == round(total * (1 - arm["cpt_fraction"]))
+    # The control continues the main arm's source without expansion, over the same CPT steps.
+    control = read_metrics(out / plan.control / "metrics.jsonl")
+    assert [r["step"] for r in control] == [r["step"] for r in cpt]
+    assert [r["lr"] for r in control] == [r["lr"] for r in cpt]
+    assert all(len(layer["shares"]) == cfg.num_experts for layer in control[0]["load"])
+    assert summary["control"]["val_loss"] == json.loads(
+        (results / f"{plan.control}.json").read_text())["ds_upcycle"]["val_loss"]
 
     # A second invocation skips every arm and leaves their files alone.
     arms = [out / s.name for s in plan.stages]

@@ -30,6 +30,9 @@ class ReproduceConfig:
         selection_cpt_fraction: a shorter CPT budget at which uniform and grad_sq selection are
             compared (None: skip that comparison).
         select: selection rule of the main upcycled arm.
+        control: also continue the main arm's E-expert source for the same CPT steps, schedule and
+            data without expanding it, which separates the operator's effect from the two-stage
+            schedule's.
         router_noise: sigma of the replicas' routing-bias noise at expansion.
         data, text_field, seq_len, vocab_size, val_fraction, cpt_split_fraction: training data
             (train.py --data ... --cpt-fraction); splits are assigned per document by a hash.
@@ -58,6 +61,7 @@ class ReproduceConfig:
     cpt_fraction: float = 0.5
     selection_cpt_fraction: float | None = 0.25
     select: str = "grad_sq"
+    control: bool = True
     router_noise: float = 0.01
     data: str | None = "synthetic"
     text_field: str = "text"
@@ -201,11 +205,11 @@ def _typed(name: str, value):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise UserError(f"config field {name} must be a list")
         return tuple(str(v) for v in value)
-    expected = {"int": int, "float": (int, float), "str": str}
+    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}
     base = kind.split("|")[0].strip()
     if value is None and "None" in kind:
         return None
-    if base in expected and (not isinstance(value, expected[base]) or isinstance(value, bool)):
+    if base in expected and (not isinstance(value, expected[base]) or (isinstance(value, bool) and base != "bool")):
         raise UserError(f"config field {name} must be {base}, got {value!r}")
     return float(value) if base == "float" else value
 

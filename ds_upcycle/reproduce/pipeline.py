@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +32,9 @@ def _check_out_dir(cfg: ReproduceConfig, out: Path) -> None:
     current = json.loads(json.dumps(asdict(cfg)))
     if path.is_file():
         saved = json.loads(path.read_text())
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        # A field added to the config since that run, at its default value, is no difference.
+        defaults = {f.name: f.default for f in fields(ReproduceConfig)}
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k))
         if changed:
             raise UserError(f"{out} holds an experiment with a different config ({', '.join(changed)} differ); "
                             f"use another --out or the same config")

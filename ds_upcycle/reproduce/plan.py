@@ -6,6 +6,7 @@ Arms (directories under the output directory):
     source-cptNN            E experts, T0 steps, ending with its own anneal (the transition point)
     expanded-cptNN-RULE     source-cptNN expanded to m*E experts with selection RULE
     upcycled-cptNN-RULE     continued pre-training of the expansion for T - T0 steps on the cpt split
+    continued-e-cptNN       control: the same CPT stage from source-cptNN without expansion
 
 A source run and Fixed-E are the same run until the source's anneal begins (same init, data order
 and warmup; the LR is flat in between), so a source run starts from a Fixed-E checkpoint taken
@@ -68,11 +69,13 @@ class Plan:
     upcycled: tuple[UpcycledArm, ...]
     main: UpcycledArm
     branch_steps: tuple[int, ...]
+    control: str | None = None
 
     @property
     def evaluated(self) -> tuple[str, ...]:
         """Arms whose final checkpoints are evaluated, Fixed-E first."""
-        return (FIXED_E, self.main.cpt, FIXED_ME, *(a.cpt for a in self.upcycled if a != self.main))
+        return (FIXED_E, self.main.cpt, FIXED_ME, *(a.cpt for a in self.upcycled if a != self.main),
+                *((self.control,) if self.control else ()))
 
 
 def branch_interval(cfg: ReproduceConfig) -> int:
@@ -121,4 +124,7 @@ def make_plan(cfg: ReproduceConfig) -> Plan:
     for arm in arms:
         stages.append(ExpandStage(arm.expanded, arm.source, arm.select))
         stages.append(TrainStage(arm.cpt, cfg.total_steps - arm.transition, split="cpt", load=arm.expanded))
-    return Plan(tuple(stages), tuple(arms), main, steps)
+    control = f"continued-e-{_tag(main.cpt_fraction)}" if cfg.control else None
+    if control:
+        stages.append(TrainStage(control, cfg.total_steps - main.transition, split="cpt", load=main.source))
+    return Plan(tuple(stages), tuple(arms), main, steps, control)

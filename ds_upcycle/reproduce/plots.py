@@ -56,6 +56,11 @@ def plot_loss(out: Path, plan: Plan, manifests: dict[str, dict], path: Path, e: 
         ax.plot(tokens, losses, color=color, marker=".", label=f"{arm.label} ({e} -> {me})",
                 linewidth=2 if main else 1, alpha=1 if main else 0.6)
         ax.axvline(transition, color=color, linestyle=":", alpha=0.8 if main else 0.4)
+    if plan.control:  # the same two stages without expansion
+        tokens, losses = _val_curve(read_metrics(out / plan.control / "metrics.jsonl"))
+        curves.append((tokens, losses))
+        ax.plot(tokens, losses, color="tab:gray", linestyle="--", marker=".",
+                label=f"control: {e} experts continued, no expansion")
     ax.set_xlabel("tokens")
     ax.set_ylabel("validation loss")
     ax.set_title("Validation loss at the same token budget (dotted: transition to CPT)")

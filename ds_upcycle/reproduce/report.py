@@ -44,10 +44,15 @@ def summarize(cfg: ReproduceConfig, plan: Plan, out: Path) -> dict:
                      "scores": {row.name: row.values[1] for row in comparison.rows if row.kind == "score"},
                      "ledger": ledger.to_dict()})
     fixed = {name: json.loads(results_path(out, name).read_text())["ds_upcycle"] for name in (FIXED_E, FIXED_ME)}
+    control = None
+    if plan.control:
+        loss = json.loads(results_path(out, plan.control).read_text())["ds_upcycle"].get("val_loss")
+        control = {"arm": plan.control, "source": plan.main.source, "cpt_fraction": plan.main.cpt_fraction,
+                   "val_loss": loss}
     return {"config": cfg.to_dict(), "total_steps": cfg.total_steps,
             "fixed_e": {"num_experts": cfg.num_experts, "val_loss": fixed[FIXED_E].get("val_loss")},
             "fixed_me": {"num_experts": cfg.big_experts, "val_loss": fixed[FIXED_ME].get("val_loss")},
-            "main_arm": plan.main.cpt, "upcycled": arms}
+            "main_arm": plan.main.cpt, "upcycled": arms, "control": control}
 
 
 def _pct(value: float | None) -> str:
@@ -69,6 +74,10 @@ def summary_markdown(summary: dict) -> str:
         gap = _pct(arm["gap_closed"]) if defined else "n/a"
         lines.append(f"| {arm['arm']} | {_pct(arm['cpt_fraction'])} | {arm['select']} | {jump} | "
                      f"{arm['val_loss']:.4f} | {gap} |")
+    control = summary.get("control")
+    if control:
+        lines.append(f"| {control['arm']} (control: {e['num_experts']} experts, no expansion) | "
+                     f"{_pct(control['cpt_fraction'])} | - | - | {control['val_loss']:.4f} | - |")
     lines.append(f"| Fixed-mE ({me['num_experts']}) | - | - | - | {me['val_loss']:.4f} | - |")
     lines += ["", "Gap closed = (L_fixedE - L_upcycled) / (L_fixedE - L_fixedmE) on validation loss; the warm "
               "start is measured on the first validation sequences right after expansion."
