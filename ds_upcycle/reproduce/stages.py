@@ -98,8 +98,6 @@ def launch_command(cfg: ReproduceConfig, args: list[str]) -> list[str]:
 
 def _env(cfg: ReproduceConfig) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
-    if cfg.eval_device == "cpu":
-        env.setdefault("DS_ACCELERATOR", "cpu")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # a launcher above us must not make train.py think it is one of its ranks
     return env
@@ -132,8 +130,8 @@ def run_train_stage(cfg: ReproduceConfig, stage: TrainStage, out: Path, data_cac
     with (arm_dir / "train.log").open("a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        proc = subprocess.run(command, cwd=repo_root(), env=_env(cfg), stdout=log, stderr=subprocess.STDOUT,
-                              check=False)
+        # In the caller's directory: relative --out, --data and --data-cache mean the same to both.
+        proc = subprocess.run(command, env=_env(cfg), stdout=log, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
         tail = (arm_dir / "train.log").read_text().strip().splitlines()[-1:] or [""]
         raise UserError(f"stage {stage.name} failed (exit {proc.returncode}): {tail[0][:200]} "
