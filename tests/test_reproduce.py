@@ -101,8 +101,9 @@ def _median(values):
 
 
 def _reproduce(config, out, cache):
+    """Run from out's parent with a relative --out, as a user would (train.py runs elsewhere)."""
     return subprocess.run([sys.executable, "-m", "ds_upcycle.cli", "reproduce", "--config", str(config), "--out",
-                           str(out), "--data-cache", str(cache)], capture_output=True, text=True, cwd=ROOT,
+                           out.name, "--data-cache", str(cache)], capture_output=True, text=True, cwd=out.parent,
                           timeout=900, check=False)
 
 
