@@ -112,12 +112,12 @@ def test_balance_routers_uses_reduced_load_and_resets():
     routers[1].route_load.copy_(torch.tensor([4.0, 3.0, 2.0, 1.0]))
     seen = []
 
-    def reduce(t):  # stands in for the all-reduce over ranks: doubles one expert's load
+    def reduce(t):  # stands in for the all-reduce over ranks: adds 10 to one expert's load
         seen.append(t.clone())
-        return t + torch.tensor([[0.0, 0.0, 0.0, 10.0], [0.0, 0.0, 0.0, 0.0]])
+        return t + torch.tensor([0.0, 0.0, 0.0, 10.0, 0.0, 0.0, 0.0, 0.0])
 
     stats = balance_routers(routers, 0.5, reduce)
-    assert seen[0].shape == (2, 4)
+    assert len(seen) == 1 and seen[0].shape == (8,)   # one collective for all layers
     torch.testing.assert_close(routers[0].route_bias, torch.tensor([0.5, 0.5, 0.5, -0.5]))
     torch.testing.assert_close(routers[1].route_bias, torch.tensor([-0.5, -0.5, 0.5, 0.5]))
     assert all(r.route_load.sum() == 0 for r in routers)
@@ -149,3 +149,14 @@ def test_route_bias_stays_fp32_under_bf16_cast():
     assert router.wg.weight.dtype == torch.bfloat16
     assert router.route_bias.dtype == torch.float32
     assert "route_bias" in router.state_dict() and "route_load" not in router.state_dict()
+
+
+def test_balance_routers_of_different_sizes():
+    """Layers grown by different amounts (expand --layers) have routers of different sizes."""
+    routers = [make_router(E=4), make_router(E=6, seed=1)]
+    routers[0].route_load.copy_(torch.tensor([1.0, 1.0, 1.0, 5.0]))
+    routers[1].route_load.copy_(torch.tensor([0.0, 2.0, 2.0, 2.0, 2.0, 4.0]))
+    stats = balance_routers(routers, 0.25, lambda t: t * 2)
+    torch.testing.assert_close(routers[0].route_bias, torch.tensor([0.25, 0.25, 0.25, -0.25]))
+    torch.testing.assert_close(routers[1].route_bias, torch.tensor([0.25, 0.0, 0.0, 0.0, 0.0, -0.25]))
+    assert [len(s["shares"]) for s in stats] == [4, 6]
