@@ -218,9 +218,10 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict,
         raise UserError(f"world size {world} is not divisible by --ep-size {train_cfg.ep_size}")
     start, resuming = _start_checkpoint(train_cfg)
     model_cfg = _model_config(preset, overrides or [], start)
-    if any(count % train_cfg.ep_size for count in model_cfg.experts_per_layer):
-        raise UserError(f"experts per MoE layer {model_cfg.experts_per_layer} are not divisible by --ep-size "
-                        f"{train_cfg.ep_size}")
+    counts = sorted(set(model_cfg.experts_per_layer))
+    if any(count % train_cfg.ep_size for count in counts):
+        what = f"num_experts {counts[0]} is" if len(counts) == 1 else f"experts per MoE layer {counts} are"
+        raise UserError(f"{what} not divisible by --ep-size {train_cfg.ep_size}")
 
     comm.single_process_env()
     deepspeed.init_distributed()
