@@ -94,11 +94,12 @@ def plot_routing(out: Path, arm: UpcycledArm, manifest: dict, path: Path, max_la
     plt = _pyplot()
     records = read_metrics(out / arm.cpt / "metrics.jsonl")
     layers = manifest["layers"]
-    picked = sorted({round(i * (len(layers) - 1) / max(1, max_layers - 1)) for i in range(min(max_layers, len(layers)))})
+    shown = min(max_layers, len(layers))
+    picked = sorted({round(i * (len(layers) - 1) / max(1, shown - 1)) for i in range(shown)})
     window = max(1, len(records) // 20)
     steps = [r["step"] for r in records]
     cmap = plt.get_cmap("tab10" if layers[0]["num_source"] <= 10 else "tab20")
-    fig, axes = plt.subplots(1, len(picked), figsize=(4.2 * len(picked), 3.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(picked), figsize=(max(8.0, 4.2 * len(picked)), 3.8), squeeze=False, sharey=True)
     for ax, position in zip(axes[0], picked):
         layer = layers[position]
         sources = layer["sources"]
