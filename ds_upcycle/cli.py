@@ -29,6 +29,9 @@ def main() -> None:
 @click.option("--layers", default=None, metavar="L[,L...]",
               help="grow only these MoE layers (indices L of layer_L_expert_* files, from 0); the others keep "
                    "their experts (default: every MoE layer)")
+@click.option("--distinct-copies", is_flag=True,
+              help="route each token to at most one copy of an expert (the copies form a group in the "
+                   "model config): the expanded model computes exactly what the source computed")
 @click.option("--max-copies", type=int, default=None, help="cap on the copies of one expert")
 @click.option("--router-noise", type=float, default=0.01, show_default=True,
               help="std of the N(0, sigma^2) noise on the replicas' routing bias")
@@ -56,7 +59,7 @@ def main() -> None:
 @click.option("--calibration-batch-size", type=int, default=8, show_default=True,
               help="sequences per calibration batch (of the source's seq_len)")
 @user_errors
-def expand(source, destination, num_experts, multiplier, select, layers, max_copies, router_noise, optimizer_state,
+def expand(source, destination, num_experts, multiplier, select, layers, distinct_copies, max_copies, router_noise, optimizer_state,
            world_size, ep_size, seed, dry_run, force, check_data, check_samples, data_cache, calibration_data,
            calibration_batches, calibration_batch_size) -> None:
     """Expand a DeepSpeed MoE checkpoint SOURCE to more experts per layer, written to DESTINATION.
@@ -70,7 +73,8 @@ def expand(source, destination, num_experts, multiplier, select, layers, max_cop
     from .upcycle.report import describe_plans
 
     cfg = ExpandConfig(source=source, destination=destination, num_experts=num_experts, multiplier=multiplier,
-                       select=select, layers=parse_layers(layers), max_copies=max_copies, router_noise=router_noise,
+                       select=select, layers=parse_layers(layers), distinct_copies=distinct_copies,
+                       max_copies=max_copies, router_noise=router_noise,
                        optimizer_state=optimizer_state, world_size=world_size, ep_size=ep_size, seed=seed,
                        force=force, check_data=check_data, check_samples=check_samples, data_cache=data_cache,
                        calibration_data=calibration_data, calibration_batches=calibration_batches,

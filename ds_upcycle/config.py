@@ -32,6 +32,9 @@ class ModelConfig:
         num_experts: experts per MoE layer (E).
         layer_experts: experts of each MoE layer, in order, where they differ (a checkpoint
             expanded in some layers only); None: num_experts in every MoE layer.
+        route_groups: per MoE layer, the group of every expert (the source expert it copies, set
+            by `ds-upcycle expand --distinct-copies`): a token takes at most one expert of a group.
+            None: no groups.
         top_k: experts chosen per token.
         moe_layer_freq: 1 = every block is MoE (full MoE); 2 = dense and MoE blocks alternate,
             starting with a dense block (interleaved, Llama-4 style); n = every n-th block is MoE.
@@ -56,6 +59,7 @@ class ModelConfig:
     expert_ffn_dim: int = 384
     num_experts: int = 8
     layer_experts: tuple[int, ...] | None = None
+    route_groups: tuple[tuple[int, ...], ...] | None = None
     top_k: int = 2
     moe_layer_freq: int = 2
     score_func: str = "sigmoid"
@@ -88,6 +92,16 @@ class ModelConfig:
                                 f"{len(self.moe_layer_ids)} MoE layers")
             if any(not isinstance(n, int) or n < 1 for n in self.layer_experts):
                 raise UserError(f"model config: layer_experts must be positive integers, got {self.layer_experts}")
+        if self.route_groups is not None:
+            object.__setattr__(self, "route_groups", tuple(tuple(g) for g in self.route_groups))
+            sizes = [len(g) for g in self.route_groups]
+            if sizes != self.experts_per_layer:
+                raise UserError(f"model config: route_groups cover {sizes} experts, the MoE layers have "
+                                f"{self.experts_per_layer}")
+            for groups in self.route_groups:
+                if sorted(set(groups)) != list(range(len(set(groups)))) or len(set(groups)) < self.top_k:
+                    raise UserError(f"model config: route_groups {list(groups)} must number groups 0, 1, ... "
+                                    f"and have at least top_k {self.top_k} of them")
         if self.top_k > min(self.experts_per_layer, default=self.num_experts):
             raise UserError(f"model config: top_k {self.top_k} exceeds num_experts "
                             f"{min(self.experts_per_layer, default=self.num_experts)} of a MoE layer")
@@ -124,6 +138,9 @@ class ModelConfig:
 
     def experts_in_block(self, layer_id: int) -> int:
         return self.experts_per_layer[self.moe_layer_ids.index(layer_id)]
+
+    def groups_in_block(self, layer_id: int) -> tuple[int, ...] | None:
+        return None if self.route_groups is None else self.route_groups[self.moe_layer_ids.index(layer_id)]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

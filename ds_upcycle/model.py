@@ -124,7 +124,7 @@ class Block(nn.Module):
         if self.is_moe:
             num_experts = cfg.experts_in_block(layer_id)
             router = LossFreeRouter(cfg.dim, num_experts, cfg.top_k, cfg.score_func,
-                                    cfg.normalize_routes, cfg.aux_loss_coef)
+                                    cfg.normalize_routes, cfg.aux_loss_coef, groups=cfg.groups_in_block(layer_id))
             self.ffn = MoEFeedForward(cfg.dim, cfg.expert_ffn_dim, num_experts, cfg.top_k, router,
                                       ep_size=ep_size, ep_rank=ep_rank)
         else:

@@ -70,3 +70,13 @@ def test_layer_experts_build_layers_of_different_sizes():
         base.replace(layer_experts=(4, 4, 4))
     with pytest.raises(UserError, match="exceeds num_experts 1 of a MoE layer"):
         base.replace(layer_experts=(4, 1))
+
+
+def test_route_groups_validated():
+    base = resolve_model_config("tiny-il", ["vocab_size=300", "n_layers=4", "num_experts=4"])  # 2 MoE layers
+    cfg = ModelConfig.from_dict({**base.to_dict(), "route_groups": [[0, 1, 0, 1], [0, 1, 2, 3]]})
+    assert cfg.route_groups == ((0, 1, 0, 1), (0, 1, 2, 3)) and cfg.groups_in_block(3) == (0, 1, 2, 3)
+    with pytest.raises(UserError, match="route_groups cover"):
+        base.replace(route_groups=((0, 1, 0, 1),))
+    with pytest.raises(UserError, match="at least top_k 2"):
+        base.replace(route_groups=((0, 0, 0, 0), (0, 1, 2, 3)))

@@ -160,3 +160,34 @@ def test_balance_routers_of_different_sizes():
     torch.testing.assert_close(routers[0].route_bias, torch.tensor([0.25, 0.25, 0.25, -0.25]))
     torch.testing.assert_close(routers[1].route_bias, torch.tensor([0.25, 0.0, 0.0, 0.0, 0.0, -0.25]))
     assert [len(s["shares"]) for s in stats] == [4, 6]
+
+
+def test_distinct_groups_take_one_copy_of_an_expert():
+    """Experts 0/2 and 1/3 are copies (groups 0 and 1) with a third group 2: top-2 never takes both copies."""
+    router = LossFreeRouter(4, 5, 2, groups=(0, 1, 0, 1, 2))
+    biased = torch.tensor([[0.9, 0.1, 0.8, 0.2, 0.3],     # plain top-2 would take 0 and 2
+                           [0.1, 0.5, 0.2, 0.6, 0.55],    # best of group 1 is expert 3, then group 2
+                           [0.4, 0.4, 0.4, 0.4, 0.0]])    # ties inside a group: the lower id
+    chosen = router._top_k_distinct_groups(biased)
+    assert [sorted(row) for row in chosen.tolist()] == [[0, 4], [3, 4], [0, 1]]
+    assert LossFreeRouter(4, 5, 2).route_group is None   # without groups the router is plain top-K
+
+
+def test_distinct_groups_preserve_the_source_layer_exactly():
+    """A layer of 3 experts doubled with groups computes what the 3-expert layer computed."""
+    torch.manual_seed(0)
+    source = LossFreeRouter(8, 3, 2)
+    doubled = LossFreeRouter(8, 6, 2, groups=(0, 1, 2, 0, 1, 2))
+    with torch.no_grad():
+        doubled.wg.weight.copy_(torch.cat([source.wg.weight, source.wg.weight]))
+        # copies a little less attractive than their source: every group is chosen as before
+        doubled.route_bias.copy_(torch.tensor([0.0, 0.0, 0.0, -0.01, -0.02, -0.03]))
+    x = torch.randn(64, 8)
+    src_experts, src_weights, _ = source.route(x)
+    experts, weights, _ = doubled.route(x)
+    assert torch.equal(experts, src_experts)
+    torch.testing.assert_close(weights, src_weights, rtol=0, atol=0)
+    plain = LossFreeRouter(8, 6, 2)   # the same rows without groups: copies tie, top-2 takes both
+    with torch.no_grad():
+        plain.wg.weight.copy_(doubled.wg.weight)
+    assert torch.equal(plain.route(x)[0] % 3, plain.route(x)[0][:, :1].expand(-1, 2) % 3)

@@ -114,3 +114,23 @@ def test_check_data_refuses_plain_deepspeed_checkpoint_before_writing(source):
 def test_check_samples_validated():
     with pytest.raises(UserError, match="--check-samples"):
         ExpandConfig(source="a", destination="b", multiplier=2, check_data=True, check_samples=0)
+
+
+def test_distinct_copies_compute_exactly_what_the_source_computed(source):
+    """--distinct-copies: a token takes at most one copy of an expert, so there is no tie and no jump."""
+    dst = source["root"] / "e8-distinct"
+    # Noise 0: within a group the copies tie and the lowest id, the source expert, takes the token.
+    result = expand_checkpoint(ExpandConfig(str(source["src"]), str(dst), multiplier=2, select="grad_sq",
+                                            distinct_copies=True, router_noise=0.0, check_data=True,
+                                            check_samples=SAMPLES, data_cache=source["cache"]), progress=False)
+    ws = result.manifest["warm_start"]
+    assert ws["expanded_loss"] == pytest.approx(ws["source_loss"], rel=1e-6)
+    tag_dir = dst / (dst / "latest").read_text().strip()
+    groups = json.loads((tag_dir / "ds_upcycle.json").read_text())["model"]["route_groups"]
+    assert groups == [layer["sources"] for layer in result.manifest["layers"]]
+    # expanding again keeps the copies of one original expert in one group
+    twice = expand_checkpoint(ExpandConfig(str(dst), str(source["root"] / "e12-distinct"), num_experts=12,
+                                           select="uniform", distinct_copies=True), progress=False)
+    tag_dir = source["root"] / "e12-distinct" / tag_dir.name
+    regrouped = json.loads((tag_dir / "ds_upcycle.json").read_text())["model"]["route_groups"]
+    assert regrouped == [[groups[i][s] for s in layer["sources"]] for i, layer in enumerate(twice.manifest["layers"])]

@@ -83,8 +83,11 @@ def load_checkpoint(path, device: str | torch.device = "cpu", dtype: torch.dtype
         names = result.missing_keys[:3] or result.unexpected_keys[:3]
         kind = "lacks" if result.missing_keys else "has unknown"
         raise UserError(f"{ref.path} {kind} weights {', '.join(names)}: it does not match its own model config")
-    for router in model.routers:  # not saved: balancing counters only matter in training
-        router.route_load = torch.zeros(router.num_experts)
+    groups = cfg.route_groups or [None] * len(model.routers)
+    for router, group in zip(model.routers, groups):  # buffers the checkpoint does not hold
+        router.route_load = torch.zeros(router.num_experts)  # balancing counters only matter in training
+        if group is not None:  # from the model config
+            router.route_group = torch.tensor(group, dtype=torch.long)
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     # The router keeps its bias in fp32 whatever the dtype (LossFreeRouter._apply).

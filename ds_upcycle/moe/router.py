@@ -8,7 +8,11 @@ tuple that DeepSpeed's MOELayer consumes. Differences from the stock gate:
   weights come from the unbiased scores of the chosen experts, normalised over them;
 - dropless: every expert buffer is sized by the busiest expert, so no token is ever dropped;
 - it counts the tokens routed to each expert while training, so that the training loop can update
-  the bias from the load of the whole global batch (see `ds_upcycle.moe.balance`).
+  the bias from the load of the whole global batch (see `ds_upcycle.moe.balance`);
+- optionally (`groups`, set by `ds-upcycle expand --distinct-copies`) experts form groups, the
+  copies of one source expert, and a token takes at most one expert of a group: the top-K groups
+  by their best member's biased score, and that member. Copies of an expert then never tie for the
+  same token, so right after expansion the layer computes exactly what the source computed.
 
 The bias buffer is called `route_bias`: DeepSpeed's checkpoint code treats every state key that
 contains the word "expert" as an expert tensor.
@@ -25,7 +29,7 @@ from ..comm import agree_capacity
 
 class LossFreeRouter(nn.Module):
     def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str = "sigmoid",
-                 normalize: bool = True, aux_loss_coef: float = 0.0) -> None:
+                 normalize: bool = True, aux_loss_coef: float = 0.0, groups: tuple[int, ...] | None = None) -> None:
         super().__init__()
         # Named `wg` like DeepSpeed's gate so checkpoints of either gate share the router's key.
         self.wg = nn.Linear(dim, num_experts, bias=False)
@@ -38,6 +42,9 @@ class LossFreeRouter(nn.Module):
         self.register_buffer("route_bias", torch.zeros(num_experts))
         # Tokens routed to each expert since the last bias update; not part of the checkpoint.
         self.register_buffer("route_load", torch.zeros(num_experts), persistent=False)
+        # The model config carries the groups, so checkpoints keep the same keys with or without them.
+        group_E = None if groups is None else torch.tensor(groups, dtype=torch.long)
+        self.register_buffer("route_group", group_E, persistent=False)
 
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
@@ -59,11 +66,29 @@ class LossFreeRouter(nn.Module):
     def route(self, x_SD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Choose experts: returns (expert ids [S, K], combine weights [S, K], scores [S, E])."""
         scores_SE = self.scores(x_SD)
-        _, experts_SK = torch.topk(scores_SE.detach() + self.route_bias, self.k, dim=-1)
+        biased_SE = scores_SE.detach() + self.route_bias
+        if self.route_group is None:
+            _, experts_SK = torch.topk(biased_SE, self.k, dim=-1)
+        else:
+            experts_SK = self._top_k_distinct_groups(biased_SE)
         weights_SK = scores_SE.gather(1, experts_SK)
         if self.normalize:
             weights_SK = weights_SK / weights_SK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         return experts_SK, weights_SK, scores_SE
+
+    def _top_k_distinct_groups(self, biased_SE: torch.Tensor) -> torch.Tensor:
+        """The best member of each of the K groups whose best member scores highest."""
+        S, E = biased_SE.shape
+        group_SE = self.route_group.expand(S, E)
+        num_groups = int(self.route_group.max()) + 1
+        best_SG = biased_SE.new_full((S, num_groups), float("-inf")).scatter_reduce(
+            1, group_SE, biased_SE, reduce="amax")
+        _, groups_SK = torch.topk(best_SG, self.k, dim=-1)
+        is_best_SE = biased_SE == best_SG.gather(1, group_SE)
+        # argmax of a boolean row picks the first True: the lowest-id best member of the group.
+        members = [(is_best_SE & (group_SE == groups_SK[:, k:k + 1])).to(torch.uint8).argmax(dim=-1)
+                   for k in range(self.k)]
+        return torch.stack(members, dim=-1)
 
     def forward(self, x_SD: torch.Tensor, used_token=None, sparse_routes: bool = True,
                 use_tutel: bool = False):

@@ -33,6 +33,9 @@ class ExpandConfig:
             "source" (the cpt split of the source's own training data) or a data source as train.py
             takes it, tokenized with the source's tokenizer (see calibration.py).
         calibration_batches, calibration_batch_size: the first batches of that many sequences.
+        distinct_copies: group every new expert with the other copies of its source expert in the
+            model config (route_groups): a token then takes at most one copy of an expert, so the
+            expanded model computes exactly what the source computed (train.py models only).
         layers: the MoE layers to grow (indices L of layer_{L}_expert_*, in module order); the
             others keep their experts (and are resharded). None: every MoE layer.
     """
@@ -56,6 +59,7 @@ class ExpandConfig:
     calibration_batches: int = 8
     calibration_batch_size: int = 8
     layers: tuple[int, ...] | None = None
+    distinct_copies: bool = False
 
     def __post_init__(self) -> None:
         if (self.num_experts is None) == (self.multiplier is None):

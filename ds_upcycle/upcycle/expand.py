@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -87,12 +87,31 @@ def _expand_param(state: ParamState, plan: LayerPlan, mode: str) -> ParamState:
     return ParamState(expand_rows(state.fp32, plan), *moments)
 
 
+def with_route_groups(run_info: dict | None, layers: list[MoELayer], plans: dict[int, LayerPlan]) -> dict:
+    """The model config with every new expert grouped with the other copies of its source expert.
+
+    An expert of an already grouped source keeps its group, so expanding twice groups all copies
+    of one original expert together.
+    """
+    if not run_info or "model" not in run_info:
+        raise UserError("--distinct-copies records the copies' groups in the model config of the source's "
+                        "ds_upcycle.json, which this checkpoint lacks (not written by train.py)")
+    old = run_info["model"].get("route_groups")
+    groups = []
+    for position, layer in enumerate(layers):
+        before = old[position] if old else list(range(layer.num_experts))
+        groups.append([before[source] for source in plans[layer.index].sources])
+    return {**run_info, "model": {**run_info["model"], "route_groups": groups}}
+
+
 class ExpandedSource:
     """The expanded checkpoint, computed on demand from the source (implements CheckpointSource)."""
 
     def __init__(self, source: CheckpointSource, plans: dict[int, LayerPlan], cfg: ExpandConfig) -> None:
         self.source, self.plans, self.cfg = source, plans, cfg
         self.meta = source.meta
+        if cfg.distinct_copies:
+            self.meta = replace(source.meta, run_info=with_route_groups(source.meta.run_info, source.moe_layers, plans))
         self.moe_layers = [layer.with_experts(plans[layer.index].num_target) for layer in source.moe_layers]
         self.router_noise_target: dict[int, str] = {}
 
