@@ -34,6 +34,8 @@ class ReproduceConfig:
             data without expanding it, which separates the operator's effect from the two-stage
             schedule's.
         router_noise: sigma of the replicas' routing-bias noise at expansion.
+        distinct_copies: expand with `--distinct-copies` (a token takes at most one copy of an
+            expert); False runs the paper's plain operator.
         data, text_field, seq_len, vocab_size, val_fraction, cpt_split_fraction: training data
             (train.py --data ... --cpt-fraction); splits are assigned per document by a hash.
         deepspeed_config: a DeepSpeed JSON file (a path, or a name in the repository's ds_configs/).
@@ -63,6 +65,7 @@ class ReproduceConfig:
     select: str = "grad_sq"
     control: bool = True
     router_noise: float = 0.01
+    distinct_copies: bool = False
     data: str | None = "synthetic"
     text_field: str = "text"
     seq_len: int = 128

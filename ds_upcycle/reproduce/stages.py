@@ -155,6 +155,7 @@ def run_expand_stage(cfg: ReproduceConfig, stage: ExpandStage, out: Path, data_c
     started = time.perf_counter()
     expand_cfg = ExpandConfig(source=str(out / stage.source), destination=str(out / stage.name),
                               multiplier=cfg.multiplier, select=stage.select, router_noise=cfg.router_noise,
+                              distinct_copies=cfg.distinct_copies,
                               seed=cfg.seed, force=True, check_data=True, check_samples=cfg.eval_samples,
                               data_cache=data_cache)
     result = expand_checkpoint(expand_cfg, progress=False)
