@@ -39,8 +39,6 @@ RESHARDS = {"z2-dp1-ep1-to-dp2-ep2": ("z2-dp1-ep1", 2, 2, 2),
 EXPANDED = ("z1-dp2-ep1", 2, 2, 2)   # 4 -> 8 experts, written for dp 2, ep 2
 
 
-# -- helpers -----------------------------------------------------------------------------------
-
 # -- fixtures: train sources, write targets, load everything with stock DeepSpeed --------------
 
 @pytest.fixture(scope="module")
