@@ -28,6 +28,13 @@ def write_ds_config(path: Path, stage: int = 2, micro_batch: int = 4, grad_accum
     return path
 
 
+def bf16_ds_config(path: Path, **changes) -> Path:
+    """The shipped ds_configs/zero2_bf16.json with micro-batch 4 and `changes`, written to `path`."""
+    config = json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text())
+    path.write_text(json.dumps({**config, "train_micro_batch_size_per_gpu": 4, **changes}))
+    return path
+
+
 def run_train(args: list[str], num_procs: int = 0, cwd: Path = ROOT, timeout: int = 600,
               env: dict | None = None) -> subprocess.CompletedProcess:
     """Run train.py as a user would: plain python (num_procs=0) or through the deepspeed launcher."""

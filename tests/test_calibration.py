@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ckpt_helpers import check_ok, tree_digest
-from conftest import ROOT, run_train, tiny_run_args, write_ds_config
+from conftest import ROOT, bf16_ds_config, run_train, tiny_run_args, write_ds_config
 
 from ds_upcycle.checkpoint import read_checkpoint
 from ds_upcycle.config import ModelConfig
@@ -234,9 +234,7 @@ def test_checkpoint_without_run_file_refused_before_writing(source):
 @pytest.mark.slow
 def test_bf16_checkpoint_calibrates_at_the_fp32_master_weights(tmp_path, data_cache):
     """A bf16 run's module weights are its fp32 masters rounded; calibration uses the masters."""
-    cfg = tmp_path / "bf16.json"
-    cfg.write_text(json.dumps({**json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text()),
-                               "train_micro_batch_size_per_gpu": 4}))
+    cfg = bf16_ds_config(tmp_path / "bf16.json")
     src = tmp_path / "src"
     check_ok(run_train(tiny_run_args(cfg, 3, data_cache, "--set", "num_experts=4", "--eval-samples", "8",
                                      "--save", str(src))))

@@ -19,7 +19,7 @@ import torch
 
 from ckpt_helpers import (assert_deepspeed_saves_the_same, assert_same_params, check_ok, duplicate_experts, merged_dump,
                           run_worker, train_command, tree_digest)
-from conftest import ROOT, run_train, write_ds_config
+from conftest import ROOT, bf16_ds_config, run_train, write_ds_config
 from ds_upcycle.checkpoint import load_state, named_param_states, read_checkpoint, write_checkpoint
 from ds_upcycle.checkpoint.stage0 import Stage0Reader
 from ds_upcycle.errors import UserError
@@ -141,9 +141,7 @@ def test_stage0_refuses_conversion_to_zero(sources, tmp_path):
 
 def test_stage0_bf16_is_refused_in_one_line(tmp_path, data_cache):
     """bf16 without ZeRO saves DeepSpeed's BF16_Optimizer wrapper state, which is not supported."""
-    cfg = tmp_path / "bf16-stage0.json"
-    cfg.write_text(json.dumps({**json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text()),
-                               "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 0}}))
+    cfg = bf16_ds_config(tmp_path / "bf16-stage0.json", zero_optimization={"stage": 0})
     src = tmp_path / "src"
     check_ok(run_train(train_command(data_cache, cfg, "--save", str(src))))
     before = tree_digest(src)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ckpt_helpers import assert_deepspeed_saves_the_same, check_ok, merged_dump, run_worker, tree_digest
-from conftest import ROOT, free_port, run_train, tiny_run_args, write_ds_config
+from conftest import ROOT, bf16_ds_config, free_port, run_train, tiny_run_args, write_ds_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 GATE = ".deepspeed_moe.gate"
@@ -236,9 +236,7 @@ def test_stock_deepspeed_script_checkpoint_expands_and_resumes(tmp_path):
 
 def test_bf16_zero2_checkpoint_expands_and_loads(tmp_path, data_cache):
     """bf16 runs write bf16_zero_pp_rank_* files; module weights are the fp32 master cast to bf16."""
-    cfg = tmp_path / "bf16.json"
-    cfg.write_text(json.dumps({**json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text()),
-                               "train_micro_batch_size_per_gpu": 4}))
+    cfg = bf16_ds_config(tmp_path / "bf16.json")
     src = tmp_path / "src"
     check_ok(run_train(tiny_run_args(cfg, 3, data_cache, "--set", "expert_ffn_dim=48", "--eval-samples", "8",
                                      "--save", str(src))))

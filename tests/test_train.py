@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, free_port, run_train, write_ds_config
+from conftest import ROOT, bf16_ds_config, free_port, run_train, write_ds_config
 from ds_upcycle.training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -120,9 +120,7 @@ def test_world_size_not_divisible_by_ep_size(tmp_path, train_args):
 
 def test_bf16_run_keeps_routing_bias_in_fp32(tmp_path, train_args):
     import torch
-    cfg = tmp_path / "bf16.json"
-    cfg.write_text(json.dumps({**json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text()),
-                               "train_micro_batch_size_per_gpu": 4}))
+    cfg = bf16_ds_config(tmp_path / "bf16.json")
     check_ok(run_train(train_args(cfg, 4, "--save", str(tmp_path / "run"))))
     module = torch.load(tmp_path / "run" / "global_step4" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert module["tok_embeddings.weight"].dtype == torch.bfloat16
