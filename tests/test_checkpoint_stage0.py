@@ -150,3 +150,20 @@ def test_stage0_bf16_is_refused_in_one_line(tmp_path, data_cache):
     assert proc.returncode == 2 and "mixed-precision optimizer" in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert tree_digest(src) == before and not (tmp_path / "dst").exists()
+
+
+def test_stage0_tied_embeddings_reshard(tmp_path, ds_config, data_cache):
+    """DeepSpeed's stage-0 save clones the tied output weight: the tie is found by value and kept."""
+    src = tmp_path / "src"
+    check_ok(run_train(train_command(data_cache, ds_config, "--save", str(src), "--set", "tie_embeddings=true")))
+    reader = read_checkpoint(src)
+    assert reader.meta.shared_params == {"output.weight": "tok_embeddings.weight"}
+    out = tmp_path / "out"
+    write_checkpoint(reader, out, TAG, 2, 2)
+    assert read_checkpoint(out).meta.shared_params == reader.meta.shared_params
+    run_worker([{"name": "tied", "ckpt": str(out), "ds_config": str(ds_config), "dump": str(tmp_path / "tied"),
+                 "resave": str(tmp_path / "resave"), "step": True}], 2, 2, tmp_path / "jobs.json")
+    dump = merged_dump(tmp_path / "tied", 2)
+    assert_same_params(named_param_states(reader), dump)
+    assert dump["train_step"]["params_moved"] == dump["train_step"]["params"]
+    assert_deepspeed_saves_the_same(out / TAG, tmp_path / "resave" / TAG)

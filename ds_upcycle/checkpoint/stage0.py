@@ -58,9 +58,9 @@ class Stage0Reader:
         self._optim = [_load_optimizer(path / optim_file(p)) for p in range(self.ep_size)]
         self.moe_layers = _moe_layers(path, model.get("num_experts"), self.ep_size)
         buffer_names = list(model["buffer_names"] or [])
-        aliases = _aliases(self._module, buffer_names)
-        dense_names = [k for k in self._module if k not in buffer_names and k not in aliases]
         groups = self._optim[0]["param_groups"]
+        aliases = _aliases(self._module, buffer_names, len(groups[0]["params"]) if groups else 0)
+        dense_names = [k for k in self._module if k not in buffer_names and k not in aliases]
         self._dense_index = _check_groups(path, groups, dense_names, self._local_expert_numels(), self._optim)
         _check_module_keys(list(self._module), dense_names, buffer_names, aliases, path)
         step = _step(path, self._optim)
@@ -155,17 +155,36 @@ def _moe_layers(path: Path, num_experts: list[int] | None, ep_size: int) -> list
     return layers
 
 
-def _aliases(module: dict, buffer_names: list[str]) -> dict[str, str]:
-    """Tied parameters: a key whose tensor shares storage with an earlier key (named_parameters keeps the first)."""
-    first_of, aliases = {}, {}
-    for name, tensor in module.items():
-        if name in buffer_names:
-            continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in first_of:
-            aliases[name] = first_of[key]
-        else:
-            first_of[key] = name
+def _aliases(module: dict, buffer_names: list[str], num_params: int) -> dict[str, str]:
+    """Tied parameters: keys whose tensor is an earlier key's (named_parameters keeps the first).
+
+    A tie shows as shared storage where the file kept it. DeepSpeed's stage-0 save clones every
+    tensor, so there a tie shows only as equal values: that reading is used when shared storage
+    does not account for the optimizer's `num_params` non-expert parameters, and only if it does.
+    """
+    names = [name for name in module if name not in buffer_names]
+
+    def tied(same) -> dict[str, str]:
+        aliases = {}
+        for index, name in enumerate(names):
+            holder = next((earlier for earlier in names[:index] if earlier not in aliases
+                           and same(module[earlier], module[name])), None)
+            if holder is not None:
+                aliases[name] = holder
+        return aliases
+
+    def shared(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                and a.storage_offset() == b.storage_offset() and a.shape == b.shape)
+
+    def equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+    aliases = tied(shared)
+    if len(names) - len(aliases) != num_params:
+        by_value = tied(equal)
+        if len(names) - len(by_value) == num_params:
+            return by_value
     return aliases
 
 
