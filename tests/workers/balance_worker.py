@@ -20,4 +20,8 @@ router = LossFreeRouter(8, 4, 2)
 router.route_load.copy_(torch.tensor([[5.0, 0.0, 1.0, 2.0], [0.0, 1.0, 1.0, 6.0]])[rank])
 stats = balance_routers([router], 0.25, comm.sum_over_world)
 if rank == 0:
-    json.dump({"bias": router.route_bias.tolist(), "stats": stats}, open(args.out, "w"))
+    with open(args.out, "w") as f:
+        json.dump({"bias": router.route_bias.tolist(), "stats": stats}, f)
+# Leave together: a rank that exits while its peer still talks to it can abort the peer.
+comm.barrier()
+torch.distributed.destroy_process_group()
