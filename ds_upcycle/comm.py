@@ -35,6 +35,30 @@ def single_process_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def init_distributed(**kwargs) -> None:
+    """deepspeed.init_distributed(**kwargs), without leaving DeepSpeed's CPU shared memory behind.
+
+    On CPU, under the launcher, DeepSpeed's communication op gives every rank a segment in /dev/shm
+    (about 69 MB, held in RAM) that the other ranks open by name while initialising, and never
+    unlinks it: every launch would leave them behind until the machine runs out of memory. Once all
+    ranks are through initialisation (the barrier) the names can go; the mappings stay valid.
+    """
+    import os
+
+    import deepspeed
+
+    deepspeed.init_distributed(**kwargs)
+    if not is_distributed():
+        return
+    dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
+    try:
+        os.unlink(name)
+    except FileNotFoundError:  # no shared-memory op in use (GPU, or ranks on several machines)
+        pass
+
+
 def agree_capacity(local_max: torch.Tensor, group) -> torch.Tensor:
     """Largest per-expert token count over an expert-parallel group.
 

@@ -117,7 +117,7 @@ def main() -> None:
     from ds_upcycle.config import resolve_model_config
 
     comm.single_process_env()
-    deepspeed.init_distributed()
+    comm.init_distributed()
     cfg = resolve_model_config(args.preset, args.overrides).replace(vocab_size=args.vocab_size)
     device = torch.device(deepspeed.accelerator.get_accelerator().device_name(0)
                           if torch.cuda.is_available() else "cpu")

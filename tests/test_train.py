@@ -1,6 +1,7 @@
 """train.py end to end: real DeepSpeed on CPU, 1 and 2 processes."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -66,8 +67,11 @@ def test_two_processes_expert_parallel_match_one_process(tmp_path, train_args):
     one = write_ds_config(tmp_path / "one.json", micro_batch=8)
     two = write_ds_config(tmp_path / "two.json", micro_batch=4)
     check_ok(run_train(train_args(one, 6, "--save", str(tmp_path / "a"), "--eval-interval", "3")))
+    shared_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     check_ok(run_train(train_args(two, 6, "--save", str(tmp_path / "b"), "--eval-interval", "3",
                                   "--ep-size", "2"), num_procs=2))
+    # DeepSpeed's CPU shared-memory segments (about 69 MB of RAM per rank) do not outlive the run
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shared_before
     a, b = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
     # Same global batch, same layout-independent init: the same training run, up to float reordering.
     for ra, rb in zip(a, b):

@@ -224,7 +224,7 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict,
         raise UserError(f"{what} not divisible by --ep-size {train_cfg.ep_size}")
 
     comm.single_process_env()
-    deepspeed.init_distributed()
+    comm.init_distributed()
     prepared = _prepare(data_cfg, start.tokenizer if start else None)
     vocab = prepared.meta["vocab_size"]
     if start is not None and model_cfg.vocab_size != vocab:

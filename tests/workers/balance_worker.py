@@ -3,7 +3,6 @@
 import argparse
 import json
 
-import deepspeed
 import torch
 
 from ds_upcycle import comm
@@ -14,7 +13,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--local_rank", type=int)
 parser.add_argument("out")
 args = parser.parse_args()
-deepspeed.init_distributed(dist_backend="gloo")
+comm.init_distributed(dist_backend="gloo")
 rank = comm.rank()
 router = LossFreeRouter(8, 4, 2)
 router.route_load.copy_(torch.tensor([[5.0, 0.0, 1.0, 2.0], [0.0, 1.0, 1.0, 6.0]])[rank])

@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("jobs")
     args = parser.parse_args()
     comm.single_process_env()
-    deepspeed.init_distributed(dist_backend="gloo")
+    comm.init_distributed(dist_backend="gloo")
     for index, job in enumerate(json.loads(Path(args.jobs).read_text())):
         run_job(job, args.ep_size, index)
 

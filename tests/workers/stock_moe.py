@@ -17,6 +17,8 @@ import torch
 from deepspeed.moe.layer import MoE
 from torch import nn
 
+from ds_upcycle import comm
+
 
 class Expert(nn.Module):
     def __init__(self, dim):
@@ -71,7 +73,7 @@ def main():
     p.add_argument("--load")
     p.add_argument("--report")
     args = p.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
+    comm.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     model = Net(16, args.experts, args.ep_size)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
