@@ -17,7 +17,8 @@ def main(argv=None) -> int:
     try:
         train_cfg, data_cfg, args = configs_from_args(argv)
         ds_config = read_ds_config(args.deepspeed_config, args.micro_batch_size, args.grad_accum_steps)
-        result = run_training(train_cfg, data_cfg, ds_config, preset=args.model, overrides=args.overrides)
+        result = run_training(train_cfg, data_cfg, ds_config, preset=args.model, overrides=args.overrides,
+                              vocab_size=args.vocab_size)
     except UserError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from ds_upcycle.training.schedule import WSDSchedule
@@ -34,9 +35,21 @@ def test_min_ratio():
 def test_new_stage_restarts_from_current_step_with_given_peaks():
     opt, sched = make(total=10, warmup=2)
     lrs(opt, sched, 10)
-    sched.start_stage(total=10, warmup=5, peak_lrs=[0.5])
+    sched.start_stage(total=10, warmup=5, decay_fraction=0.1, min_ratio=0.0, peak_lrs=[0.5])
     values = lrs(opt, sched, 10)
     assert sched.stage_start == 10 and abs(values[0] - 0.1) < 1e-12 and values[5] == 0.5
+
+
+def test_new_stage_takes_every_setting_anew():
+    # The source stage (restored from a checkpoint) had almost no decay and no floor; the new
+    # stage asks for a long decay to a floor: every one of its LRs follows the new settings.
+    opt, sched = make(total=10, warmup=2, decay=0.001, min_ratio=0.0)
+    lrs(opt, sched, 10)
+    sched.start_stage(total=10, warmup=1, decay_fraction=0.5, min_ratio=0.2, peak_lrs=[2.0])
+    expected = [2.0] * 5 + [2.0 * (1 - 0.8 * k / 5) for k in range(1, 6)]
+    assert lrs(opt, sched, 10) == pytest.approx(expected, abs=1e-12)
+    assert sched.settings() == {"total": 10, "warmup": 1, "decay_fraction": 0.5, "min_ratio": 0.2,
+                                "peak_lrs": [2.0]}
 
 
 def test_state_round_trip():

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--text-field", default="text")
     d.add_argument("--split", default="pretrain", choices=["pretrain", "cpt"])
     d.add_argument("--seq-len", type=int, default=128)
-    d.add_argument("--vocab-size", type=int, default=2048, help="size of the tokenizer trained on the data")
+    d.add_argument("--vocab-size", type=int, default=None, help="size of the tokenizer trained on the data "
+                   f"(default {DataConfig.vocab_size}; a run started from a checkpoint keeps its tokenizer)")
     d.add_argument("--tokenizer", default=None, help="existing SentencePiece model to use instead")
     d.add_argument("--val-fraction", type=float, default=0.05)
     d.add_argument("--cpt-fraction", type=float, default=0.35)
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 def configs_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, DataConfig, argparse.Namespace]:
     args = build_parser().parse_args(argv)
     data = DataConfig(source=args.data, text_field=args.text_field, seq_len=args.seq_len,
-                      vocab_size=args.vocab_size, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                      vocab_size=DataConfig.vocab_size if args.vocab_size is None else args.vocab_size,
+                      tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                       cpt_fraction=args.cpt_fraction, cache_dir=args.data_cache)
     train = TrainConfig(steps=args.steps, split=args.split, warmup_steps=args.warmup_steps,
                         decay_fraction=args.decay_fraction, min_lr_ratio=args.min_lr_ratio,

@@ -18,8 +18,11 @@ from ..data import BatchOrder, DataConfig, PackedSequences, PreparedData, prepar
 from ..errors import UserError
 from ..model import Transformer
 from ..moe.balance import balance_routers
+from ..data.tokenizer import file_digest
 from .checkpoint import CheckpointRef, find_checkpoint, latest_checkpoint, write_run_files
 from .config import TrainConfig
+from .continuation import (check_model_overrides, hyperparameters, note, reapply_hyperparameters, run_changes,
+                           schedule_changes)
 from .metrics import MetricsLog
 from .schedule import WSDSchedule
 
@@ -65,6 +68,9 @@ def _start_checkpoint(cfg: TrainConfig) -> tuple[CheckpointRef | None, bool]:
     """(checkpoint to start from, whether it resumes this save_dir's own run)."""
     own = latest_checkpoint(cfg.save_dir)
     if own is not None:
+        if cfg.load_dir:
+            ignored = "--load and --fresh-schedule apply" if cfg.fresh_schedule else "--load applies"
+            note(f"resuming {own.path}; {ignored} only while --save holds no checkpoint")
         return own, True
     return (find_checkpoint(cfg.load_dir) if cfg.load_dir else None), False
 
@@ -72,9 +78,23 @@ def _start_checkpoint(cfg: TrainConfig) -> tuple[CheckpointRef | None, bool]:
 def _model_config(preset: str | None, overrides: list[str], start: CheckpointRef | None) -> ModelConfig:
     if start is None:
         return resolve_model_config(preset or "tiny", overrides)
-    if preset is not None and comm.rank() == 0:
-        print(f"note: --model {preset} ignored: the model comes from checkpoint {start.path}")
-    return start.model_config.replace(**parse_overrides(overrides))
+    if preset is not None:
+        note(f"--model {preset} ignored: the model comes from checkpoint {start.path}")
+    changes = parse_overrides(overrides)
+    check_model_overrides(start.model_config, changes, start.path)
+    return start.model_config.replace(**changes)
+
+
+def _check_tokenizer(data_cfg: DataConfig, vocab_size: int | None, start: CheckpointRef) -> None:
+    """A model keeps the tokenizer its token ids mean: the checkpoint's, never another."""
+    if start.tokenizer is None:
+        return
+    if data_cfg.tokenizer and file_digest(data_cfg.tokenizer) != file_digest(start.tokenizer):
+        raise UserError(f"--tokenizer {data_cfg.tokenizer} is not the tokenizer of checkpoint {start.path}, "
+                        f"whose token ids the model was trained on; drop --tokenizer")
+    recorded = start.run_info.get("data", {}).get("vocab_size")
+    if vocab_size is not None and vocab_size != recorded:
+        note(f"--vocab-size {vocab_size} ignored: the model keeps the tokenizer of checkpoint {start.path}")
 
 
 def _prepare(data_cfg: DataConfig, tokenizer: Path | None):
@@ -116,9 +136,31 @@ def _train_step(engine, order: BatchOrder, position: int) -> float:
     return (comm.sum_over_world(mean) / comm.world_size()).item()
 
 
-def _restore(engine, schedule: WSDSchedule, start: CheckpointRef, resuming: bool, cfg: TrainConfig) -> Position:
-    """Load `start` into the engine and work out where this stage begins."""
-    config_peaks = list(schedule.peak_lrs)
+def _stage_settings(cfg: TrainConfig, peak_lrs: list[float]) -> dict:
+    return {"total": cfg.steps, "warmup": cfg.warmup, "decay_fraction": cfg.decay_fraction,
+            "min_ratio": cfg.min_lr_ratio, "peak_lrs": list(peak_lrs)}
+
+
+def _run_settings(cfg: TrainConfig, data_cfg: DataConfig, global_batch: int) -> dict:
+    """What a resumed run compares with its record (ds_upcycle.json's "run")."""
+    return {"seed": cfg.seed, "global_batch": global_batch, "source": data_cfg.source,
+            "seq_len": data_cfg.seq_len, "val_fraction": data_cfg.val_fraction,
+            "cpt_fraction": data_cfg.cpt_fraction, "text_field": data_cfg.text_field}
+
+
+RUN_FLAGS = {"seed": "--seed", "global_batch": "global batch size", "source": "--data", "seq_len": "--seq-len",
+             "val_fraction": "--val-fraction", "cpt_fraction": "--cpt-fraction", "text_field": "--text-field"}
+
+
+def _restore(engine, schedule: WSDSchedule, start: CheckpointRef, resuming: bool, cfg: TrainConfig,
+             data_cfg: DataConfig) -> Position:
+    """Load `start` into the engine and work out where this stage begins.
+
+    The command line wins over the restored state: the DeepSpeed config's optimizer
+    hyperparameters and this command's schedule settings are put back after loading.
+    """
+    wanted_schedule = _stage_settings(cfg, schedule.peak_lrs)
+    wanted_hyperparameters = hyperparameters(schedule.optimizer)
     try:
         load_path, client = engine.load_checkpoint(str(start.save_dir), tag=start.tag)
     except Exception as err:  # DeepSpeed raises assorted types for layout mismatches
@@ -128,10 +170,17 @@ def _restore(engine, schedule: WSDSchedule, start: CheckpointRef, resuming: bool
         raise UserError(f"DeepSpeed found no checkpoint in {start.path}")
     saved = Position(**client.get("ds_upcycle", {}).get("position", {"split": cfg.split}))
     new_stage = cfg.fresh_schedule and not resuming
+    changes = reapply_hyperparameters(schedule.optimizer, wanted_hyperparameters)
     if new_stage:
-        schedule.start_stage(cfg.steps, cfg.warmup, config_peaks)
+        schedule.start_stage(**wanted_schedule)
     else:
-        schedule.total = cfg.steps
+        changes += schedule_changes(schedule.settings(), wanted_schedule, engine.global_steps + 1)
+        schedule.update(**wanted_schedule)
+    if resuming:
+        current = _run_settings(cfg, data_cfg, engine.train_batch_size())
+        changes += run_changes(start.run_info.get("run", {}), current, RUN_FLAGS, engine.global_steps + 1)
+    for line in changes:
+        note(line)
     same_data = saved.split == cfg.split and not new_stage
     return Position(cfg.split, saved.samples if same_data else 0, saved.tokens)
 
@@ -165,7 +214,8 @@ class Trainer:
             data = {k: v for k, v in asdict(self.data_cfg).items() if k != "cache_dir"}
             write_run_files(Path(self.cfg.save_dir) / tag, self.model.cfg, self.prepared.tokenizer_path, {
                 "global_step": step, "tokens_seen": self.position.tokens, "split": self.position.split,
-                "data": data, "ds_upcycle_version": __version__})
+                "data": data, "run": _run_settings(self.cfg, self.data_cfg, self.engine.train_batch_size()),
+                "ds_upcycle_version": __version__})
         self.engine.save_checkpoint(self.cfg.save_dir, tag=tag,
                                     client_state={"ds_upcycle": {"position": asdict(self.position)}})
 
@@ -208,9 +258,13 @@ class Trainer:
         return RunResult(self.engine.global_steps, val_loss, self.position.tokens, history)
 
 
-def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict,
-                 preset: str | None = None, overrides: list[str] | None = None) -> RunResult:
-    """Train one stage: from scratch, from --load, or resuming the run in --save."""
+def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict, preset: str | None = None,
+                 overrides: list[str] | None = None, vocab_size: int | None = None) -> RunResult:
+    """Train one stage: from scratch, from --load, or resuming the run in --save.
+
+    preset, overrides and vocab_size are what the user asked for (None: not given); a start
+    checkpoint's own model and tokenizer take their place where they must.
+    """
     import deepspeed
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -222,6 +276,9 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict,
     if any(count % train_cfg.ep_size for count in counts):
         what = f"num_experts {counts[0]} is" if len(counts) == 1 else f"experts per MoE layer {counts} are"
         raise UserError(f"{what} not divisible by --ep-size {train_cfg.ep_size}")
+
+    if start is not None:
+        _check_tokenizer(data_cfg, vocab_size, start)
 
     comm.single_process_env()
     comm.init_distributed()
@@ -235,7 +292,7 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict,
                           decay_fraction=train_cfg.decay_fraction, min_ratio=train_cfg.min_lr_ratio)
     engine, _, _, schedule = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                   config=ds_config, lr_scheduler=schedule_fn)
-    position = _restore(engine, schedule, start, resuming, train_cfg) if start else Position(train_cfg.split)
+    position = _restore(engine, schedule, start, resuming, train_cfg, data_cfg) if start else Position(train_cfg.split)
     trainer = Trainer(engine, model, schedule, train_cfg, data_cfg, prepared, position)
     if resuming:
         trainer.metrics.truncate_after(engine.global_steps)

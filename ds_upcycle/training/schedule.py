@@ -54,10 +54,23 @@ class WSDSchedule:
     def get_last_lr(self) -> list[float]:
         return self.get_lr()
 
-    def start_stage(self, total: int, warmup: int, peak_lrs: list[float]) -> None:
-        """Begin a new stage at the current step (e.g. CPT after expansion)."""
-        self.stage_start, self.total, self.warmup, self.peak_lrs = self.step_count, total, warmup, list(peak_lrs)
+    def settings(self) -> dict:
+        """The stage's settings, as `start_stage` and `update` take them."""
+        return {"total": self.total, "warmup": self.warmup, "decay_fraction": self.decay_fraction,
+                "min_ratio": self.min_ratio, "peak_lrs": list(self.peak_lrs)}
+
+    def update(self, total: int, warmup: int, decay_fraction: float, min_ratio: float,
+               peak_lrs: list[float]) -> None:
+        """Change the current stage's settings; the stage keeps its start (a resumed run)."""
+        self.total, self.warmup, self.peak_lrs = total, warmup, list(peak_lrs)
+        self.decay_fraction, self.min_ratio = decay_fraction, min_ratio
         self._apply()
+
+    def start_stage(self, total: int, warmup: int, decay_fraction: float, min_ratio: float,
+                    peak_lrs: list[float]) -> None:
+        """Begin a new stage at the current step (e.g. CPT after expansion), every setting given anew."""
+        self.stage_start = self.step_count
+        self.update(total, warmup, decay_fraction, min_ratio, peak_lrs)
 
     def state_dict(self) -> dict:
         state = {key: getattr(self, key) for key in _STATE}

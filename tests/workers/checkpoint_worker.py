@@ -87,7 +87,7 @@ def run_job(job: dict, ep_size: int, index: int) -> None:
     if job.get("resave"):
         engine.save_checkpoint(job["resave"], tag=ref.tag, client_state={"ds_upcycle": client["ds_upcycle"]})
     if job.get("step"):
-        schedule.start_stage(10, 0, schedule.peak_lrs)  # the saved stage ended at LR 0
+        schedule.start_stage(10, 0, 0.1, 0.0, schedule.peak_lrs)  # the saved stage ended at LR 0
         dump["train_step"] = training_step(engine, model, index)
     torch.save(dump, f"{job['dump']}.rank{comm.rank()}.pt")
     comm.barrier()
