@@ -13,6 +13,7 @@ reference. Each figure is the median of --repeats runs, the modes measured in al
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -50,6 +51,7 @@ def main() -> None:
     p.add_argument("--max-gen-toks", type=int, default=64)
     p.add_argument("--batch-sizes", default="1,16", help="comma-separated")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
 
     source = find_checkpoint(args.checkpoint).run_info.get("data", {}).get("source", "")
@@ -62,6 +64,7 @@ def main() -> None:
     print(f"checkpoint {args.checkpoint}, device {args.device}, dtype {args.dtype}, "
           f"{torch.get_num_threads()} threads; {len(generation)} generation requests of {args.max_gen_toks} "
           f"tokens, {len(scoring)} loglikelihood requests; median of {args.repeats}")
+    rows = []
     print(f"{'request type':<16}{'batch':>6}{'KV cache':>10}{'requests/s':>12}{'tokens/s':>10}{'speedup':>9}")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         lm = UpcycleLM(args.checkpoint, device=args.device, dtype=args.dtype, batch_size=batch)
@@ -83,9 +86,16 @@ def main() -> None:
             t = statistics.median(times[kv_cache])
             print(f"{'generate_until':<16}{batch:>6}{'on' if kv_cache else 'off':>10}{len(generation) / t:>12.2f}"
                   f"{tokens / t:>10.0f}{base / t:>9.2f}")
+            rows.append({"request": "generate_until", "batch": batch, "kv_cache": kv_cache,
+                         "requests_per_s": len(generation) / t, "tokens_per_s": tokens / t, "speedup": base / t})
         t = statistics.median(timed(lambda lm=lm: lm.loglikelihood(scoring, disable_tqdm=True), device)
                               for _ in range(args.repeats))
         print(f"{'loglikelihood':<16}{batch:>6}{'-':>10}{len(scoring) / t:>12.1f}{'':>10}{'':>9}")
+        rows.append({"request": "loglikelihood", "batch": batch, "requests_per_s": len(scoring) / t})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"checkpoint": args.checkpoint, "device": args.device, "dtype": args.dtype,
+                       "max_gen_toks": args.max_gen_toks, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,16 @@
    the per-step times t_E and t_mE of the compute ledger, and their ratio.
 
     DS_ACCELERATOR=cpu python scripts/bench_train_throughput.py --preset tiny
+    python scripts/bench_train_throughput.py --preset paper-il8 --batch 32 --seq-len 512 --bf16 --profile
+
+--json FILE also writes every figure as JSON; --profile adds a torch.profiler table of the
+kernels each MoE layer runs (forward + backward), to say where one layer loses to another.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -38,7 +43,23 @@ def timed(fns: dict, warmup: int, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_layers(cfg, tokens: int, device, warmup: int, repeats: int) -> None:
+def profile_layers(steps: dict, device, rows: int = 12) -> None:
+    """The kernels (or CPU ops) that take each layer's time, over 3 forward + backward passes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name, run in steps.items():
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        print(f"\nprofile: {name} (3 passes)")
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
+def bench_layers(cfg, tokens: int, device, dtype, warmup: int, repeats: int, profile: bool = False) -> dict:
     from deepspeed.moe.layer import MoE
 
     from ds_upcycle.moe.layer import MoEFeedForward, SwiGLU
@@ -46,14 +67,14 @@ def bench_layers(cfg, tokens: int, device, warmup: int, repeats: int) -> None:
 
     torch.manual_seed(0)
     ours = MoEFeedForward(cfg.dim, cfg.expert_ffn_dim, cfg.num_experts, cfg.top_k,
-                          LossFreeRouter(cfg.dim, cfg.num_experts, cfg.top_k)).to(device)
+                          LossFreeRouter(cfg.dim, cfg.num_experts, cfg.top_k)).to(device, dtype)
     stock = {
         "stock, dropless": MoE(cfg.dim, SwiGLU(cfg.dim, cfg.expert_ffn_dim), cfg.num_experts, k=cfg.top_k,
-                               drop_tokens=False, top2_2nd_expert_sampling=False).to(device),
+                               drop_tokens=False, top2_2nd_expert_sampling=False).to(device, dtype),
         "stock, capacity 1.0": MoE(cfg.dim, SwiGLU(cfg.dim, cfg.expert_ffn_dim), cfg.num_experts, k=cfg.top_k,
-                                   capacity_factor=1.0, top2_2nd_expert_sampling=False).to(device),
+                                   capacity_factor=1.0, top2_2nd_expert_sampling=False).to(device, dtype),
     }
-    x = torch.randn(1, tokens, cfg.dim, device=device, requires_grad=True)
+    x = torch.randn(1, tokens, cfg.dim, device=device, dtype=dtype, requires_grad=True)
 
     def step(layer):
         def run():
@@ -61,17 +82,21 @@ def bench_layers(cfg, tokens: int, device, warmup: int, repeats: int) -> None:
             out.float().square().mean().backward()
         return run
 
-    times = timed({"ours (loss-free)": step(ours), **{name: step(layer) for name, layer in stock.items()}},
-                  warmup, repeats)
+    steps = {"ours (loss-free)": step(ours), **{name: step(layer) for name, layer in stock.items()}}
+    times = timed(steps, warmup, repeats)
     base = times["ours (loss-free)"]
     print(f"\nMoE layer: dim {cfg.dim}, expert ffn {cfg.expert_ffn_dim}, {cfg.num_experts} experts, "
-          f"top-{cfg.top_k}, {tokens} tokens, forward+backward, median of {repeats}")
+          f"top-{cfg.top_k}, {tokens} tokens, {str(dtype).removeprefix('torch.')}, forward+backward, "
+          f"median of {repeats}")
     print(f"  {'layer':<22}{'tokens/s':>12}{'speed vs ours':>15}")
     for name, t in times.items():
         print(f"  {name:<22}{tokens / t:>12,.0f}{base / t:>15.3f}")
+    if profile:
+        profile_layers(steps, device)
+    return {name: {"seconds": t, "tokens_per_s": tokens / t, "speed_vs_ours": base / t} for name, t in times.items()}
 
 
-def bench_models(cfg, batch: int, seq_len: int, warmup: int, repeats: int, bf16: bool) -> None:
+def bench_models(cfg, batch: int, seq_len: int, warmup: int, repeats: int, bf16: bool) -> dict:
     import deepspeed
 
     from ds_upcycle.model import Transformer
@@ -82,6 +107,7 @@ def bench_models(cfg, batch: int, seq_len: int, warmup: int, repeats: int, bf16:
     def train_step(experts: int):
         model = Transformer(cfg.replace(num_experts=experts))
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        engines.append(engine)
         tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=engine.device)
 
         def step():
@@ -91,12 +117,20 @@ def bench_models(cfg, batch: int, seq_len: int, warmup: int, repeats: int, bf16:
 
         return step
 
+    engines = []
     times = timed({e: train_step(e) for e in (cfg.num_experts, 2 * cfg.num_experts)}, warmup, repeats)
     (e, t_e), (me, t_me) = times.items()
     print(f"\nTraining step ({batch} x {seq_len} tokens, ZeRO-2{', bf16' if bf16 else ''}):")
     print(f"  t_E  ({e:>3} experts) = {t_e * 1000:8.1f} ms   {batch * seq_len / t_e:>10,.0f} tokens/s")
     print(f"  t_mE ({me:>3} experts) = {t_me * 1000:8.1f} ms   {batch * seq_len / t_me:>10,.0f} tokens/s")
     print(f"  t_mE / t_E = {t_me / t_e:.3f}")
+    figures = {"t_E_ms": t_e * 1000, "t_mE_ms": t_me * 1000, "ratio": t_me / t_e, "experts": [e, me],
+               "tokens_per_step": batch * seq_len}
+    if torch.cuda.is_available():
+        figures["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(f"  peak GPU memory (both engines) = {figures['peak_gpu_memory_gib']:.1f} GiB")
+    del engines
+    return figures
 
 
 def main() -> None:
@@ -109,6 +143,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--layer-tokens", type=int, default=None, help="tokens per layer call (default batch x seq-len)")
+    parser.add_argument("--skip-models", action="store_true", help="time the MoE layers only")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per MoE layer")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     import deepspeed
@@ -123,8 +161,17 @@ def main() -> None:
                           if torch.cuda.is_available() else "cpu")
     print(f"device: {device}, torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
           f"threads {torch.get_num_threads()}")
-    bench_layers(cfg, args.batch * args.seq_len, device, args.warmup, args.repeats)
-    bench_models(cfg, args.batch, args.seq_len, args.warmup, args.repeats, args.bf16)
+    figures = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "deepspeed": deepspeed.__version__, "model": cfg.to_dict(),
+               "layer_tokens": args.layer_tokens or args.batch * args.seq_len}
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    figures["layers"] = bench_layers(cfg, figures["layer_tokens"], device, dtype, args.warmup, args.repeats,
+                                     args.profile)
+    if not args.skip_models:
+        figures["steps"] = bench_models(cfg, args.batch, args.seq_len, args.warmup, args.repeats, args.bf16)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 # The main job on the built-in data: train a tiny 4-expert MoE with expert parallelism on two
 # processes (one per GPU when there are GPUs, at most two) and print its validation loss.
 # Runs on CPU (a few minutes) or GPU unchanged; the global batch is 16 sequences either way.
+# SETUP=0 skips the install (an environment prepared already, e.g. without network access).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+[ "${SETUP:-1}" = 0 ] || bash scripts/setup.sh
 RUN=${RUN:-runs/quickstart}
 CONFIG=ds_configs/zero2_fp32.json
 NPROC=2
