@@ -55,6 +55,9 @@ if [ "$DRY" = 1 ]; then
     --requests 8 --max-gen-toks 16 --repeats 1 --json "$WORK/eval.json"
   REPRO_SECONDS=20 REPRO_DEVICE=cpu REPRO_DTYPE=float32 REPRO_DS=zero2_fp32.json
 else
+  # DeepSpeed 0.19.8's JIT builder (FusedAdam) cannot parse arch suffixes such as 9.0a in the
+  # machine's TORCH_CUDA_ARCH_LIST: give it the plain compute capability.
+  export TORCH_CUDA_ARCH_LIST="$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
   step quickstart 100 env SETUP=0 RUN="$WORK/quickstart" bash scripts/quickstart.sh
   # The paper's interleaved shape (dim 1024, expert FFN 1536, 32 experts, top-2), 16k tokens a call.
   step train-il8 90 python3 scripts/bench_train_throughput.py --preset paper-il8 --batch 32 --seq-len 512 \

@@ -103,9 +103,11 @@ class LossFreeRouter(nn.Module):
         counts_E = chosen_SE.sum(dim=0)
         if self.training:
             self.route_load += counts_E.detach().float()
-        # Slot of each (token, expert) pair in the expert's buffer: tokens in order of arrival.
-        slots_SE = torch.cumsum(chosen_SE, dim=0) - 1
-        locations_SK = slots_SE.gather(1, experts_SK)
+        # Slot of each (token, expert) pair in the expert's buffer: tokens in order of arrival. The
+        # running count goes along the last (contiguous) dim: on a GPU a scan along dim 0 of
+        # [S, E] took 3 ms at S = 16k, a third of the layer's forward + backward.
+        slots_ES = chosen_SE.t().contiguous().cumsum(dim=1, dtype=torch.int32) - 1
+        locations_SK = slots_ES.t().gather(1, experts_SK)
         capacity = agree_capacity(counts_E.max().to(torch.int64), self.ep_group)
 
         aux_loss = scores_SE.new_zeros(())
