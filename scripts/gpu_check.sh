@@ -8,6 +8,9 @@
 #   OUT=/tmp/gpu-check bash scripts/gpu_check.sh --dry-run   # on CPU: every step at toy sizes
 #   CHECKS=train,eval bash scripts/gpu_check.sh               # some steps only (a rerun)
 #
+# On an H200 the steps took 84, 40, 57, about 60 and 154 s (docs/BENCHMARKS.md, "GPU"); their
+# limits add up to 560 s, so the whole check fits one 10-minute command.
+#
 # Wheels: .whl/ holds deepspeed, lm-eval and what they need beyond the machine's own packages
 # (docs/BENCHMARKS.md, "GPU", lists them and how they were fetched). Without .whl/ the packages of
 # the current environment are used (as with WHEELS=0).
@@ -58,15 +61,15 @@ else
   # DeepSpeed 0.19.8's JIT builder (FusedAdam) cannot parse arch suffixes such as 9.0a in the
   # machine's TORCH_CUDA_ARCH_LIST: give it the plain compute capability.
   export TORCH_CUDA_ARCH_LIST="$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
-  step quickstart 100 env SETUP=0 RUN="$WORK/quickstart" bash scripts/quickstart.sh
+  step quickstart 120 env SETUP=0 RUN="$WORK/quickstart" bash scripts/quickstart.sh
   # The paper's interleaved shape (dim 1024, expert FFN 1536, 32 experts, top-2), 16k tokens a call.
-  step train-il8 90 python3 scripts/bench_train_throughput.py --preset paper-il8 --batch 32 --seq-len 512 \
+  step train-il8 70 python3 scripts/bench_train_throughput.py --preset paper-il8 --batch 32 --seq-len 512 \
     --bf16 --warmup 3 --repeats 10 --profile --json "$WORK/train_il8.json"
   # Full-MoE style (256 experts, top-8) at dim 512, two layers so that 512 experts fit beside Adam.
-  step train-full 60 python3 scripts/bench_train_throughput.py --preset paper-full --set n_layers=2 \
+  step train-full 80 python3 scripts/bench_train_throughput.py --preset paper-full --set n_layers=2 \
     --batch 16 --seq-len 512 --bf16 --warmup 3 --repeats 10 --json "$WORK/train_full.json"
-  step eval 45 python3 scripts/bench_eval_throughput.py --checkpoint "$WORK/quickstart" --device cuda \
-    --dtype bfloat16 --batch-sizes 1,32 --repeats 2 --json "$WORK/eval.json"
+  step eval 90 python3 scripts/bench_eval_throughput.py --checkpoint "$WORK/quickstart" --device cuda \
+    --dtype bfloat16 --batch-sizes 32,1 --requests 32 --repeats 1 --json "$WORK/eval.json"
   REPRO_SECONDS=${REPRO_SECONDS:-30} REPRO_DEVICE=cuda REPRO_DTYPE=bfloat16 REPRO_DS=zero2_bf16.json
 fi
 
@@ -75,7 +78,7 @@ fi
 # REPRO_STEPS=T sets T directly (a rerun without the quick start).
 python3 scripts/gpu_check.py repro-config "$WORK/quickstart/metrics.jsonl" "$REPRO_SECONDS" "$REPRO_DS" \
   "$REPRO_DEVICE" "$REPRO_DTYPE" ${REPRO_STEPS:-} >"$WORK/repro.json" 2>>"$LOG"
-step reproduce "${REPRO_LIMIT:-$([ "$DRY" = 1 ] && echo 600 || echo 110)}" python3 -m ds_upcycle.cli reproduce \
+step reproduce "${REPRO_LIMIT:-$([ "$DRY" = 1 ] && echo 600 || echo 200)}" python3 -m ds_upcycle.cli reproduce \
   --config "$WORK/repro.json" --out "$WORK/repro"
 for f in summary.md compare.md loss.png routing.png; do
   [ -f "$WORK/repro/results/$f" ] && cp "$WORK/repro/results/$f" "$OUT/$f"
