@@ -87,20 +87,21 @@ def test_resumed_run_applies_changed_settings_and_names_them(tmp_path, data_cach
     shutil.rmtree(run / "global_step8")
     proc = check_ok(run_train(tiny_run_args(
         cfg, 8, data_cache, *args, "--decay-fraction", "0.5", "--min-lr-ratio", "0.1", "--seed", "1",
-        "--micro-batch-size", "2", "--load", str(source))))
+        "--micro-batch-size", "2", "--split", "cpt", "--load", str(source))))
     assert set(notes(proc)) == {
         f"note: resuming {run / 'global_step4'}; --load applies only while --save holds no checkpoint",
         "note: --decay-fraction 0.5 applies from step 5 (the run was saved with 0.1)",
         "note: --min-lr-ratio 0.1 applies from step 5 (the run was saved with 0)",
         "note: --seed 1 applies from step 5 (the run was saved with 0)",
         "note: global batch size 2 applies from step 5 (the run was saved with 4)",
+        "note: --split cpt applies from step 5, from its first sample (the run was saved on pretrain)",
     }
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 9))
     assert [r["lr"] for r in records[4:]] == pytest.approx([PEAK * wsd(k, 8, 1, 0.5, 0.1) for k in range(4, 8)])
     assert [r["tokens"] - q["tokens"] for q, r in zip(records[3:], records[4:])] == [2 * 32] * 4
     info = json.loads((run / "global_step8" / "ds_upcycle.json").read_text())
-    assert info["run"]["seed"] == 1 and info["run"]["global_batch"] == 2
+    assert info["run"]["seed"] == 1 and info["run"]["global_batch"] == 2 and info["split"] == "cpt"
 
 
 def test_same_command_resumes_without_notes(tmp_path, data_cache):

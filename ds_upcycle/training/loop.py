@@ -179,6 +179,9 @@ def _restore(engine, schedule: WSDSchedule, start: CheckpointRef, resuming: bool
     if resuming:
         current = _run_settings(cfg, data_cfg, engine.train_batch_size())
         changes += run_changes(start.run_info.get("run", {}), current, RUN_FLAGS, engine.global_steps + 1)
+        if saved.split != cfg.split:
+            changes.append(f"--split {cfg.split} applies from step {engine.global_steps + 1}, from its first "
+                           f"sample (the run was saved on {saved.split})")
     for line in changes:
         note(line)
     same_data = saved.split == cfg.split and not new_stage
