@@ -137,3 +137,30 @@ def test_expert_parallel_twin_scores_the_same(tmp_path_factory, data_cache):
     requests = ll_requests()
     for a, b in zip(one.loglikelihood(requests, disable_tqdm=True), two.loglikelihood(requests, disable_tqdm=True)):
         assert a[0] == pytest.approx(b[0], rel=1e-4, abs=1e-4)
+
+
+@torch.no_grad()
+def test_continuation_longer_than_the_window_is_scored_in_pieces(lm, caplog):
+    # A checkpoint trained on 32-token sequences asked about a 110-token continuation (HellaSwag's
+    # endings against a seq_len-128 model): every continuation token is scored, each piece of 32
+    # conditioned on the 32 tokens before it, and one warning counts the requests that were cut.
+    context, continuation = "from the gikaki records:", " roka lolu, leku gole" * 16
+    context_ids = lm.sp.encode(context)
+    cont_ids = lm.sp.encode(context + continuation)[len(context_ids):]
+    assert len(cont_ids) > 3 * SEQ_LEN
+    expected, expected_greedy = 0.0, True
+    for start in range(0, len(cont_ids), SEQ_LEN):
+        piece = cont_ids[start:start + SEQ_LEN]
+        window = (context_ids + cont_ids[:start + len(piece)])[-(SEQ_LEN + 1):]
+        logits, _ = lm.model(torch.tensor([window[:-1]]))
+        logprobs = logits[0, -len(piece):].log_softmax(-1)
+        expected += logprobs.gather(1, torch.tensor(piece)[:, None]).sum().item()
+        expected_greedy &= bool((logprobs.argmax(-1) == torch.tensor(piece)).all())
+    with caplog.at_level("WARNING"):
+        (logprob, greedy), short = lm.loglikelihood([Request(context, continuation), Request("as for", " a")],
+                                                    disable_tqdm=True)
+    assert logprob == pytest.approx(expected, rel=1e-5) and greedy == expected_greedy
+    assert short[0] == pytest.approx(direct_loglikelihood(lm, "as for", " a")[0], rel=1e-5)
+    warnings = [r.getMessage() for r in caplog.records if "max_length" in r.getMessage()]
+    assert warnings == [f"1 of 2 loglikelihood requests exceed max_length {SEQ_LEN}: their contexts were "
+                        f"truncated from the left; 1 continuations longer than the window were scored in pieces"]

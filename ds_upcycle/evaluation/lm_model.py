@@ -13,6 +13,7 @@ EOS, so EOS is the "start of text" token that conditions an empty context.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
 from ..model import KVCache, Transformer
 from .weights import load_checkpoint, parse_dtype
+
+log = logging.getLogger(__name__)
 
 
 def _positive_int(name: str, value) -> int:
@@ -151,33 +154,60 @@ class UpcycleLM(TemplateLM):
         return F.log_softmax(logits_BTV.float(), dim=-1)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """Score every continuation given its context, as lm-eval's Hugging Face backend does.
+
+        A request longer than the window keeps the end of its context (truncated from the left);
+        a continuation longer than the window is scored in consecutive pieces of max_length
+        tokens, each conditioned on the window before it, so that every one of its tokens counts.
+        A warning says how many requests were cut.
+        """
+        pieces, owners = [], []
+        for index, (_, context, continuation) in enumerate(requests):
+            for start in range(0, len(continuation), self.max_length):
+                pieces.append((None, context + continuation[:start], continuation[start:start + self.max_length]))
+                owners.append(index)
+        scores = self._score_pieces(pieces, disable_tqdm)
+        totals = [[0.0, True] for _ in requests]
+        for owner, (logprob, greedy) in zip(owners, scores):
+            totals[owner][0] += logprob
+            totals[owner][1] &= greedy
+        self._warn_truncated(requests)
+        results = [(logprob, greedy) for logprob, greedy in totals]
+        for (request, _, _), answer in zip(requests, results):
+            if request is not None:
+                self.cache_hook.add_partial("loglikelihood", request, answer)
+        return results
+
+    def _warn_truncated(self, requests) -> None:
+        cut = sum(len(context) + len(continuation) > self.max_length + 1 for _, context, continuation in requests)
+        long = sum(len(continuation) > self.max_length for _, _, continuation in requests)
+        if cut:
+            log.warning(f"{cut} of {len(requests)} loglikelihood requests exceed max_length "
+                        f"{self.max_length}: their contexts were truncated from the left"
+                        + (f"; {long} continuations longer than the window were scored in pieces"
+                                   if long else ""))
+
+    def _score_pieces(self, pieces, disable_tqdm: bool) -> list[tuple[float, bool]]:
+        """(log-likelihood, greedy) of each (_, context, continuation <= max_length tokens)."""
         def sort_key(request):
             tokens = request[1] + request[2]
             return -len(tokens), tuple(tokens)
 
         # Requests sharing context + continuation[:-1] share one forward pass (e.g. answer letters).
-        order = Collator(requests, sort_fn=sort_key, group_by="contexts", group_fn=lambda r: r[1] + r[2][:-1])
+        order = Collator(pieces, sort_fn=sort_key, group_by="contexts", group_fn=lambda r: r[1] + r[2][:-1])
         results = []
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood requests")
+        bar = tqdm(total=len(pieces), disable=disable_tqdm, desc="loglikelihood requests")
         for chunk in order.get_batched(n=self.batch_size):
-            rows = []
-            for _, context, continuation in chunk:
-                if len(continuation) > self.max_length:
-                    raise UserError(f"a continuation of {len(continuation)} tokens exceeds max_length "
-                                    f"{self.max_length}; pass a larger max_length")
-                rows.append((context + continuation)[-(self.max_length + 1):][:-1])
+            rows = [(context + continuation)[-(self.max_length + 1):][:-1] for _, context, continuation in chunk]
             logprobs_BTV = self._logprobs(rows)
             for (request, context, continuation), row, logprobs_TV in zip(chunk, rows, logprobs_BTV):
                 scored_TV = logprobs_TV[len(row) - len(continuation):len(row)].unsqueeze(0)
-                for request_str, cont, logprobs_1CV in order.get_cache(
+                for _, cont, logprobs_1CV in order.get_cache(
                         req_str=request, cxt_toks=context, cont_toks=continuation, logits=scored_TV):
                     logprobs_CV = logprobs_1CV[0, -len(cont):]
                     target_C = torch.tensor(cont, device=logprobs_CV.device)
-                    answer = (logprobs_CV.gather(1, target_C[:, None]).sum().item(),
-                              bool((logprobs_CV.argmax(-1) == target_C).all()))
-                    results.append(answer)
-                    if request_str is not None:
-                        self.cache_hook.add_partial("loglikelihood", request_str, answer)
+                    results.append((logprobs_CV.gather(1, target_C[:, None]).sum().item(),
+                                    bool((logprobs_CV.argmax(-1) == target_C).all())))
                     bar.update(1)
         bar.close()
         return order.get_original(results)
@@ -190,7 +220,7 @@ class UpcycleLM(TemplateLM):
                     max_seq_len=self.max_length, context_len=1)):
                 windows.append((None, context, continuation))
                 owners.append(index)
-        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        scores = self._score_pieces(windows, disable_tqdm)
         totals = [0.0] * len(requests)
         for owner, (logprob, _) in zip(owners, scores):
             totals[owner] += logprob

@@ -1,8 +1,8 @@
 """Named task lists (suites) with their few-shot settings, and what `--tasks` names.
 
 A suite is a YAML file in `eval/suites/` (or any path): `name`, `description` and `tasks`, each
-task with its `num_fewshot` and the `metric` ("metric,filter" as lm-eval reports it) that counts
-as its score. `--tasks` takes a comma-separated mix of suite names, suite files and lm-eval task,
+task with its `num_fewshot`, the `metric` ("metric,filter" as lm-eval reports it) that counts as
+its score and, optionally, the `split` it scores instead of its own. `--tasks` takes a comma-separated mix of suite names, suite files and lm-eval task,
 group or tag names.
 """
 
@@ -31,6 +31,7 @@ class TaskSpec:
     task: str
     num_fewshot: int | None = None     # None: the task's own default
     metric: str | None = None          # None: the first metric lm-eval reports
+    split: str | None = None           # None: the split the task scores by its YAML
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def load_suite(path: Path) -> Suite:
     try:
         data = yaml.safe_load(path.read_text())
         tasks = tuple(TaskSpec(str(t["task"]), None if t.get("num_fewshot") is None else int(t["num_fewshot"]),
-                               t.get("metric")) for t in data["tasks"])
+                               t.get("metric"), t.get("split")) for t in data["tasks"])
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as err:
         raise UserError(f"bad suite file {path}: {type(err).__name__}: {err}") from None
     return Suite(str(data.get("name", path.stem)), str(data.get("description", "")), tasks)
@@ -77,5 +78,5 @@ def resolve_tasks(names: list[str], num_fewshot: int | None = None) -> list[Task
             raise UserError(f"task {spec.task} is named twice")
         seen.add(spec.task)
     if num_fewshot is not None:
-        specs = [TaskSpec(s.task, num_fewshot, s.metric) for s in specs]
+        specs = [TaskSpec(s.task, num_fewshot, s.metric, s.split) for s in specs]
     return specs

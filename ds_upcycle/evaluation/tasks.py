@@ -9,6 +9,12 @@ Every task built here loads its dataset through `DatasetLoader`, in this order:
 3. the hub (or its local cache, e.g. with HF_DATASETS_OFFLINE=1).
 When none has it, the task fails with one line naming the dataset and where it was looked for.
 
+A copy need not hold every split the task's YAML names: the split a task scores must be there
+(else one line names the task, the split and the files), the others (train, few-shot source) are
+stood in for by empty splits, and a task that then needs few-shot examples from one of them fails
+in one line when its shot count is known (`check_fewshot_sources`). A suite may score another
+split than the task's own (`split:`), e.g. validation rows where a local copy has no test rows.
+
 lm-eval's TaskManager builds each task from its YAML through a TaskFactory; the hook is the
 factory's final config of each task (lm-eval 0.4.13's `_load_full_config`), where the dataset
 loading becomes a `custom_dataset`, lm-eval's own way for a task to supply its data.
@@ -74,13 +80,30 @@ def local_data_files(data_dir: Path, path: str, name: str | None) -> tuple[str, 
     return None
 
 
-class DatasetLoader:
-    """The `custom_dataset` of one task: local copy first, then the hub."""
+def split_names(cfg: dict) -> tuple[str | None, list[str]]:
+    """(the split a task config scores, the other splits it reads) as lm-eval picks them."""
+    scored = cfg.get("test_split") or cfg.get("validation_split")
+    fewshot = (cfg.get("fewshot_config") or {}).get("split")
+    others = [cfg.get(key) for key in ("training_split", "validation_split", "fewshot_split")] + [fewshot]
+    return scored, [split for split in dict.fromkeys(others) if split and split != scored]
 
-    def __init__(self, task: str, path: str, name: str | None, kwargs: dict | None, data_dir: Path | None) -> None:
+
+class DatasetLoader:
+    """The `custom_dataset` of one task: local copy first, then the hub.
+
+    `scored` must exist in the copy; each of `others` that does not is an empty split with the
+    same columns (recorded in `stand_ins`), so that a task builds without its training split.
+    """
+
+    def __init__(self, task: str, path: str, name: str | None, kwargs: dict | None, data_dir: Path | None,
+                 scored: str | None = None, others: list[str] = ()) -> None:
         self.task, self.path, self.name = task, path, name
         self.kwargs = dict(kwargs or {})
         self.data_dir = data_dir
+        self.scored, self.others = scored, list(others)
+        self.stand_ins: set[str] = set()
+        self.looked_in = "the hub cache"
+        self.found: list[str] = []
 
     def __repr__(self) -> str:  # lm-eval writes task configs into the results file
         data_dir = str(self.data_dir) if self.data_dir else None
@@ -97,11 +120,29 @@ class DatasetLoader:
             local = local_data_files(self.data_dir, self.path, self.name)
             if local is not None:
                 builder, files = local
-                return datasets.load_dataset(builder, data_files=files)
+                self.looked_in = str(Path(next(iter(files.values()))[0]).parent)
+                return self._complete(datasets.load_dataset(builder, data_files=files))
             snapshot = self.data_dir / self.path
             if (snapshot / "README.md").is_file() or (snapshot / f"{snapshot.name}.py").is_file():
-                return self._load(str(snapshot))
-        return self._load(self.path)
+                self.looked_in = str(snapshot)
+                return self._complete(self._load(str(snapshot)))
+        return self._complete(self._load(self.path))
+
+    def _complete(self, dataset):
+        """Check the scored split is there; stand in for the other splits with empty ones."""
+        import datasets
+
+        self.found = sorted(dataset)
+        if self.scored and self.scored not in dataset:
+            raise UserError(f"task {self.task}: dataset {self.label} has no {self.scored!r} split in "
+                            f"{self.looked_in} (found: {', '.join(self.found) or 'none'}); add its file "
+                            f"(e.g. {self.scored}.jsonl) or score another split (a suite's `split:`)")
+        features = dataset[self.found[0]].features if self.found else None
+        for split in self.others:
+            if split not in dataset and features is not None:
+                dataset[split] = datasets.Dataset.from_dict({key: [] for key in features}, features=features)
+                self.stand_ins.add(split)
+        return dataset
 
     def _load(self, source: str):
         import datasets
@@ -119,13 +160,17 @@ class _LocalDataFactory(TaskFactory):
     def __init__(self, *, meta: dict | None, data_dir: Path | None) -> None:
         super().__init__(meta=meta)
         self.data_dir = data_dir
+        self.scored_split: str | None = None   # set while building a suite entry with `split:`
 
     def _load_full_config(self, entry, overrides=None) -> dict:
         cfg = super()._load_full_config(entry, overrides)
         # Only leaf tasks that read a dataset by name; tasks that make their own data keep it.
         if isinstance(cfg.get("task"), str) and cfg.get("dataset_path") and not callable(cfg.get("custom_dataset")):
+            if self.scored_split:
+                cfg["test_split"] = self.scored_split
+            scored, others = split_names(cfg)
             cfg["custom_dataset"] = DatasetLoader(cfg["task"], cfg["dataset_path"], cfg.get("dataset_name"),
-                                                  cfg.get("dataset_kwargs"), self.data_dir)
+                                                  cfg.get("dataset_kwargs"), self.data_dir, scored, others)
         return cfg
 
 
@@ -149,6 +194,14 @@ class UpcycleTaskManager(TaskManager):
         super().__init__(include_path=[str(p) for p in paths], include_defaults=not own_only, metadata=metadata)
         self._factory = _LocalDataFactory(meta=metadata, data_dir=data_dir)
 
+    def load_scoring(self, name: str, split: str | None) -> dict:
+        """`load([name])`, its tasks scoring `split` instead of their own when it is given."""
+        self._factory.scored_split = split
+        try:
+            return self.load([name])
+        finally:
+            self._factory.scored_split = None
+
 
 def load_tasks(manager: TaskManager, specs: list[TaskSpec]) -> list:
     """Build the top-level Task or Group of every spec, its few-shot count applied to its tasks."""
@@ -160,11 +213,29 @@ def load_tasks(manager: TaskManager, specs: list[TaskSpec]) -> list:
             close = difflib.get_close_matches(spec.task, manager.all_tasks, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UserError(f"unknown task {spec.task!r}{hint}")
-        loaded = manager.load([spec.task])
+        loaded = manager.load_scoring(spec.task, spec.split)
         top = loaded.get("groups", {}).get(spec.task) or loaded["tasks"].get(spec.task)
         items = [top] if top is not None else list(loaded["tasks"].values())  # a tag: its tasks
         for task in loaded["tasks"].values():
             if spec.num_fewshot is not None:
                 task.set_config(key="num_fewshot", value=spec.num_fewshot)
+            check_fewshot_source(task)
         built.extend(items)
     return built
+
+
+def fewshot_source(task) -> str | None:
+    """The split lm-eval draws a task's few-shot examples from."""
+    config = task.config
+    fewshot = getattr(config, "fewshot_split", None) or (getattr(config, "fewshot_config", None) or {}).get("split")
+    return fewshot or config.training_split or config.validation_split or config.test_split
+
+
+def check_fewshot_source(task) -> None:
+    """A task asked for few-shot examples from a split its local copy lacks fails in one line."""
+    loader, shots = task.config.custom_dataset, task.config.num_fewshot or 0
+    split = fewshot_source(task)
+    if shots > 0 and isinstance(loader, DatasetLoader) and split in loader.stand_ins:
+        raise UserError(f"task {task.config.task}: {shots}-shot prompts need the {split!r} split of "
+                        f"{loader.label}, which {loader.looked_in} lacks (found: {', '.join(loader.found)}); "
+                        f"add its file or run it 0-shot (--num-fewshot 0)")
