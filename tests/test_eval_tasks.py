@@ -135,3 +135,35 @@ def test_missing_dataset_is_one_line_naming_it(checkpoint, tmp_path):
     message = str(err.value)
     assert message.startswith("task arc_challenge: dataset allenai/ai2_arc (ARC-Challenge) is not available")
     assert str(tmp_path / "data" / "allenai" / "ai2_arc" / "ARC-Challenge") in message and "\n" not in message
+
+
+def test_a_copy_without_the_training_split_runs_zero_shot(checkpoint, tmp_path):
+    # Only the validation rows were copied (what a snapshot of evaluation splits holds): arc_easy
+    # scores its test split, so it must be told to score validation; no train split is needed.
+    write_jsonl(tmp_path / "data" / "allenai" / "ai2_arc" / "ARC-Easy" / "validation.jsonl", ARC_ROWS)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: local\ntasks:\n  - {task: arc_easy, num_fewshot: 0, split: validation}\n")
+    on_validation = run_eval(EvalConfig(str(checkpoint), (str(suite),), data_dir=str(tmp_path / "data"),
+                                        offline=True, output=str(tmp_path / "v.json")))
+    # The same rows as a test split, scored by the task's own YAML: the same score.
+    write_jsonl(tmp_path / "as-test" / "allenai" / "ai2_arc" / "ARC-Easy" / "test.jsonl", ARC_ROWS)
+    on_test = run_eval(EvalConfig(str(checkpoint), ("arc_easy",), data_dir=str(tmp_path / "as-test"),
+                                  offline=True, output=str(tmp_path / "t.json")))
+    assert on_validation.scores["arc_easy"] == on_test.scores["arc_easy"]
+
+
+def test_a_split_a_task_needs_and_lacks_is_one_line(checkpoint, tmp_path):
+    folder = tmp_path / "data" / "allenai" / "ai2_arc" / "ARC-Easy"
+    write_jsonl(folder / "validation.jsonl", ARC_ROWS)
+    with pytest.raises(UserError) as err:   # the split it scores
+        run_eval(EvalConfig(str(checkpoint), ("arc_easy",), data_dir=str(tmp_path / "data"), offline=True))
+    assert str(err.value) == (f"task arc_easy: dataset allenai/ai2_arc (ARC-Easy) has no 'test' split in {folder} "
+                              f"(found: validation); add its file (e.g. test.jsonl) or score another split "
+                              f"(a suite's `split:`)")
+    write_jsonl(folder / "test.jsonl", ARC_ROWS)
+    with pytest.raises(UserError) as err:   # the split its few-shot examples come from
+        run_eval(EvalConfig(str(checkpoint), ("arc_easy",), num_fewshot=2, data_dir=str(tmp_path / "data"),
+                            offline=True))
+    assert str(err.value) == (f"task arc_easy: 2-shot prompts need the 'train' split of allenai/ai2_arc "
+                              f"(ARC-Easy), which {folder} lacks (found: test, validation); add its file or "
+                              f"run it 0-shot (--num-fewshot 0)")

@@ -2,12 +2,14 @@
 
 A suite is a YAML file in `eval/suites/` (or any path): `name`, `description` and `tasks`, each
 task with its `num_fewshot`, the `metric` ("metric,filter" as lm-eval reports it) that counts as
-its score and, optionally, the `split` it scores instead of its own. `--tasks` takes a comma-separated mix of suite names, suite files and lm-eval task,
+its score and, optionally, the `split` it scores and the `fewshot_split` its examples come from
+instead of its own. `--tasks` takes a comma-separated mix of suite names, suite files and lm-eval task,
 group or tag names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ class TaskSpec:
     num_fewshot: int | None = None     # None: the task's own default
     metric: str | None = None          # None: the first metric lm-eval reports
     split: str | None = None           # None: the split the task scores by its YAML
+    fewshot_split: str | None = None   # None: the split its YAML draws few-shot examples from
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ def load_suite(path: Path) -> Suite:
     try:
         data = yaml.safe_load(path.read_text())
         tasks = tuple(TaskSpec(str(t["task"]), None if t.get("num_fewshot") is None else int(t["num_fewshot"]),
-                               t.get("metric"), t.get("split")) for t in data["tasks"])
+                               t.get("metric"), t.get("split"), t.get("fewshot_split")) for t in data["tasks"])
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as err:
         raise UserError(f"bad suite file {path}: {type(err).__name__}: {err}") from None
     return Suite(str(data.get("name", path.stem)), str(data.get("description", "")), tasks)
@@ -78,5 +81,5 @@ def resolve_tasks(names: list[str], num_fewshot: int | None = None) -> list[Task
             raise UserError(f"task {spec.task} is named twice")
         seen.add(spec.task)
     if num_fewshot is not None:
-        specs = [TaskSpec(s.task, num_fewshot, s.metric, s.split) for s in specs]
+        specs = [dataclasses.replace(s, num_fewshot=num_fewshot) for s in specs]
     return specs

@@ -12,8 +12,10 @@ When none has it, the task fails with one line naming the dataset and where it w
 A copy need not hold every split the task's YAML names: the split a task scores must be there
 (else one line names the task, the split and the files), the others (train, few-shot source) are
 stood in for by empty splits, and a task that then needs few-shot examples from one of them fails
-in one line when its shot count is known (`check_fewshot_sources`). A suite may score another
-split than the task's own (`split:`), e.g. validation rows where a local copy has no test rows.
+in one line when its shot count is known (`check_fewshot_source`). A suite may score another
+split than the task's own (`split:`), e.g. validation rows where a local copy has no test rows,
+and draw few-shot examples from another (`fewshot_split:`). `DIR/nltk_data/`, when present, is
+NLTK's data folder (IFEval's sentence splitter needs `tokenizers/punkt_tab`).
 
 lm-eval's TaskManager builds each task from its YAML through a TaskFactory; the hook is the
 factory's final config of each task (lm-eval 0.4.13's `_load_full_config`), where the dataset
@@ -36,6 +38,7 @@ from ..errors import UserError
 from .suites import TaskSpec, eval_dir
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+NLTK_FOLDER = "nltk_data"   # under --data-dir: NLTK's data (IFEval needs tokenizers/punkt_tab)
 
 
 class _NoCustomDatasetHint(logging.Filter):
@@ -57,6 +60,15 @@ def go_offline() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     datasets.config.HF_DATASETS_OFFLINE = True
     huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def use_nltk_data(folder: Path) -> None:
+    """Let NLTK (IFEval's sentence splitter) find its data in `folder` instead of downloading it."""
+    os.environ["NLTK_DATA"] = os.pathsep.join(filter(None, [str(folder), os.environ.get("NLTK_DATA")]))
+    import nltk
+
+    if str(folder) not in nltk.data.path:
+        nltk.data.path.insert(0, str(folder))
 
 
 def local_data_files(data_dir: Path, path: str, name: str | None) -> tuple[str, dict[str, list[str]]] | None:
@@ -160,14 +172,13 @@ class _LocalDataFactory(TaskFactory):
     def __init__(self, *, meta: dict | None, data_dir: Path | None) -> None:
         super().__init__(meta=meta)
         self.data_dir = data_dir
-        self.scored_split: str | None = None   # set while building a suite entry with `split:`
+        self.split_overrides: dict[str, str] = {}   # set while building a suite entry that names splits
 
     def _load_full_config(self, entry, overrides=None) -> dict:
         cfg = super()._load_full_config(entry, overrides)
         # Only leaf tasks that read a dataset by name; tasks that make their own data keep it.
         if isinstance(cfg.get("task"), str) and cfg.get("dataset_path") and not callable(cfg.get("custom_dataset")):
-            if self.scored_split:
-                cfg["test_split"] = self.scored_split
+            cfg.update(self.split_overrides)
             scored, others = split_names(cfg)
             cfg["custom_dataset"] = DatasetLoader(cfg["task"], cfg["dataset_path"], cfg.get("dataset_name"),
                                                   cfg.get("dataset_kwargs"), self.data_dir, scored, others)
@@ -186,6 +197,8 @@ class UpcycleTaskManager(TaskManager):
         data_dir = Path(data_dir) if data_dir else None
         if data_dir is not None and not data_dir.is_dir():
             raise UserError(f"--data-dir {data_dir} is not a directory")
+        if data_dir is not None and (data_dir / NLTK_FOLDER).is_dir():
+            use_nltk_data(data_dir / NLTK_FOLDER)
         paths = [eval_dir() / "tasks", *(Path(p) for p in include_paths)]
         for path in paths:
             if not path.is_dir():
@@ -194,13 +207,15 @@ class UpcycleTaskManager(TaskManager):
         super().__init__(include_path=[str(p) for p in paths], include_defaults=not own_only, metadata=metadata)
         self._factory = _LocalDataFactory(meta=metadata, data_dir=data_dir)
 
-    def load_scoring(self, name: str, split: str | None) -> dict:
-        """`load([name])`, its tasks scoring `split` instead of their own when it is given."""
-        self._factory.scored_split = split
+    def load_spec(self, spec: TaskSpec) -> dict:
+        """`load([spec.task])`, its tasks scoring `spec.split` and drawing few-shot examples from
+        `spec.fewshot_split` instead of their own splits where the spec names them."""
+        named = {"test_split": spec.split, "fewshot_split": spec.fewshot_split}
+        self._factory.split_overrides = {key: split for key, split in named.items() if split}
         try:
-            return self.load([name])
+            return self.load([spec.task])
         finally:
-            self._factory.scored_split = None
+            self._factory.split_overrides = {}
 
 
 def load_tasks(manager: TaskManager, specs: list[TaskSpec]) -> list:
@@ -213,7 +228,7 @@ def load_tasks(manager: TaskManager, specs: list[TaskSpec]) -> list:
             close = difflib.get_close_matches(spec.task, manager.all_tasks, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UserError(f"unknown task {spec.task!r}{hint}")
-        loaded = manager.load_scoring(spec.task, spec.split)
+        loaded = manager.load_spec(spec)
         top = loaded.get("groups", {}).get(spec.task) or loaded["tasks"].get(spec.task)
         items = [top] if top is not None else list(loaded["tasks"].values())  # a tag: its tasks
         for task in loaded["tasks"].values():
@@ -227,7 +242,7 @@ def load_tasks(manager: TaskManager, specs: list[TaskSpec]) -> list:
 def fewshot_source(task) -> str | None:
     """The split lm-eval draws a task's few-shot examples from."""
     config = task.config
-    fewshot = getattr(config, "fewshot_split", None) or (getattr(config, "fewshot_config", None) or {}).get("split")
+    fewshot = getattr(getattr(task, "fewshot_cfg", None), "split", None) or getattr(config, "fewshot_split", None)
     return fewshot or config.training_split or config.validation_split or config.test_split
 
 
