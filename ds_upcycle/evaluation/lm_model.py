@@ -32,6 +32,16 @@ from .weights import load_checkpoint, parse_dtype
 log = logging.getLogger(__name__)
 
 
+def _usable_device(name: str | None) -> torch.device:
+    """The device asked for; a CUDA device on a machine without one gives the CPU, as lm-eval's
+    Hugging Face model does (lm-eval's command line asks for cuda:0 unless told otherwise)."""
+    device = torch.device(name or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log.warning(f"device {name} is not available here; running on cpu")
+        return torch.device("cpu")
+    return device
+
+
 def _positive_int(name: str, value) -> int:
     try:
         number = int(value)
@@ -64,7 +74,7 @@ class UpcycleLM(TemplateLM):
                  kv_cache: bool = True, model: Transformer | None = None, tokenizer: str | Path | None = None,
                  **_ignored) -> None:
         super().__init__()
-        device = torch.device(device or "cpu")
+        device = _usable_device(device)
         if model is None:
             if checkpoint is None:
                 raise UserError("the ds-upcycle model needs checkpoint=PATH")

@@ -1,6 +1,6 @@
 """Named task lists (suites) with their few-shot settings, and what `--tasks` names.
 
-A suite is a YAML file in `eval/suites/` (or any path): `name`, `description` and `tasks`, each
+A suite is a YAML file in `ds_upcycle/eval/suites/` (or any path): `name`, `description` and `tasks`, each
 task with its `num_fewshot`, the `metric` ("metric,filter" as lm-eval reports it) that counts as
 its score and, optionally, the `split` it scores and the `fewshot_split` its examples come from
 instead of its own. `--tasks` takes a comma-separated mix of suite names, suite files and lm-eval task,
@@ -20,11 +20,11 @@ from ..errors import UserError
 
 
 def eval_dir() -> Path:
-    """The repository's `eval/` folder: task YAML and suites (override: $DS_UPCYCLE_EVAL_DIR)."""
-    path = Path(os.environ.get("DS_UPCYCLE_EVAL_DIR", Path(__file__).resolve().parents[2] / "eval"))
+    """The package's `eval/` folder: task YAML and suites (override: $DS_UPCYCLE_EVAL_DIR)."""
+    path = Path(os.environ.get("DS_UPCYCLE_EVAL_DIR", Path(__file__).resolve().parents[1] / "eval"))
     if not (path / "suites").is_dir():
-        raise UserError(f"evaluation task folder not found at {path}; install ds-upcycle from a checkout "
-                        f"(pip install -e .) or set DS_UPCYCLE_EVAL_DIR")
+        raise UserError(f"evaluation task folder not found at {path}; reinstall ds-upcycle or set "
+                        f"DS_UPCYCLE_EVAL_DIR")
     return path
 
 
