@@ -143,7 +143,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--layer-tokens", type=int, default=None, help="tokens per layer call (default batch x seq-len)")
+    parser.add_argument("--layer-tokens", type=int, default=None,
+                        help="tokens per layer call (default batch x seq-len)")
     parser.add_argument("--skip-models", action="store_true", help="time the MoE layers only")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per MoE layer")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")

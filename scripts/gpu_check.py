@@ -66,7 +66,8 @@ def collect(work: Path) -> dict:
     metrics = work / "quickstart" / "metrics.jsonl"
     if metrics.is_file():
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
-        figures["quickstart"] = {"steps": len(records), "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1:],
+        val_losses = [r["val_loss"] for r in records if "val_loss" in r]
+        figures["quickstart"] = {"steps": len(records), "val_loss": val_losses[-1:],
                                  "median_step_s": step_seconds(metrics),
                                  "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[10:])}
     for name in ("train_il8", "train_full", "eval", "repro"):
