@@ -142,17 +142,30 @@ def prepare_data_cmd(data, text_field, vocab_size, tokenizer, val_fraction, cpt_
 @click.option("--out", required=True, type=click.Path(), help="experiment directory (re-run to resume)")
 @click.option("--data", default=None, help="training text: replaces the config's data source")
 @click.option("--data-cache", default=None, help="prepared-data cache (default $DS_UPCYCLE_CACHE or ~/.cache/ds_upcycle)")
+@click.option("--seeds", default=None, metavar="S[,S...]",
+              help="run the experiment once per seed and report mean ± std (replaces the config's seeds)")
 @user_errors
-def reproduce(config, out, data, data_cache) -> None:
+def reproduce(config, out, data, data_cache, seeds) -> None:
     """Run the paper's central experiment: Fixed-E, Upcycled and Fixed-mE at the same token budget.
 
     Trains every arm with train.py, expands with `ds-upcycle expand`'s library, evaluates, and
     writes compare's table, the compute ledger, a summary and plots to OUT/results. Interrupted,
-    the same command resumes and skips finished arms.
+    the same command resumes and skips finished arms. With seeds, each seed runs in OUT/seed-<s>/
+    and OUT/results reports every figure as mean ± std.
     """
     from .reproduce import load_config, run_reproduce
 
-    run_reproduce(load_config(config, data=data), out, data_cache=data_cache, say=click.echo)
+    run_reproduce(load_config(config, data=data, seeds=_seed_list(seeds)), out, data_cache=data_cache,
+                  say=click.echo)
+
+
+def _seed_list(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint="--seeds") from None
 
 
 def _register_evaluation() -> None:

@@ -52,6 +52,9 @@ class ReproduceConfig:
         eval_device, eval_dtype, eval_batch_size: where the final evaluation runs.
         threads: torch threads per training process (OMP_NUM_THREADS).
         seed: model init, data order and router noise.
+        seeds: run the whole experiment once per seed, each in OUT/seed-<s>/ (as many at a time
+            as the cores allow), and report every figure as mean +- std with the per-seed values;
+            () runs `seed` alone in OUT.
     """
 
     name: str
@@ -89,6 +92,7 @@ class ReproduceConfig:
     eval_batch_size: int = 8
     threads: int = 1
     seed: int = 0
+    seeds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         from ..upcycle.scores import SELECTION_RULES
@@ -131,6 +135,9 @@ class ReproduceConfig:
         if "synthetic" in self.tasks and self.data is not None and not self.data.startswith("synthetic"):
             raise UserError("the synthetic tasks ask about the built-in corpus; use tasks: [] (validation loss "
                             "only) or lm-eval tasks for other data")
+        if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in self.seeds) or \
+                len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"seeds must be distinct non-negative integers, got {list(self.seeds)}")
         if self.eval_dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"eval_dtype must be float32, bfloat16 or float16, got {self.eval_dtype!r}")
 
@@ -207,6 +214,10 @@ def _typed(name: str, value):
     if "tuple" in kind:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise UserError(f"config field {name} must be a list")
+        if "int" in kind:
+            if any(not isinstance(v, int) or isinstance(v, bool) for v in value):
+                raise UserError(f"config field {name} must be a list of integers, got {value!r}")
+            return tuple(value)
         return tuple(str(v) for v in value)
     expected = {"int": int, "float": (int, float), "str": str, "bool": bool}
     base = kind.split("|")[0].strip()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable
 
@@ -20,27 +19,9 @@ from .config import ReproduceConfig
 from .evaluate import evaluate_arm
 from .plan import FIXED_E, ExpandStage, Plan, make_plan
 from .plots import plot_loss, plot_routing
+from .outdir import check_out_dir
 from .report import manifest, results_path, write_report
-
-CONFIG_FILE = "config.json"
-
-
-def _check_out_dir(cfg: ReproduceConfig, out: Path) -> None:
-    """Refuse to mix two experiments in one directory; record the config otherwise."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / CONFIG_FILE
-    current = json.loads(json.dumps(asdict(cfg)))
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        # A field added to the config since that run, at its default value, is no difference.
-        defaults = {f.name: f.default for f in fields(ReproduceConfig)}
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k))
-        if changed:
-            raise UserError(f"{out} holds an experiment with a different config ({', '.join(changed)} differ); "
-                            f"use another --out or the same config")
-        return
-    path.write_text(json.dumps(current, indent=2) + "\n")
-
+from .seeds import run_seeds
 
 def run_stages(cfg: ReproduceConfig, plan: Plan, out: Path, data_cache: str | None,
                say: Callable[[str], None]) -> None:
@@ -86,13 +67,16 @@ def run_evaluations(cfg: ReproduceConfig, plan: Plan, out: Path, data_cache: str
 
 def run_reproduce(cfg: ReproduceConfig, out: str | Path, data_cache: str | None = None,
                   say: Callable[[str], None] = print) -> dict:
-    """Run (or finish) the experiment of `cfg` in `out`; returns the summary of every arm."""
+    """Run (or finish) the experiment of `cfg` in `out`; returns the summary of every arm (with
+    `cfg.seeds`, of every arm over the seeds)."""
     if cfg.data is None:
         raise UserError(f"config {cfg.name} needs --data: the directory or file of text to train on")
     out = Path(out)
     stages.repo_root()
     stages.deepspeed_config_path(cfg)
-    _check_out_dir(cfg, out)
+    check_out_dir(cfg, out)
+    if cfg.seeds:
+        return run_seeds(cfg, out, data_cache, say)
     plan = make_plan(cfg)
     started = time.perf_counter()
     run_stages(cfg, plan, out, data_cache, say)

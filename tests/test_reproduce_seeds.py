@@ -1,0 +1,78 @@
+"""`ds-upcycle reproduce` over several seeds: the report against the seeds' own summaries."""
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from ds_upcycle.errors import UserError
+from ds_upcycle.reproduce.config import load_config
+from ds_upcycle.reproduce.seeds import aggregate, seed_markdown
+from test_reproduce import MINI
+
+
+def summary(seed: int, e: float, me: float, up: float, jump: float, control: float) -> dict:
+    """The shape of one seed's results/summary.json (only the fields the report reads)."""
+    arm = {"arm": "upcycled-cpt50-grad_sq", "label": "upcycled", "cpt_fraction": 0.5, "select": "grad_sq",
+           "val_loss": up, "gap_closed": (e - up) / (e - me), "warm_start": {"jump": jump},
+           "ledger": {"saving": 0.1 + seed / 100, "step_time_ratio": 1.2}}
+    return {"config": {"name": "mini", "seed": seed}, "total_steps": 16, "main_arm": arm["arm"],
+            "fixed_e": {"num_experts": 4, "val_loss": e}, "fixed_me": {"num_experts": 8, "val_loss": me},
+            "upcycled": [arm], "control": {"arm": "continued-e-cpt50", "cpt_fraction": 0.5, "val_loss": control}}
+
+
+def test_every_figure_is_mean_and_sample_std_over_seeds():
+    runs = {0: summary(0, 1.00, 0.90, 0.93, 0.05, 0.98), 1: summary(1, 1.02, 0.91, 0.95, 0.07, 0.99),
+            2: summary(2, 0.99, 0.88, 0.90, 0.04, 0.97)}
+    report = aggregate(runs)
+    e = [1.00, 1.02, 0.99]
+    me = [0.90, 0.91, 0.88]
+    assert report["fixed_e"]["val_loss"]["mean"] == pytest.approx(statistics.mean(e))
+    assert report["fixed_e"]["val_loss"]["std"] == pytest.approx(statistics.stdev(e))
+    assert report["fixed_e"]["val_loss"]["values"] == {"0": 1.00, "1": 1.02, "2": 0.99}
+    gaps = [a - b for a, b in zip(e, me)]
+    pooled = ((statistics.stdev(e) ** 2 + statistics.stdev(me) ** 2) / 2) ** 0.5
+    assert report["capacity_gap"]["mean"] == pytest.approx(statistics.mean(gaps))
+    assert report["capacity_gap"]["in_pooled_std"] == pytest.approx(statistics.mean(gaps) / pooled)
+    (arm,) = report["upcycled"]
+    closed = [(a - u) / (a - b) for a, b, u in zip(e, me, [0.93, 0.95, 0.90])]
+    assert arm["gap_closed"]["mean"] == pytest.approx(statistics.mean(closed))
+    assert arm["warm_start_jump"]["std"] == pytest.approx(statistics.stdev([0.05, 0.07, 0.04]))
+    assert report["control"]["val_loss"]["mean"] == pytest.approx(0.98)
+    text = seed_markdown(report)
+    assert f"| Fixed-E (4) | - | - | {statistics.mean(e):.4f} ± {statistics.stdev(e):.4f} (1.0000, 1.0200, 0.9900)" \
+        in text
+
+
+def test_seeds_in_configs_and_on_the_command_line(tmp_path):
+    (tmp_path / "c.yaml").write_text("base: tiny\nseeds: [0, 1, 2]\n")
+    assert load_config(str(tmp_path / "c.yaml")).seeds == (0, 1, 2)
+    assert load_config("tiny", seeds=(3, 4)).seeds == (3, 4)
+    for bad in ("seeds: [0, 0]\n", "seeds: [-1]\n", "seeds: [a]\n"):
+        (tmp_path / "bad.yaml").write_text("base: tiny\n" + bad)
+        with pytest.raises(UserError, match="seeds"):
+            load_config(str(tmp_path / "bad.yaml"))
+
+
+@pytest.mark.slow
+def test_two_seeds_end_to_end(tmp_path, data_cache):
+    config = tmp_path / "mini.json"
+    config.write_text(json.dumps({**MINI, "selection_cpt_fraction": None, "tasks": []}))
+    out = tmp_path / "exp"
+    command = [sys.executable, "-m", "ds_upcycle.cli", "reproduce", "--config", str(config), "--out", str(out),
+               "--data-cache", str(data_cache), "--seeds", "0,1"]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "results" / "summary.json").read_text())
+    per_seed = {s: json.loads((out / f"seed-{s}" / "results" / "summary.json").read_text()) for s in (0, 1)}
+    assert {s: per_seed[s]["config"]["seed"] for s in (0, 1)} == {0: 0, 1: 1}
+    losses = [per_seed[s]["fixed_me"]["val_loss"] for s in (0, 1)]
+    assert losses[0] != losses[1]       # different seeds, different runs
+    assert report["fixed_me"]["val_loss"]["values"] == {"0": losses[0], "1": losses[1]}
+    assert report["fixed_me"]["val_loss"]["std"] == pytest.approx(statistics.stdev(losses))
+    assert (out / "results" / "seeds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert again.returncode == 0 and "complete, skipped" in (out / "seed-0" / "reproduce.log").read_text()
