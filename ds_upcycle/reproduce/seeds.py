@@ -120,10 +120,11 @@ def seed_markdown(report: dict) -> str:
              "| arm | CPT | select | validation loss | gap closed | warm-start jump | saving |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
              f"| Fixed-E ({e['num_experts']}) | - | - | {_show(e['val_loss'])} | - | - | - |"]
+    defined = gap["mean"] > 0   # otherwise there is no gap to close
     for arm in report["upcycled"]:
+        closed = _show(arm["gap_closed"], True) if defined else "n/a"
         lines.append(f"| {arm['arm']} | {100 * arm['cpt_fraction']:.1f}% | {arm['select']} | {_show(arm['val_loss'])} "
-                     f"| {_show(arm['gap_closed'], True)} | {_show(arm['warm_start_jump'])} "
-                     f"| {_show(arm['saving'], True)} |")
+                     f"| {closed} | {_show(arm['warm_start_jump'])} | {_show(arm['saving'], True)} |")
     control = report.get("control")
     if control:
         lines.append(f"| {control['arm']} (control: no expansion) | {100 * control['cpt_fraction']:.1f}% | - | "
@@ -133,7 +134,8 @@ def seed_markdown(report: dict) -> str:
     lines += ["", f"Capacity gap L(Fixed-E) - L(Fixed-mE): {_show(gap)}"
               + ("" if ratio is None else f", {ratio:.1f} times the seed-to-seed spread of the two arms") + ".",
               "Gap closed = (L_fixedE - L_upcycled) / (L_fixedE - L_fixedmE) per seed; saving from each seed's "
-              "measured step times."]
+              "measured step times." + ("" if defined else " n/a: Fixed-mE is not better than Fixed-E on average, "
+                                                           "so there is no gap to close.")]
     return "\n".join(lines) + "\n"
 
 
