@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from .. import __version__, comm
 from ..config import ModelConfig, parse_overrides, resolve_model_config
 from ..data import BatchOrder, DataConfig, PackedSequences, PreparedData, prepare_data, validation_batches
+from ..data.tokenizer import file_digest
 from ..errors import UserError
 from ..model import Transformer
 from ..moe.balance import balance_routers
-from ..data.tokenizer import file_digest
 from .checkpoint import CheckpointRef, find_checkpoint, latest_checkpoint, write_run_files
 from .config import TrainConfig
 from .continuation import (check_model_overrides, hyperparameters, note, reapply_hyperparameters, run_changes,
