@@ -22,7 +22,9 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
-    if comm.rank() == 0:
+    first_rank = comm.rank() == 0
+    comm.shutdown()
+    if first_rank:
         print(f"validation loss {result.val_loss:.4f} at step {result.step} ({result.tokens:,} tokens)")
     return 0
 

@@ -81,3 +81,15 @@ def sum_over_world(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Wait for every rank, then tear the process group down before the interpreter exits.
+
+    A gloo group left to the interpreter's exit is destroyed while its threads may still be
+    joinable or a peer already gone, which aborts the process ("terminate called without an active
+    exception") after all work is done.
+    """
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()

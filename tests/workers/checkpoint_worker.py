@@ -103,6 +103,7 @@ def main() -> None:
     comm.init_distributed(dist_backend="gloo")
     for index, job in enumerate(json.loads(Path(args.jobs).read_text())):
         run_job(job, args.ep_size, index)
+    comm.shutdown()
 
 
 if __name__ == "__main__":

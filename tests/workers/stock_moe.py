@@ -94,6 +94,7 @@ def main():
     if args.save:
         engine.save_checkpoint(args.save)
     print(f"rank {engine.global_rank} steps {engine.global_steps} loss {loss.item():.6f}")
+    comm.shutdown()
 
 
 if __name__ == "__main__":
