@@ -1,11 +1,22 @@
-"""The `ds-upcycle` command. Commands parse their options and call a library function."""
+"""The `ds-upcycle` command. Commands parse their options and call a library function.
+
+The options' allowed values come from where they are defined. The libraries behind the commands
+are imported when a command runs: DeepSpeed and lm-eval take seconds to import, which `--help`
+should not pay.
+"""
 
 from __future__ import annotations
 
 import click
 
 from . import __version__
+from .config import PRESETS, count_parameters
+from .data import DataConfig, prepare_data
 from .errors import user_errors
+from .evaluation.cli import compare_command, eval_command
+from .upcycle.config import ExpandConfig, parse_layers
+from .upcycle.operator import OPTIMIZER_STATE_MODES
+from .upcycle.scores import SELECTION_RULES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,7 +34,7 @@ def main() -> None:
 @click.option("--num-experts", type=int, default=None, help="target experts per MoE layer (N)")
 @click.option("--multiplier", "-m", type=int, default=None, help="target = m x source experts; 1 reshards")
 @click.option("--select", default="grad_sq", show_default=True,
-              type=click.Choice(["uniform", "grad_sq", "saliency", "weight_norm", "fisher"]),
+              type=click.Choice(SELECTION_RULES),
               help="how copies are allocated: uniformly, or by a utility score (from the Adam state, "
                    "or from gradients on --calibration-data)")
 @click.option("--layers", default=None, metavar="L[,L...]",
@@ -32,10 +43,16 @@ def main() -> None:
 @click.option("--distinct-copies", is_flag=True,
               help="route each token to at most one copy of an expert (the copies form a group in the "
                    "model config): the expanded model computes exactly what the source computed")
+@click.option("--split-copies", is_flag=True,
+              help="with --distinct-copies: pull each expert's copies apart along the direction in which its "
+                   "tokens' router inputs vary most (measured on --calibration-data, default the source's cpt "
+                   "split), so each copy starts with the tokens on its side")
+@click.option("--split-scale", type=float, default=0.5, show_default=True,
+              help="difference of two copies' router logits one standard deviation from the middle of the split")
 @click.option("--max-copies", type=int, default=None, help="cap on the copies of one expert")
 @click.option("--router-noise", type=float, default=0.01, show_default=True,
               help="std of the N(0, sigma^2) noise on the replicas' routing bias")
-@click.option("--optimizer-state", default="copy", show_default=True, type=click.Choice(["copy", "reset", "scale"]),
+@click.option("--optimizer-state", default="copy", show_default=True, type=click.Choice(OPTIMIZER_STATE_MODES),
               help="replicas' Adam moments: the source's, zeros, or the source's scaled by 1/copies")
 @click.option("--world-size", type=int, default=None, help="target data-parallel world size (default: source's)")
 @click.option("--ep-size", type=int, default=None, help="target expert-parallel size (default: source's)")
@@ -59,7 +76,8 @@ def main() -> None:
 @click.option("--calibration-batch-size", type=int, default=8, show_default=True,
               help="sequences per calibration batch (of the source's seq_len)")
 @user_errors
-def expand(source, destination, num_experts, multiplier, select, layers, distinct_copies, max_copies, router_noise, optimizer_state,
+def expand(source, destination, num_experts, multiplier, select, layers, distinct_copies, split_copies, split_scale,
+           max_copies, router_noise, optimizer_state,
            world_size, ep_size, seed, dry_run, force, check_data, check_samples, data_cache, calibration_data,
            calibration_batches, calibration_batch_size) -> None:
     """Expand a DeepSpeed MoE checkpoint SOURCE to more experts per layer, written to DESTINATION.
@@ -68,12 +86,12 @@ def expand(source, destination, num_experts, multiplier, select, layers, distinc
     data-parallel size and ep_size); DESTINATION is a new save directory that `engine.load_checkpoint` (and
     `train.py --load DESTINATION --fresh-schedule`) resumes from on the target layout.
     """
-    from .upcycle.config import ExpandConfig, parse_layers
     from .upcycle.expand import expand_checkpoint
     from .upcycle.report import describe_plans
 
     cfg = ExpandConfig(source=source, destination=destination, num_experts=num_experts, multiplier=multiplier,
                        select=select, layers=parse_layers(layers), distinct_copies=distinct_copies,
+                       split_copies=split_copies, split_scale=split_scale,
                        max_copies=max_copies, router_noise=router_noise,
                        optimizer_state=optimizer_state, world_size=world_size, ep_size=ep_size, seed=seed,
                        force=force, check_data=check_data, check_samples=check_samples, data_cache=data_cache,
@@ -89,10 +107,8 @@ def expand(source, destination, num_experts, multiplier, select, layers, distinc
         click.echo("scores from the checkpoint's Adam state")
     if not dry_run:
         click.echo(f"wrote {result.destination / result.tag} in {result.manifest['seconds']:.1f} s")
-        if "warm_start" in result.manifest:
-            ws = result.manifest["warm_start"]
-            click.echo(f"validation loss {ws['source_loss']:.3f} -> {ws['expanded_loss']:.3f} "
-                       f"({ws['jump']:+.3f}) on {ws['samples']} sequences")
+        if result.warm_start is not None:
+            click.echo(result.warm_start.describe())
 
 
 @main.command()
@@ -100,8 +116,6 @@ def expand(source, destination, num_experts, multiplier, select, layers, distinc
 @user_errors
 def presets(vocab_size: int) -> None:
     """List the model presets with their parameter counts."""
-    from .config import PRESETS, count_parameters
-
     click.echo(f"{'preset':<12}{'layers':>7}{'dim':>6}{'experts':>8}{'top-k':>6}{'moe every':>10}"
                f"{'total':>10}{'active':>10}")
     for name, cfg in PRESETS.items():
@@ -125,8 +139,6 @@ def prepare_data_cmd(data, text_field, vocab_size, tokenizer, val_fraction, cpt_
 
     train.py does this on first use; run it ahead to check a source or share a cache.
     """
-    from .data import DataConfig, prepare_data
-
     cfg = DataConfig(source=data, text_field=text_field, vocab_size=vocab_size, tokenizer=tokenizer,
                      val_fraction=val_fraction, cpt_fraction=cpt_fraction, cache_dir=data_cache)
     prepared = prepare_data(cfg)
@@ -168,14 +180,8 @@ def _seed_list(text: str | None) -> tuple[int, ...] | None:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint="--seeds") from None
 
 
-def _register_evaluation() -> None:
-    from .evaluation.cli import compare_command, eval_command
-
-    main.add_command(eval_command)
-    main.add_command(compare_command)
-
-
-_register_evaluation()
+main.add_command(eval_command)
+main.add_command(compare_command)
 
 if __name__ == "__main__":
     main()

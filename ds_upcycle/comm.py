@@ -6,6 +6,10 @@ the training loop run unchanged on one CPU.
 
 from __future__ import annotations
 
+import os
+import socket
+
+import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -24,9 +28,6 @@ def rank() -> int:
 
 def single_process_env() -> None:
     """Let a script that calls deepspeed.init_distributed() run as one process, without a launcher."""
-    import os
-    import socket
-
     if "RANK" in os.environ:
         return
     with socket.socket() as sock:
@@ -43,10 +44,6 @@ def init_distributed(**kwargs) -> None:
     unlinks it: every launch would leave them behind until the machine runs out of memory. Once all
     ranks are through initialisation (the barrier) the names can go; the mappings stay valid.
     """
-    import os
-
-    import deepspeed
-
     deepspeed.init_distributed(**kwargs)
     if not is_distributed():
         return

@@ -41,7 +41,7 @@ def timed(fn, device) -> float:
 def main() -> None:
     from ds_upcycle.evaluation.lm_model import UpcycleLM
     from ds_upcycle.evaluation.synthetic import SyntheticSpec, multiple_choice_rows, record_rows, spec_from_source
-    from ds_upcycle.training.checkpoint import find_checkpoint
+    from ds_upcycle.checkpoint import find_checkpoint
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a ds-upcycle checkpoint (save or tag directory)")

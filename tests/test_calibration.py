@@ -1,7 +1,7 @@
 """`ds-upcycle expand --calibration-data`: utility scores from exact gradients on calibration batches.
 
 The oracle is plain autograd: the same batches through the model (built directly, or loaded with
-evaluation/weights.py), `loss.backward()` on every parameter, expert gradients picked by name and
+trained.load_model), `loss.backward()` on every parameter, expert gradients picked by name and
 averaged over batches by hand.
 """
 
@@ -24,9 +24,10 @@ from ds_upcycle.checkpoint import read_checkpoint
 from ds_upcycle.config import ModelConfig
 from ds_upcycle.data import DataConfig, prepare_data
 from ds_upcycle.errors import UserError
-from ds_upcycle.evaluation.weights import load_checkpoint
+from ds_upcycle.trained import RunData, load_model
 from ds_upcycle.model import Transformer
-from ds_upcycle.upcycle.calibration import calibrate, calibration_data, expert_gradient_stats, scores_by_layer
+from ds_upcycle.upcycle.calibration import (calibrate, calibration_data, expert_gradient_stats, router_input_directions,
+                                            scores_by_layer)
 from ds_upcycle.upcycle.config import ExpandConfig
 from ds_upcycle.upcycle.expand import expand_checkpoint
 from ds_upcycle.upcycle.operator import allocate_copies
@@ -143,7 +144,7 @@ def expand_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_source_calibration_matches_autograd_on_cpt_windows(source):
-    cal = calibrate(source["src"], read_checkpoint(source["src"]), "source", 3, 4, source["cache"])
+    cal = calibrate(read_checkpoint(source["src"]), RunData(source["src"], source["cache"]), "source", 3, 4)
     assert cal.info == {"from": "calibration data", "data": "source", "batches": 3, "batch_size": 4,
                         "sequences": 12, "seq_len": 32, "description": cal.info["description"]}
     # Independently: the first 12 windows of seq_len + 1 tokens of the cpt split, in order.
@@ -155,7 +156,7 @@ def test_source_calibration_matches_autograd_on_cpt_windows(source):
     rows = torch.from_numpy(np.stack([cpt[i * 32:i * 32 + 33] for i in range(12)]))
     batches = [(rows[i:i + 4, :-1], rows[i:i + 4, 1:]) for i in range(0, 12, 4)]
     # fp32 checkpoint: its module weights are the fp32 masters
-    model = load_checkpoint(source["src"]).model
+    model = load_model(source["src"]).model
     assert_match_direct(cal.stats, direct_stats(model, batches))
 
 
@@ -188,7 +189,7 @@ def test_cli_expands_with_calibration_scores(source):
     assert manifest["scores"]["from"] == "calibration data" and manifest["scores"]["data"] == str(source["text"])
     assert manifest["options"]["calibration_data"] == str(source["text"])
     # The recorded scores are those of the library on the same data, and the allocation follows them.
-    cal = calibrate(source["src"], read_checkpoint(source["src"]), str(source["text"]), 2, 4)
+    cal = calibrate(read_checkpoint(source["src"]), RunData(source["src"]), str(source["text"]), 2, 4)
     expected = scores_by_layer(cal.stats, "grad_sq")
     for layer in manifest["layers"]:
         assert layer["scores"] == expected[layer["prefix"]]
@@ -200,7 +201,7 @@ def test_cli_expands_with_calibration_scores(source):
     sp = spm.SentencePieceProcessor(model_file=str(source["tag"] / "tokenizer.model"))
     docs = [json.loads(line)["text"] for line in source["text"].read_text().splitlines()]
     tokens = np.concatenate([np.asarray(sp.encode(d) + [2]) for d in docs])
-    windows = calibration_data(source["src"], str(source["text"]), 8).windows
+    windows = calibration_data(RunData(source["src"]), str(source["text"]), 8).windows
     assert np.array_equal(windows, np.stack([tokens[i * 32:i * 32 + 33] for i in range(8)]))
     assert tree_digest(source["src"]) == source["digest"]
 
@@ -225,7 +226,7 @@ def test_checkpoint_without_run_file_refused_before_writing(source):
     dst = source["root"] / "plain-out"
     cfg = ExpandConfig(source=str(plain), destination=str(dst), multiplier=2, calibration_data="source",
                        data_cache=source["cache"])
-    with pytest.raises(UserError, match="--calibration-data: calibration needs the model settings") as err:
+    with pytest.raises(UserError, match="--calibration-data: .* its training data settings are unknown") as err:
         expand_checkpoint(cfg, progress=False)
     assert "\n" not in str(err.value)
     assert not dst.exists() and not list(dst.parent.glob(f".{dst.name}*"))
@@ -239,7 +240,7 @@ def test_bf16_checkpoint_calibrates_at_the_fp32_master_weights(tmp_path, data_ca
     check_ok(run_train(tiny_run_args(cfg, 3, data_cache, "--set", "num_experts=4", "--eval-samples", "8",
                                      "--save", str(src))))
     reader = read_checkpoint(src)
-    cal = calibrate(src, reader, "synthetic:docs=20,seed=5", 1, 2, str(data_cache))
+    cal = calibrate(reader, RunData(src, str(data_cache)), "synthetic:docs=20,seed=5", 1, 2)
     rounded = 0
     for layer in reader.moe_layers:
         for expert in range(layer.num_experts):
@@ -248,3 +249,63 @@ def test_bf16_checkpoint_calibrates_at_the_fp32_master_weights(tmp_path, data_ca
                 assert torch.equal(weight, state.fp32)
                 rounded += not torch.equal(weight, state.fp32.bfloat16().float())
     assert rounded  # the masters are not all representable in bf16: the test can tell them apart
+
+
+# ---- split directions (--split-copies) ----
+
+def routed_inputs(model, batches):
+    """{MoE prefix: [(router inputs [S, D], chosen experts [S, K])]}, captured by forward hooks."""
+    captured, hooks = {}, []
+    for name, module in model.named_modules():
+        if name.endswith(".deepspeed_moe.gate"):
+            def hook(router, args, out, prefix=name.removesuffix(".deepspeed_moe.gate")):
+                captured.setdefault(prefix, []).append((args[0].double().clone(), router.route(args[0])[0].clone()))
+            hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        for inputs, _ in batches:
+            model(inputs)
+    for hook in hooks:
+        hook.remove()
+    return {prefix: (torch.cat([x for x, _ in pairs]), torch.cat([e for _, e in pairs])) for prefix, pairs in captured.items()}
+
+
+@pytest.mark.slow
+def test_split_directions_match_a_direct_computation_and_split_each_experts_tokens(source, tmp_path):
+    run = RunData(source["src"], source["cache"])
+    batches = calibration_data(run, "source", 16).batches(4)
+    model = load_model(source["src"]).model
+    ours = router_input_directions(model, batches)
+    for prefix, (x, experts) in routed_inputs(model, batches).items():
+        for i in range(4):
+            rows = x[(experts == i).any(dim=1)].numpy()
+            mean, cov = rows.mean(0), np.cov(rows, rowvar=False, bias=True)
+            d = np.linalg.eigh(cov)[1][:, -1]
+            d = d - (d @ mean) / (mean @ mean) * mean
+            d /= np.linalg.norm(d)
+            got = ours[prefix].directions_ED[i].double().numpy()
+            assert abs(float(d @ got)) == pytest.approx(1.0, abs=1e-4)  # the same line (sign is free)
+            assert float(ours[prefix].spread_E[i]) == pytest.approx(float(np.sqrt(d @ cov @ d)), rel=1e-4)
+            assert int(ours[prefix].tokens_E[i]) == len(rows)
+
+    busy = [(prefix, i) for prefix in sorted(ours) for i in range(4) if ours[prefix].tokens_E[i] >= 100]
+    assert len(busy) >= 4  # this briefly trained model routes most tokens to a few experts
+
+    def copy_shares(split: bool) -> list[float]:
+        dst = tmp_path / f"split-{split}"
+        expand_checkpoint(ExpandConfig(source=str(source["src"]), destination=str(dst), multiplier=2,
+                                       select="uniform", distinct_copies=True, split_copies=split,
+                                       calibration_batches=4, calibration_batch_size=4, data_cache=source["cache"]),
+                          progress=False)
+        routes = routed_inputs(load_model(dst).model, batches)
+        shares = []
+        for prefix, i in busy:  # uniform, 4 -> 8 on one rank: expert i's copies are i and i + 4
+            experts = routes[prefix][1]
+            first, second = int((experts == i).sum()), int((experts == i + 4).sum())
+            shares.append(second / (first + second))
+        return shares
+
+    # Without the split the copy a token takes does not depend on the token: one copy takes them all.
+    assert all(share in (0.0, 1.0) for share in copy_shares(False))
+    # With it, both copies of every busy expert take a real share of the expert's tokens.
+    split = copy_shares(True)
+    assert all(0.2 < share < 0.8 for share in split), [round(s, 3) for s in split]

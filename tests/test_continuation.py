@@ -11,7 +11,7 @@ import torch
 
 from conftest import run_train, tiny_run_args, write_ds_config
 from ds_upcycle.data.tokenizer import train_tokenizer
-from ds_upcycle.training.metrics import read_metrics
+from ds_upcycle.checkpoint import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from ds_upcycle.evaluation.cli import compare_command, eval_command
-from ds_upcycle.training.metrics import read_metrics
+from ds_upcycle.checkpoint import read_metrics
 from eval_helpers import offline_hub, trained_checkpoint  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("offline_hub")

@@ -24,6 +24,8 @@ def test_target_experts_and_layout():
     ({"optimizer_state": "keep"}, "--optimizer-state"),
     ({"router_noise": -1.0}, "router-noise"),
     ({"ep_size": 0}, "--ep-size"),
+    ({"split_copies": True}, "--split-copies needs --distinct-copies"),
+    ({"split_copies": True, "distinct_copies": True, "split_scale": 0.0}, "--split-scale must be > 0"),
 ])
 def test_bad_options(kw, message):
     with pytest.raises(UserError, match=message):
@@ -39,3 +41,10 @@ def test_bad_targets():
         cfg(multiplier=None, num_experts=6, ep_size=4, world_size=4).target_layout(2, 2, 6)
     with pytest.raises(UserError, match="world size 3 is not divisible"):
         cfg(world_size=3).target_layout(2, 2, 8)
+
+
+def test_split_copies_measures_on_the_calibration_data_or_the_source():
+    assert cfg(split_copies=True, distinct_copies=True).split_data == "source"
+    split = cfg(split_copies=True, distinct_copies=True, select="uniform", calibration_data="x.txt")
+    assert split.split_data == "x.txt" and not split.uses_gradients  # uniform: the data only sets the split
+    assert cfg(calibration_data="x.txt").uses_gradients

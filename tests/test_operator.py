@@ -5,7 +5,7 @@ import torch
 
 from ds_upcycle.errors import UserError
 from ds_upcycle.upcycle.operator import (LayerPlan, allocate_copies, expand_router_bias, expand_rows,
-                                         place_copies, plan_layer, replica_mask)
+                                         place_copies, plan_layer, replica_mask, split_router_rows)
 from ds_upcycle.upcycle.scores import GradientStats, expert_score
 
 
@@ -138,3 +138,21 @@ def test_each_rule_changes_the_plan():
     assert top == {"grad_sq": 1, "saliency": 1, "weight_norm": 2, "fisher": 0}
     plan = plan_layer(3, 4, [expert_score("grad_sq", e) for e in experts])
     assert plan.counts == [1, 2, 1] and plan.sources == (0, 1, 2, 1)
+
+
+def test_split_router_rows_spreads_each_experts_copies_along_its_direction():
+    plan = LayerPlan(2, (0, 1, 0, 1, 0))  # expert 0: copies at new ids 0, 2, 4; expert 1: ids 1, 3
+    rows = expand_rows(torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]]), plan)
+    directions = torch.tensor([[0.0, 1.0, 0.0], [0.6, 0.0, 0.8]])
+    offsets = torch.tensor([0.5, 2.0])
+    out = split_router_rows(rows, plan, directions, offsets)
+    # copy k of c copies moves by (k - (c - 1) / 2) * offset along the direction
+    expected = torch.stack([rows[0] - 0.5 * directions[0], rows[1] - 0.5 * 2.0 * directions[1],
+                            rows[2] + 0.0 * directions[0], rows[3] + 0.5 * 2.0 * directions[1],
+                            rows[4] + 0.5 * directions[0]])
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(rows, expand_rows(torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]]), plan))  # input kept
+    single = LayerPlan(2, (0, 1))  # one copy each: nothing moves
+    torch.testing.assert_close(split_router_rows(rows[:2], single, directions, offsets), rows[:2])
+    with pytest.raises(ValueError):
+        split_router_rows(rows, plan, directions[:1], offsets)

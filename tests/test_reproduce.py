@@ -16,7 +16,7 @@ from ds_upcycle.errors import UserError
 from ds_upcycle.moe.balance import load_stats
 from ds_upcycle.reproduce.config import NAMED_CONFIGS, load_config
 from ds_upcycle.reproduce.plan import ExpandStage, TrainStage, branch_step, make_plan
-from ds_upcycle.training.metrics import read_metrics
+from ds_upcycle.checkpoint import read_metrics
 from ds_upcycle.training.schedule import WSDSchedule
 
 MINI = {"base": "tiny", "name": "mini", "model_overrides": ["dim=64", "dense_ffn_dim=128", "expert_ffn_dim=64"],

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, bf16_ds_config, free_port, run_train, write_ds_config
-from ds_upcycle.training.metrics import read_metrics
+from ds_upcycle.checkpoint import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -20,10 +20,10 @@ from conftest import ROOT, run_train, tiny_run_args, write_ds_config
 
 from ds_upcycle.data import DataConfig, prepare_data
 from ds_upcycle.errors import UserError
-from ds_upcycle.evaluation.weights import load_checkpoint
+from ds_upcycle.trained import RunData, load_model, validation_loss
 from ds_upcycle.upcycle.config import ExpandConfig
 from ds_upcycle.upcycle.expand import expand_checkpoint
-from ds_upcycle.upcycle.warmstart import model_loss, validation_data, warm_start
+from ds_upcycle.upcycle.warmstart import BATCH_SIZE, warm_start
 
 pytestmark = pytest.mark.slow
 SAMPLES = 24
@@ -62,23 +62,23 @@ def test_check_data_cli_uniform_copy_is_close_to_source(source):
     # f_a alone, i.e. the source run with top-1 (weight 1). Masking the replicas in the router gives
     # back the source exactly. How far the jump goes depends on how much the trained model relies
     # on its second expert (little after 6 steps; about +1.3 nats after 30 steps on this data).
-    data = validation_data(source["src"], source["cache"])
-    expanded = load_checkpoint(dst).model
+    data = RunData(source["src"], source["cache"]).split("val")
+    expanded = load_model(dst).model
     for router in expanded.routers:
         router.route_bias.data[4:] -= 1e4  # new ids 4..7 are the copies (uniform, one rank)
-    assert model_loss(expanded, data, SAMPLES) == pytest.approx(ws["source_loss"], rel=1e-6)
-    top1 = load_checkpoint(source["src"]).model
+    assert validation_loss(expanded, data, SAMPLES, BATCH_SIZE) == pytest.approx(ws["source_loss"], rel=1e-6)
+    top1 = load_model(source["src"]).model
     for router in top1.routers:
         router.k = 1
-    assert ws["expanded_loss"] == pytest.approx(model_loss(top1, data, SAMPLES), rel=1e-5)
+    assert ws["expanded_loss"] == pytest.approx(validation_loss(top1, data, SAMPLES, BATCH_SIZE), rel=1e-5)
     assert ws["source_loss"] == pytest.approx(ws["expanded_loss"], abs=0.5)
     # a second measurement with the library function gives the same numbers
-    again = warm_start(source["src"], dst, SAMPLES, source["cache"])
+    again = warm_start(RunData(source["src"], source["cache"]), dst, SAMPLES)
     assert again.source_loss == ws["source_loss"] and again.expanded_loss == ws["expanded_loss"]
 
 
 def test_source_loss_equals_direct_computation(source):
-    measured = warm_start(source["src"], source["src"], 10, source["cache"])
+    measured = warm_start(RunData(source["src"], source["cache"]), source["src"], 10)
     assert measured.source_loss == measured.expanded_loss and measured.samples == 10
     # Independently: the run's data settings, the checkpoint's tokenizer, the first 10 windows of
     # seq_len + 1 tokens of the val split, one batch, mean cross-entropy.
@@ -91,7 +91,7 @@ def test_source_loss_equals_direct_computation(source):
     val = np.fromfile(prepared.path / "val.bin", dtype=prepared.meta["dtype"]).astype(np.int64)
     T = data["seq_len"]
     rows = torch.from_numpy(np.stack([val[i * T:i * T + T + 1] for i in range(10)]))
-    model = load_checkpoint(source["src"]).model
+    model = load_model(source["src"]).model
     with torch.no_grad():
         logits, _ = model(rows[:, :-1])
     direct = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1)).item()
@@ -105,7 +105,7 @@ def test_check_data_refuses_plain_deepspeed_checkpoint_before_writing(source):
     dst = source["root"] / "never-written"
     cfg = ExpandConfig(source=str(plain), destination=str(dst), multiplier=2, select="uniform",
                        check_data=True, data_cache=source["cache"])
-    with pytest.raises(UserError, match="--check-data: validation loss needs the training data settings") as err:
+    with pytest.raises(UserError, match="--check-data: .* its training data settings are unknown") as err:
         expand_checkpoint(cfg, progress=False)
     assert "\n" not in str(err.value)
     assert not dst.exists() and not list(dst.parent.glob(f".{dst.name}*"))

@@ -1,15 +1,21 @@
-"""DeepSpeed checkpoint I/O: read any MoE layout (no ZeRO, ZeRO-1 or 2) into full state, write it for any layout.
+"""DeepSpeed checkpoint files: locate, read any MoE layout (no ZeRO, ZeRO-1 or 2) into full state, write any layout.
 
-Knows DeepSpeed's file layout and partitioning rules, nothing of upcycling: a caller reads a
-checkpoint (`read_checkpoint`), transforms the layout-independent state, and writes it for the
-target data-parallel size and ep_size (`write_checkpoint`).
+The lowest layer that knows files. It knows DeepSpeed's file layout and partitioning rules and
+the run record ds-upcycle keeps beside them (run_record.py, metrics.py), and nothing of the model's
+maths or of upcycling: a caller reads a checkpoint (`read_checkpoint`), transforms the
+layout-independent state, and writes it for the target data-parallel size and ep_size
+(`write_checkpoint`).
 """
 
-from .reader import CheckpointReader, read_checkpoint
-from .state import (CheckpointMeta, CheckpointSource, CheckpointState, MoELayer, NonExpertState, ParamGroup,
-                    ParamState, load_state, named_param_states)
+from .metrics import MetricsLog, read_metrics
+from .model_file import read_module_weights
+from .reader import read_checkpoint
+from .run_record import RUN_FILE, TOKENIZER_FILE, CheckpointRef, find_checkpoint, latest_checkpoint, write_run_files
+from .state import (CheckpointMeta, CheckpointReader, CheckpointSource, CheckpointState, MoELayer, NonExpertState,
+                    ParamGroup, ParamState, load_state, named_param_states)
 from .writer import write_checkpoint
 
-__all__ = ["CheckpointMeta", "CheckpointReader", "CheckpointSource", "CheckpointState", "MoELayer",
-           "NonExpertState", "ParamGroup", "ParamState", "load_state", "named_param_states", "read_checkpoint",
-           "write_checkpoint"]
+__all__ = ["RUN_FILE", "TOKENIZER_FILE", "CheckpointMeta", "CheckpointReader", "CheckpointRef", "CheckpointSource",
+           "CheckpointState", "MetricsLog", "MoELayer", "NonExpertState", "ParamGroup", "ParamState",
+           "find_checkpoint", "latest_checkpoint", "load_state", "named_param_states", "read_checkpoint",
+           "read_metrics", "read_module_weights", "write_checkpoint", "write_run_files"]

@@ -14,17 +14,19 @@ import torch
 from ..errors import UserError
 
 
-def load_file(path: Path, mmap: bool = False) -> dict:
+def load_file(path: Path, mmap: bool = False, weights_only: bool = False) -> dict:
     """torch.load a DeepSpeed checkpoint file on CPU.
 
-    DeepSpeed pickles non-tensor objects (loss scaler, enums, fragment addresses), so this needs
-    weights_only=False: only open checkpoints you trust. With mmap, tensors stay on disk until read,
-    which bounds memory when only a few parameters of a large file are needed.
+    Optimizer and model-state files pickle non-tensor objects (loss scaler, enums, fragment
+    addresses), so reading them whole needs weights_only=False: only open checkpoints you trust.
+    Per-expert weight files hold tensors only and are read with weights_only=True. With mmap,
+    tensors stay on disk until read, which bounds memory when only a few parameters of a large
+    file are needed.
     """
     if not path.is_file():
         raise UserError(f"missing checkpoint file: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
     except Exception as err:  # torch raises assorted types for truncated or corrupt archives
         detail = (str(err).strip().splitlines() or [""])[0]
         raise UserError(f"cannot read {path}: truncated or corrupt file ({type(err).__name__}: {detail})") from None
@@ -95,9 +97,3 @@ def staging_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -21,31 +21,23 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..training.checkpoint import RUN_FILE, TOKENIZER_FILE
 from .files import load_file, open_for_filling, save_skeleton
 from .layout import split_moe_group
+from .model_file import agreed_step, check_module_keys, common_meta
 from .names import MODEL_STATES, expert_file, split_expert_param
-from .state import CheckpointMeta, CheckpointSource, MoELayer, NonExpertState, ParamGroup, ParamState
+from .state import MOMENTS, CheckpointMeta, CheckpointSource, MoELayer, NonExpertState, ParamGroup, ParamState
 
 OPTIM_FILE = re.compile(r"^expp_rank_(?P<rank>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
-MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def optim_file(ep_rank: int) -> str:
     return f"expp_rank_{ep_rank}_mp_rank_00_optim_states.pt"
 
 
-def is_stage0(model: dict) -> bool:
-    zero = (model.get("ds_config") or {}).get("zero_optimization", {})
-    return int(zero.get("stage", 0)) == 0 and model.get("param_shapes") is None
-
-
 class Stage0Reader:
-    """Lazy, layout-independent view of a stage-0 MoE checkpoint (see state.CheckpointSource)."""
+    """Lazy, layout-independent view of a stage-0 MoE checkpoint (a state.CheckpointReader)."""
 
     def __init__(self, path: Path, model: dict) -> None:
-        from .reader import DEEPSPEED_KEYS, RECOMPUTED_KEYS, _check_module_keys, _read_run_info
-
         self.path = path
         self._module = model["module"]
         dtypes = {t.dtype for t in self._module.values() if t.is_floating_point()}
@@ -62,23 +54,16 @@ class Stage0Reader:
         aliases = _aliases(self._module, buffer_names, len(groups[0]["params"]) if groups else 0)
         dense_names = [k for k in self._module if k not in buffer_names and k not in aliases]
         self._dense_index = _check_groups(path, groups, dense_names, self._local_expert_numels(), self._optim)
-        _check_module_keys(list(self._module), dense_names, buffer_names, aliases, path)
-        step = _step(path, self._optim)
+        check_module_keys(list(self._module), dense_names, buffer_names, aliases, path)
+        step = agreed_step([entry.get("step") for optim in self._optim for entry in optim["state"].values()], path)
         dense_hypers = {k: v for k, v in groups[0].items() if k != "params"}
         expert_hypers = {k: v for k, v in groups[1].items() if k != "params"} if len(groups) > 1 else None
-        run_file, tokenizer = path / RUN_FILE, path / TOKENIZER_FILE
         self.meta = CheckpointMeta(
-            global_steps=model["global_steps"], global_samples=model.get("global_samples", 0),
-            skipped_steps=model.get("skipped_steps", 0), lr_scheduler=model.get("lr_scheduler"),
-            client_state={k: v for k, v in model.items() if k not in DEEPSPEED_KEYS},
-            ds_config=model["ds_config"], ds_version=model["ds_version"], zero_stage=0,
-            dp_world_size=self.world_size, ep_size=self.ep_size,
+            **common_meta(model, path), zero_stage=0, dp_world_size=self.world_size, ep_size=self.ep_size,
             module_dtype=torch.float32,
             optimizer_step=step, dense_groups=[ParamGroup(dense_hypers, dense_names)],
             expert_hypers=expert_hypers, optimizer_extras={},
-            module_keys=list(self._module), buffer_names=buffer_names, shared_params=aliases,
-            model_extras={k: model[k] for k in DEEPSPEED_KEYS - RECOMPUTED_KEYS if k in model},
-            run_info=_read_run_info(run_file), tokenizer=tokenizer if tokenizer.is_file() else None, source=path)
+            module_keys=list(self._module), buffer_names=buffer_names, shared_params=aliases)
 
     @property
     def num_experts(self) -> list[int]:
@@ -98,8 +83,7 @@ class Stage0Reader:
 
     def expert_state(self, layer: int, expert: int) -> dict[str, ParamState]:
         moe = self.moe_layers[layer]
-        if not 0 <= expert < moe.num_experts:
-            raise UserError(f"MoE layer {layer} has {moe.num_experts} experts, no expert {expert}")
+        moe.check_expert(expert)
         ep_rank, local = divmod(expert, moe.num_experts // self.ep_size)
         weights = load_file(self.path / expert_file(layer, expert), mmap=True)
         first = len(self._dense_index) + self._local_offset(layer, local)
@@ -208,17 +192,6 @@ def _check_groups(path: Path, groups: list[dict], dense_names: list[str], expert
         if [len(g["params"]) for g in optim["param_groups"]] != sizes:
             raise UserError(f"{path}: {optim_file(rank)} has other optimizer groups than {optim_file(0)}")
     return {name: index for index, name in enumerate(dense_names)}
-
-
-def _step(path: Path, optims: list[dict]) -> torch.Tensor | None:
-    steps = [entry.get("step") for optim in optims for entry in optim["state"].values()]
-    if not steps:
-        return None
-    values = {float(s) for s in steps if s is not None}
-    if len(values) != 1 or None in steps:
-        raise UserError(f"{path}: optimizer states disagree on the Adam step count ({sorted(values)})")
-    step = steps[0]
-    return step.clone() if torch.is_tensor(step) else torch.tensor(float(step))
 
 
 def _moments(state: dict, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -15,7 +15,10 @@ from typing import Protocol
 
 import torch
 
+from ..errors import UserError
 from .names import expert_param
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # the Adam state kept per parameter (besides the shared step)
 
 
 @dataclass
@@ -45,6 +48,10 @@ class MoELayer:
 
     def with_experts(self, num_experts: int) -> MoELayer:
         return replace(self, num_experts=num_experts)
+
+    def check_expert(self, expert: int) -> None:
+        if not 0 <= expert < self.num_experts:
+            raise UserError(f"MoE layer {self.index} has {self.num_experts} experts, no expert {expert}")
 
 
 @dataclass
@@ -90,7 +97,7 @@ class NonExpertState:
 
 
 class CheckpointSource(Protocol):
-    """What the writer needs; implemented by CheckpointReader (lazy) and CheckpointState."""
+    """What the writer needs; implemented by every format's reader (lazy) and CheckpointState."""
 
     meta: CheckpointMeta
     moe_layers: list[MoELayer]
@@ -103,6 +110,17 @@ class CheckpointSource(Protocol):
         The writer may ask for an expert more than once; each call must return the same values.
         """
         ...
+
+
+class CheckpointReader(CheckpointSource, Protocol):
+    """A checkpoint on disk, opened by its format's reader (reader.read_checkpoint picks it)."""
+
+    path: Path          # the tag directory
+    world_size: int     # data-parallel size of the layout that wrote it
+    ep_size: int
+
+    @property
+    def num_experts(self) -> list[int]: ...
 
 
 @dataclass

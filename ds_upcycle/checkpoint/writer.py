@@ -1,4 +1,4 @@
-"""Write layout-independent state as a native DeepSpeed ZeRO-1/2 checkpoint for any target layout.
+"""Write layout-independent state as a native DeepSpeed checkpoint (no ZeRO, ZeRO-1 or 2) for any target layout.
 
 The result is what `engine.save_checkpoint` of deepspeed 0.19.8 would write for the same state on
 `world_size` ranks with `ep_size`, so stock `engine.load_checkpoint` on that layout restores module
@@ -8,7 +8,6 @@ weights, fp32 master weights, Adam moments and step, the LR scheduler and client
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 from collections import OrderedDict
@@ -25,15 +24,14 @@ from deepspeed.checkpoint.constants import (BASE_OPTIMIZER_STATE, DS_VERSION, GR
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from ..atomic import write_json_atomic, write_text_atomic
 from ..errors import UserError
-from ..training.checkpoint import RUN_FILE, TOKENIZER_FILE
-from .files import open_for_filling, save_file, save_skeleton, staging_dir, write_text_atomic
+from .files import open_for_filling, save_file, save_skeleton, staging_dir
 from .layout import FlatGroup, Fragment, flat_group, split_moe_group
 from .names import MODEL_STATES, expert_file, zero_file
+from .run_record import RUN_FILE, TOKENIZER_FILE
 from .stage0 import prepare_stage0_files
-from .state import CheckpointSource, MoELayer, NonExpertState, ParamState
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
+from .state import MOMENTS, CheckpointSource, MoELayer, NonExpertState, ParamState
 
 
 @dataclass
@@ -81,7 +79,7 @@ def write_checkpoint(state: CheckpointSource, dst_dir: str | os.PathLike, tag: s
                 fill_expert = _prepare_zero_files(state, non_expert, target, ds_config, tag_dir, stack)
             _walk_experts(state, ep_size, tag_dir, fill_expert)
         if info is not None:
-            (tag_dir / RUN_FILE).write_text(json.dumps(info, indent=2))
+            write_json_atomic(tag_dir / RUN_FILE, info)
         if meta.tokenizer is not None:
             shutil.copyfile(meta.tokenizer, tag_dir / TOKENIZER_FILE)
 

@@ -41,7 +41,9 @@ class SyntheticSpec:
         return cls(**values)
 
 
-class _Domain:
+class Domain:
+    """One domain of the corpus: its alphabet, name, entities, relations, values and fact table."""
+
     def __init__(self, rng: random.Random, spec: SyntheticSpec, used: set[str]) -> None:
         self.syllables = [c + v for c in rng.sample(CONSONANTS, 6) for v in rng.sample(VOWELS, 3)]
         self.name = self._word(rng, 3, used)
@@ -62,20 +64,29 @@ class _Domain:
                 return word
         raise RuntimeError("could not make a new word")
 
+    def facts_of(self, entity: int) -> list[tuple[str, str]]:
+        """(relation, value) of every relation of an entity, in the domain's fixed order."""
+        return [(rel, self.values[r][self.facts[entity, r]]) for r, rel in enumerate(self.relations)]
+
     def record(self, rng: random.Random) -> str:
         """All facts of one entity, relations in the domain's fixed order."""
         entity = rng.choices(range(len(self.entities)), self.weights)[0]
-        facts = ", ".join(f"{rel} {self.values[r][self.facts[entity, r]]}" for r, rel in enumerate(self.relations))
+        facts = ", ".join(f"{rel} {value}" for rel, value in self.facts_of(entity))
         if rng.random() < 0.5:
             return f"{self.entities[entity]}: {facts}."
         return f"as for {self.entities[entity]}, {facts}."
 
 
-def generate_documents(spec: SyntheticSpec) -> Iterator[str]:
-    """Yield spec.docs documents; the same spec always yields the same text."""
+def build_world(spec: SyntheticSpec) -> list[Domain]:
+    """The domains of a spec: the same spec always gives the same world."""
     world = random.Random(spec.seed)
     used: set[str] = set()
-    domains = [_Domain(world, spec, used) for _ in range(spec.domains)]
+    return [Domain(world, spec, used) for _ in range(spec.domains)]
+
+
+def generate_documents(spec: SyntheticSpec) -> Iterator[str]:
+    """Yield spec.docs documents; the same spec always yields the same text."""
+    domains = build_world(spec)
     rng = random.Random(spec.seed + 1)
     for _ in range(spec.docs):
         domain = rng.choice(domains)

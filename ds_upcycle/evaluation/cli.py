@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import click
 
+from ..data import SPLITS
+from ..dtypes import DTYPES
 from ..errors import user_errors
 
 
@@ -31,7 +33,7 @@ def _limit(value: str | None) -> float | None:
 @click.option("--limit", default=None, help="documents per task (N, or a fraction < 1), for quick checks")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda or cuda:1")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)
 @click.option("--max-length", type=int, default=None,
               help="context window in tokens (default: the checkpoint's training sequence length)")
 @click.option("--max-gen-toks", type=int, default=256, show_default=True,
@@ -48,7 +50,7 @@ def _limit(value: str | None) -> float | None:
 @click.option("--bootstrap-iters", type=int, default=0, show_default=True, help="resamples for standard errors")
 @click.option("--val-samples", type=int, default=256, show_default=True,
               help="sequences of the checkpoint's own data split for the validation loss (0: skip)")
-@click.option("--val-split", type=click.Choice(["val", "cpt", "pretrain"]), default="val", show_default=True)
+@click.option("--val-split", type=click.Choice(SPLITS), default="val", show_default=True)
 @click.option("--data-cache", default=None,
               help="prepared-data cache (default $DS_UPCYCLE_CACHE or ~/.cache/ds_upcycle)")
 @user_errors

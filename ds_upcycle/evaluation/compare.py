@@ -13,8 +13,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import write_text_atomic
+from ..checkpoint import find_checkpoint
 from ..errors import UserError
-from .run import RESULTS_FILE
+from . import RESULTS_FILE
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,6 @@ def load_results(path: str | Path) -> dict:
     """The `ds_upcycle` summary of a results file, or of the one in a checkpoint directory."""
     path = Path(path)
     if path.is_dir():
-        from ..training.checkpoint import find_checkpoint
-
         path = find_checkpoint(path).path / RESULTS_FILE
     if not path.is_file():
         raise UserError(f"no evaluation results at {path}; run `ds-upcycle eval` first")
@@ -119,9 +119,7 @@ def write_outputs(directory: str | Path, markdown: str, summary: dict) -> list[P
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / "compare.md", directory / "compare.json"]
     for path, text in zip(paths, (markdown, json.dumps(summary, indent=2) + "\n")):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text_atomic(path, text)
     return paths
 
 

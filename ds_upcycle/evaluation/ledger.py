@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..training.metrics import read_metrics
+from ..checkpoint import read_metrics
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,10 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from ..data.tokenizer import load_tokenizer
+from ..dtypes import parse_dtype
 from ..errors import UserError
 from ..model import KVCache, Transformer
-from .weights import load_checkpoint, parse_dtype
+from ..trained import load_model
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class UpcycleLM(TemplateLM):
         if model is None:
             if checkpoint is None:
                 raise UserError("the ds-upcycle model needs checkpoint=PATH")
-            loaded = load_checkpoint(checkpoint, device, parse_dtype(dtype))
+            loaded = load_model(checkpoint, device, parse_dtype(dtype))
             model, tokenizer = loaded.model, loaded.tokenizer
             max_length = max_length or loaded.seq_len
             self.checkpoint = str(loaded.ref.path)

@@ -12,11 +12,19 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
-from ..training.checkpoint import CheckpointRef, find_checkpoint
-from .suites import TaskSpec, resolve_tasks
+import lm_eval
+from lm_eval.utils import handle_non_serializable
 
-RESULTS_FILE = "eval_results.json"
+from ..atomic import write_text_atomic
+from ..checkpoint import CheckpointRef, find_checkpoint, read_metrics
+from ..data import PackedSequences
+from ..errors import UserError
+from ..trained import RunData, validation_loss
+from . import RESULTS_FILE
+from .lm_model import UpcycleLM
+from .suites import TaskSpec, resolve_tasks
+from .tasks import UpcycleTaskManager, go_offline, load_tasks
+
 
 
 @dataclass(frozen=True)
@@ -81,8 +89,6 @@ class EvalReport:
 
 def _validation_loss(ref: CheckpointRef, step: int | None) -> float | None:
     """The run's validation loss at the checkpoint's step, when its metrics.jsonl has it."""
-    from ..training.metrics import read_metrics
-
     metrics = ref.save_dir / "metrics.jsonl"
     if step is None or not metrics.is_file():
         return None
@@ -90,21 +96,17 @@ def _validation_loss(ref: CheckpointRef, step: int | None) -> float | None:
     return values[-1] if values else None
 
 
-def _loss_data(ref: CheckpointRef, cfg: EvalConfig):
+def _loss_data(ref: CheckpointRef, cfg: EvalConfig) -> PackedSequences | None:
     """The split to measure the loss on, prepared before the (long) evaluation; None to skip."""
-    from ..upcycle.warmstart import validation_data
-
     if not cfg.val_samples or not ref.run_info.get("data"):
         return None
-    return validation_data(ref.path, cfg.data_cache, cfg.val_split)
+    return RunData(ref, cfg.data_cache).split(cfg.val_split)
 
 
-def _measured_loss(lm, data, cfg: EvalConfig) -> dict:
+def _measured_loss(lm: UpcycleLM, data: PackedSequences, cfg: EvalConfig) -> dict:
     """Loss of the loaded model on the first val_samples sequences (as train.py measures it)."""
-    from ..upcycle.warmstart import model_loss
-
     count = min(cfg.val_samples, data.num_samples)
-    return {"val_loss": model_loss(lm.model, data, count),
+    return {"val_loss": validation_loss(lm.model, data, count, cfg.batch_size),
             "val_loss_measured_on": {"split": cfg.val_split, "sequences": count}}
 
 
@@ -136,12 +138,6 @@ def summarize(results: dict, specs: list[TaskSpec], ref: CheckpointRef) -> dict:
 
 def run_eval(cfg: EvalConfig) -> EvalReport:
     """Evaluate cfg.checkpoint on cfg.tasks with lm-eval; write and return the results."""
-    import lm_eval
-    from lm_eval.utils import handle_non_serializable
-
-    from .lm_model import UpcycleLM
-    from .tasks import UpcycleTaskManager, go_offline, load_tasks
-
     if cfg.offline:
         go_offline()
     ref = find_checkpoint(cfg.checkpoint)
@@ -166,9 +162,7 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
     results["ds_upcycle"]["eval_config"] = asdict(cfg)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
-    tmp.replace(output)
+    write_text_atomic(output, json.dumps(results, indent=2, default=handle_non_serializable))
     if samples is not None:
         with output.with_name(output.stem + "_samples.jsonl").open("w") as f:
             for task, rows in samples.items():

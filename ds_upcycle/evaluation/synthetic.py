@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 
-from ..data.synthetic import SyntheticSpec, _Domain
+from ..data.synthetic import SyntheticSpec, build_world
 from ..errors import UserError
 
 TEST_ENTITIES = 10      # per domain, by popularity: the most mentioned entities
@@ -36,16 +36,6 @@ def spec_from_source(source: str | None) -> SyntheticSpec:
         raise UserError(f"bad synthetic data spec {source!r}: {err}") from None
 
 
-def build_world(spec: SyntheticSpec) -> list[_Domain]:
-    """The domains exactly as generate_documents builds them (same random stream, same order)."""
-    rng, used = random.Random(spec.seed), set()
-    return [_Domain(rng, spec, used) for _ in range(spec.domains)]
-
-
-def _facts(domain: _Domain, entity: int) -> list[tuple[str, str]]:
-    return [(rel, domain.values[r][domain.facts[entity, r]]) for r, rel in enumerate(domain.relations)]
-
-
 def _entities(spec: SyntheticSpec, split: str) -> range:
     test_end = min(TEST_ENTITIES, spec.entities)
     if split == "test":
@@ -57,7 +47,7 @@ def multiple_choice_rows(spec: SyntheticSpec, split: str = "test") -> list[dict]
     rows = []
     for d, domain in enumerate(build_world(spec)):
         for entity in _entities(spec, split):
-            facts = _facts(domain, entity)
+            facts = domain.facts_of(entity)
             for r, (relation, answer) in enumerate(facts):
                 known = "".join(f"{rel} {value}, " for rel, value in facts[:r])
                 rng = random.Random(f"{spec.seed}/{d}/{entity}/{r}")
@@ -73,7 +63,7 @@ def record_rows(spec: SyntheticSpec, split: str = "test") -> list[dict]:
     rows = []
     for domain in build_world(spec):
         for entity in _entities(spec, split):
-            facts = _facts(domain, entity)
+            facts = domain.facts_of(entity)
             rows.append({"domain": domain.name, "entity": domain.entities[entity],
                          "prompt": f"from the {domain.name} records: {domain.entities[entity]}:",
                          "target": ", ".join(f"{rel} {value}" for rel, value in facts)})

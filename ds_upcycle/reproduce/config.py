@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import PRESETS
+from ..dtypes import DTYPES
 from ..errors import UserError
+from ..upcycle.scores import SELECTION_RULES
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,6 @@ class ReproduceConfig:
     seeds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        from ..upcycle.scores import SELECTION_RULES
-
         if self.model not in PRESETS:
             close = difflib.get_close_matches(self.model, PRESETS, n=1)
             raise UserError(f"unknown model preset {self.model!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
@@ -138,8 +138,8 @@ class ReproduceConfig:
         if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in self.seeds) or \
                 len(set(self.seeds)) != len(self.seeds):
             raise UserError(f"seeds must be distinct non-negative integers, got {list(self.seeds)}")
-        if self.eval_dtype not in ("float32", "bfloat16", "float16"):
-            raise UserError(f"eval_dtype must be float32, bfloat16 or float16, got {self.eval_dtype!r}")
+        if self.eval_dtype not in DTYPES:
+            raise UserError(f"eval_dtype must be one of {', '.join(DTYPES)}, got {self.eval_dtype!r}")
 
     @property
     def big_experts(self) -> int:

@@ -7,18 +7,20 @@ and written in the same `ds_upcycle` summary shape, so both kinds of results com
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .config import ReproduceConfig
+from ..atomic import write_json_atomic
+from ..checkpoint import find_checkpoint
+from ..evaluation.run import EvalConfig, run_eval
+from ..trained import RunData
+from ..upcycle.warmstart import checkpoint_loss
+from .experiment import Experiment
 
 
-def _loss_only(checkpoint: Path, cfg: ReproduceConfig, data_cache: str | None) -> dict:
-    from ..training.checkpoint import find_checkpoint
-    from ..upcycle.warmstart import checkpoint_loss, validation_data
-
+def _loss_only(exp: Experiment, checkpoint: Path) -> dict:
+    cfg = exp.cfg
     ref = find_checkpoint(checkpoint)
-    data = validation_data(ref.path, data_cache, "val")
+    data = RunData(ref, exp.data_cache).split("val")
     count = min(cfg.final_val_samples, data.num_samples)
     info, model = ref.run_info, ref.run_info.get("model", {})
     return {"ds_upcycle": {
@@ -29,19 +31,14 @@ def _loss_only(checkpoint: Path, cfg: ReproduceConfig, data_cache: str | None) -
         "val_loss_measured_on": {"split": "val", "sequences": count}}}
 
 
-def evaluate_arm(checkpoint: Path, output: Path, cfg: ReproduceConfig, data_cache: str | None) -> Path:
+def evaluate_arm(exp: Experiment, checkpoint: Path, output: Path) -> Path:
     """Evaluate the checkpoint in save dir `checkpoint`; results go to `output` (written atomically)."""
+    cfg = exp.cfg
     output.parent.mkdir(parents=True, exist_ok=True)
     if cfg.tasks:
-        from ..evaluation.run import EvalConfig, run_eval
-
         run_eval(EvalConfig(checkpoint=str(checkpoint), tasks=cfg.tasks, limit=cfg.task_limit,
                             batch_size=cfg.eval_batch_size, device=cfg.eval_device, dtype=cfg.eval_dtype,
                             offline=True, output=str(output), seed=cfg.seed, val_samples=cfg.final_val_samples,
-                            data_cache=data_cache))
+                            data_cache=exp.data_cache))
         return output
-    results = _loss_only(checkpoint, cfg, data_cache)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(output)
-    return output
+    return write_json_atomic(output, _loss_only(exp, checkpoint))

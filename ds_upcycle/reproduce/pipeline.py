@@ -17,14 +17,16 @@ from ..errors import UserError
 from . import stages
 from .config import ReproduceConfig
 from .evaluate import evaluate_arm
+from .experiment import Experiment
+from .outdir import check_out_dir
 from .plan import FIXED_E, ExpandStage, Plan, make_plan
 from .plots import plot_loss, plot_routing
-from .outdir import check_out_dir
 from .report import manifest, results_path, write_report
 from .seeds import run_seeds
 
-def run_stages(cfg: ReproduceConfig, plan: Plan, out: Path, data_cache: str | None,
-               say: Callable[[str], None]) -> None:
+
+def run_stages(exp: Experiment, plan: Plan) -> None:
+    cfg, out, say = exp.cfg, exp.out, exp.say
     for stage in plan.stages:
         arm_dir = out / stage.name
         if stages.is_complete(arm_dir):
@@ -32,7 +34,7 @@ def run_stages(cfg: ReproduceConfig, plan: Plan, out: Path, data_cache: str | No
             continue
         if isinstance(stage, ExpandStage):
             say(f"[{stage.name}] expanding {stage.source} to {cfg.big_experts} experts ({stage.select})")
-            record = stages.run_expand_stage(cfg, stage, out, data_cache)
+            record = stages.run_expand_stage(exp, stage)
             ws = record["warm_start"]
             say(f"[{stage.name}] warm start: validation loss {ws['source_loss']:.4f} -> {ws['expanded_loss']:.4f} "
                 f"({ws['jump']:+.4f})")
@@ -40,7 +42,7 @@ def run_stages(cfg: ReproduceConfig, plan: Plan, out: Path, data_cache: str | No
             origin = (f"from {stage.load}" if stage.load else
                       f"continuing {stage.branch[0]} at step {stage.branch[1]}" if stage.branch else "from scratch")
             say(f"[{stage.name}] training {stage.steps} steps on {stage.split} {origin} (log: {arm_dir / 'train.log'})")
-            record = stages.run_train_stage(cfg, stage, out, data_cache)
+            record = stages.run_train_stage(exp, stage)
             say(f"[{stage.name}] done in {record['seconds']:.0f} s")
             if stage.name == FIXED_E and plan.branch_steps:
                 # Branches are taken right away: only then may the other checkpoints go.
@@ -51,8 +53,8 @@ def run_stages(cfg: ReproduceConfig, plan: Plan, out: Path, data_cache: str | No
         stages.mark_complete(arm_dir, record)
 
 
-def run_evaluations(cfg: ReproduceConfig, plan: Plan, out: Path, data_cache: str | None,
-                    say: Callable[[str], None]) -> None:
+def run_evaluations(exp: Experiment, plan: Plan) -> None:
+    cfg, out, say = exp.cfg, exp.out, exp.say
     for arm in plan.evaluated:
         output = results_path(out, arm)
         if output.is_file():
@@ -60,7 +62,7 @@ def run_evaluations(cfg: ReproduceConfig, plan: Plan, out: Path, data_cache: str
             continue
         say(f"[{arm}] evaluating ({', '.join(cfg.tasks) or 'validation loss only'})")
         started = time.perf_counter()
-        evaluate_arm(out / arm, output, cfg, data_cache)
+        evaluate_arm(exp, out / arm, output)
         loss = json.loads(output.read_text())["ds_upcycle"].get("val_loss")
         say(f"[{arm}] validation loss {loss:.4f} ({time.perf_counter() - started:.0f} s)")
 
@@ -75,12 +77,13 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, data_cache: str | None 
     stages.repo_root()
     stages.deepspeed_config_path(cfg)
     check_out_dir(cfg, out)
+    exp = Experiment(cfg, out, data_cache, say)
     if cfg.seeds:
-        return run_seeds(cfg, out, data_cache, say)
+        return run_seeds(exp)
     plan = make_plan(cfg)
     started = time.perf_counter()
-    run_stages(cfg, plan, out, data_cache, say)
-    run_evaluations(cfg, plan, out, data_cache, say)
+    run_stages(exp, plan)
+    run_evaluations(exp, plan)
     summary = write_report(cfg, plan, out)
     manifests = {arm.expanded: manifest(out, arm.expanded) for arm in plan.upcycled}
     figures = out / "results"

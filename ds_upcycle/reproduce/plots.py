@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..training.metrics import read_metrics
+from ..checkpoint import read_metrics
 from .plan import FIXED_E, FIXED_ME, Plan, UpcycledArm
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..atomic import write_text_atomic
+from ..checkpoint import find_checkpoint
 from ..evaluation.compare import compare, to_json, to_markdown, write_outputs
 from ..evaluation.ledger import ledger_from_runs
 from .config import ReproduceConfig
@@ -20,8 +22,6 @@ def results_path(out: Path, arm: str) -> Path:
 
 
 def manifest(out: Path, expanded_arm: str) -> dict:
-    from ..training.checkpoint import find_checkpoint
-
     return json.loads((find_checkpoint(out / expanded_arm).path / "upcycle_manifest.json").read_text())
 
 
@@ -104,7 +104,5 @@ def write_report(cfg: ReproduceConfig, plan: Plan, out: Path) -> dict:
     write_outputs(results, to_markdown(comparison) + "\n" + ledger.to_markdown(), to_json(comparison, ledger))
     summary = summarize(cfg, plan, out)
     for name, text in (("summary.md", summary_markdown(summary)), ("summary.json", json.dumps(summary, indent=2))):
-        tmp = results / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(results / name)
+        write_text_atomic(results / name, text)
     return summary

@@ -17,10 +17,11 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
+from ..atomic import write_json_atomic, write_text_atomic
 from ..errors import UserError
 from .config import ReproduceConfig
+from .experiment import Experiment
 
 
 def seed_dir(out: Path, seed: int) -> Path:
@@ -32,12 +33,13 @@ def parallel_runs(cfg: ReproduceConfig) -> int:
     return max(1, min(len(cfg.seeds), (os.cpu_count() or 1) // (cfg.num_procs * cfg.threads)))
 
 
-def _run_one(cfg: ReproduceConfig, seed: int, out: Path, data_cache: str | None, say) -> Path:
-    folder = seed_dir(out, seed)
+def _run_one(exp: Experiment, seed: int) -> Path:
+    cfg, data_cache, say = exp.cfg, exp.data_cache, exp.say
+    folder = seed_dir(exp.out, seed)
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "seed_config.json"
     single = dataclasses.replace(cfg, seed=seed, seeds=())
-    config.write_text(json.dumps(single.to_dict(), indent=2) + "\n")
+    write_json_atomic(config, single.to_dict())
     command = [sys.executable, "-m", "ds_upcycle.cli", "reproduce", "--config", str(config), "--out", str(folder)]
     if data_cache:
         command += ["--data-cache", data_cache]
@@ -50,10 +52,11 @@ def _run_one(cfg: ReproduceConfig, seed: int, out: Path, data_cache: str | None,
     return folder / "results" / "summary.json"
 
 
-def run_seeds(cfg: ReproduceConfig, out: Path, data_cache: str | None, say: Callable[[str], None]) -> dict:
+def run_seeds(exp: Experiment) -> dict:
     """Run every seed (skipping finished work), then write the report over seeds."""
+    cfg, out, say = exp.cfg, exp.out, exp.say
     with ThreadPoolExecutor(parallel_runs(cfg)) as pool:
-        files = list(pool.map(lambda seed: _run_one(cfg, seed, out, data_cache, say), cfg.seeds))
+        files = list(pool.map(lambda seed: _run_one(exp, seed), cfg.seeds))
     summaries = {seed: json.loads(path.read_text()) for seed, path in zip(cfg.seeds, files)}
     report = aggregate(summaries)
     write_seed_report(report, out / "results")
@@ -170,7 +173,5 @@ def plot_seeds(report: dict, path: Path) -> Path:
 def write_seed_report(report: dict, results: Path) -> None:
     results.mkdir(parents=True, exist_ok=True)
     for name, text in (("summary.md", seed_markdown(report)), ("summary.json", json.dumps(report, indent=2))):
-        tmp = results / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(results / name)
+        write_text_atomic(results / name, text)
     plot_seeds(report, results / "seeds.png")

@@ -17,8 +17,12 @@ from pathlib import Path
 
 import ds_upcycle
 
+from ..atomic import write_json_atomic
 from ..errors import UserError
+from ..upcycle.config import ExpandConfig
+from ..upcycle.expand import expand_checkpoint
 from .config import ReproduceConfig
+from .experiment import Experiment
 from .plan import ExpandStage, TrainStage
 
 MARKER = "COMPLETE.json"
@@ -46,25 +50,25 @@ def is_complete(arm_dir: Path) -> bool:
 
 
 def mark_complete(arm_dir: Path, record: dict) -> None:
-    tmp = arm_dir / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(arm_dir / MARKER)
+    write_json_atomic(arm_dir / MARKER, record)
 
 
 def read_marker(arm_dir: Path) -> dict:
     return json.loads((arm_dir / MARKER).read_text())
 
 
-def data_args(cfg: ReproduceConfig, data_cache: str | None) -> list[str]:
+def data_args(exp: Experiment) -> list[str]:
+    cfg, data_cache = exp.cfg, exp.data_cache
     args = ["--data", str(cfg.data), "--text-field", cfg.text_field, "--seq-len", str(cfg.seq_len),
             "--vocab-size", str(cfg.vocab_size), "--val-fraction", str(cfg.val_fraction),
             "--cpt-fraction", str(cfg.cpt_split_fraction)]
     return args + (["--data-cache", data_cache] if data_cache else [])
 
 
-def train_args(cfg: ReproduceConfig, stage: TrainStage, out: Path, data_cache: str | None) -> list[str]:
+def train_args(exp: Experiment, stage: TrainStage) -> list[str]:
     """train.py arguments of a stage (the model comes from the preset only for runs from scratch)."""
-    args = ["--deepspeed_config", str(deepspeed_config_path(cfg)), *data_args(cfg, data_cache),
+    cfg, out = exp.cfg, exp.out
+    args = ["--deepspeed_config", str(deepspeed_config_path(cfg)), *data_args(exp),
             "--steps", str(stage.steps), "--warmup-steps", str(cfg.stage_warmup(stage.steps if stage.load else
                                                                                  cfg.total_steps)),
             "--decay-fraction", str(cfg.decay_fraction), "--micro-batch-size", str(cfg.micro_batch_size),
@@ -120,12 +124,13 @@ def branch_checkpoint(src_dir: Path, step: int, dst_dir: Path) -> None:
     staging.rename(dst_dir)
 
 
-def run_train_stage(cfg: ReproduceConfig, stage: TrainStage, out: Path, data_cache: str | None) -> dict:
+def run_train_stage(exp: Experiment, stage: TrainStage) -> dict:
+    cfg, out = exp.cfg, exp.out
     arm_dir = out / stage.name
     if stage.branch and not (arm_dir / "latest").is_file():
         branch_checkpoint(out / stage.branch[0], stage.branch[1], arm_dir)
     arm_dir.mkdir(parents=True, exist_ok=True)
-    command = launch_command(cfg, train_args(cfg, stage, out, data_cache))
+    command = launch_command(cfg, train_args(exp, stage))
     started = time.perf_counter()
     with (arm_dir / "train.log").open("a") as log:
         log.write(f"$ {' '.join(command)}\n")
@@ -148,16 +153,14 @@ def prune_checkpoints(save_dir: Path) -> None:
             shutil.rmtree(tag_dir)
 
 
-def run_expand_stage(cfg: ReproduceConfig, stage: ExpandStage, out: Path, data_cache: str | None) -> dict:
-    from ..upcycle.config import ExpandConfig
-    from ..upcycle.expand import expand_checkpoint
-
+def run_expand_stage(exp: Experiment, stage: ExpandStage) -> dict:
+    cfg, out = exp.cfg, exp.out
     started = time.perf_counter()
     expand_cfg = ExpandConfig(source=str(out / stage.source), destination=str(out / stage.name),
                               multiplier=cfg.multiplier, select=stage.select, router_noise=cfg.router_noise,
                               distinct_copies=cfg.distinct_copies,
                               seed=cfg.seed, force=True, check_data=True, check_samples=cfg.eval_samples,
-                              data_cache=data_cache)
+                              data_cache=exp.data_cache)
     result = expand_checkpoint(expand_cfg, progress=False)
     return {"stage": stage.name, "kind": "expand", "seconds": time.perf_counter() - started,
             "tag": result.tag, "warm_start": result.manifest.get("warm_start")}

@@ -9,21 +9,23 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .. import __version__, comm
+from ..checkpoint import CheckpointRef, MetricsLog, find_checkpoint, latest_checkpoint, write_run_files
 from ..config import ModelConfig, parse_overrides, resolve_model_config
-from ..data import BatchOrder, DataConfig, PackedSequences, PreparedData, prepare_data, validation_batches
+from ..data import BatchOrder, DataConfig, PackedSequences, PreparedData, prepare_data
 from ..data.tokenizer import file_digest
 from ..errors import UserError
 from ..model import Transformer
 from ..moe.balance import balance_routers
-from .checkpoint import CheckpointRef, find_checkpoint, latest_checkpoint, write_run_files
+from ..trained import validation_loss
 from .config import TrainConfig
 from .continuation import (check_model_overrides, hyperparameters, note, reapply_hyperparameters, run_changes,
                            schedule_changes)
-from .metrics import MetricsLog
 from .schedule import WSDSchedule
 
 
@@ -105,22 +107,6 @@ def _prepare(data_cfg: DataConfig, tokenizer: Path | None):
     if comm.rank() != 0:
         prepared = prepare_data(data_cfg, tokenizer)
     return prepared
-
-
-@torch.no_grad()
-def validation_loss(engine, data: PackedSequences, num_samples: int, batch_size: int) -> float:
-    """Mean next-token cross-entropy over the first num_samples validation sequences."""
-    world = comm.world_size()
-    engine.eval()
-    totals = torch.zeros(2, dtype=torch.float64)
-    for inputs_BT, targets_BT in validation_batches(data, num_samples, batch_size, world, comm.rank()):
-        logits_BTV, _ = engine(inputs_BT.to(engine.device))
-        loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.to(engine.device).flatten(),
-                               reduction="sum")
-        totals += torch.tensor([loss.item(), targets_BT.numel()], dtype=torch.float64)
-    engine.train()
-    totals = comm.sum_over_world(totals.to(engine.device)).cpu()
-    return (totals[0] / totals[1]).item()
 
 
 def _train_step(engine, order: BatchOrder, position: int) -> float:
@@ -236,8 +222,6 @@ class Trainer:
                 "load": [{"layer": layer, **stats} for layer, stats in zip(layers, load)]}
 
     def run(self) -> RunResult:
-        from tqdm import tqdm
-
         cfg, stage_end = self.cfg, self.schedule.stage_start + self.cfg.steps
         bar = tqdm(total=cfg.steps, initial=self.engine.global_steps - self.schedule.stage_start,
                    disable=not self.is_main, desc=f"train ({cfg.split})", unit="step", dynamic_ncols=True)
@@ -268,8 +252,6 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict, 
     preset, overrides and vocab_size are what the user asked for (None: not given); a start
     checkpoint's own model and tokenizer take their place where they must.
     """
-    import deepspeed
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % train_cfg.ep_size:
         raise UserError(f"world size {world} is not divisible by --ep-size {train_cfg.ep_size}")

@@ -11,8 +11,9 @@ and, with the fp32 weight, they form one `GradientStats` per expert, scored by t
 the Adam state (scores.py). An expert that receives no token of a batch has a zero gradient for it.
 
 The model is the source rebuilt in one CPU process in fp32 from the checkpoint's fp32 master
-weights, in eval mode (the router then keeps no load counters, and nothing is random): the same
-checkpoint, data and settings give bit-identical scores on the same machine and thread count.
+weights (trained.load_master_model), in eval mode (the router then keeps no load counters, and
+nothing is random): the same checkpoint, data and settings give bit-identical scores on the same
+machine and thread count.
 
 `expert_gradient_stats` is the computation (model and batches in, statistics out); the functions
 below it find the data and the model for a checkpoint.
@@ -23,14 +24,17 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import CheckpointReader
 from ..checkpoint.names import split_expert_param
+from ..data.sources import resolve_source
+from ..data.tokenizer import EOS_ID, load_tokenizer
 from ..errors import UserError
+from ..trained import RunData, load_master_model
 from .scores import GradientStats, expert_score
 
 SOURCE_DATA = "source"  # --calibration-data source: the cpt split of the source's own training data
@@ -100,6 +104,82 @@ def expert_gradient_stats(model: torch.nn.Module, batches: Iterable[Batch]) -> d
     return stats
 
 
+ROUTER_SUFFIX = ".deepspeed_moe.gate"  # the router module inside a DeepSpeed MoE module
+
+
+@dataclass(frozen=True)
+class SplitDirections:
+    """Per source expert of one MoE layer: the direction along which its tokens vary most, made
+    orthogonal to their mean (so that d . x changes sign near the middle of the expert's tokens),
+    and the standard deviation of d . x over those tokens."""
+
+    directions_ED: torch.Tensor
+    spread_E: torch.Tensor
+    tokens_E: torch.Tensor
+
+
+@torch.no_grad()
+def router_input_directions(model: torch.nn.Module, batches: Iterable[Batch]) -> dict[str, SplitDirections]:
+    """For every MoE layer (by module prefix), SplitDirections of the router inputs each expert is chosen for.
+
+    The inputs routed to expert i (as one of a token's top-K) have mean mu_i and covariance C_i;
+    d_i is C_i's top eigenvector with its mu_i component removed, normalised. An expert that got
+    fewer than two tokens keeps a zero direction (its copies are not split).
+    """
+    moments: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+
+    def record(prefix):
+        def hook(router, args, out):
+            x_SD, experts_KS = args[0].double(), out[3].long()
+            num_experts = router.num_experts
+            chosen_SE = torch.zeros(x_SD.shape[0], num_experts, dtype=torch.float64)
+            chosen_SE.scatter_(1, experts_KS.t(), 1.0)
+            count_E = chosen_SE.sum(0)
+            sum_ED = chosen_SE.t() @ x_SD
+            outer_EDD = torch.einsum("se,sd,sf->edf", chosen_SE, x_SD, x_SD)
+            totals = moments.setdefault(prefix, [torch.zeros_like(count_E), torch.zeros_like(sum_ED),
+                                                 torch.zeros_like(outer_EDD)])
+            for total, part in zip(totals, (count_E, sum_ED, outer_EDD)):
+                total += part
+        return hook
+
+    for name, module in model.named_modules():
+        if name.endswith(ROUTER_SUFFIX):
+            hooks.append(module.register_forward_hook(record(name.removesuffix(ROUTER_SUFFIX))))
+    was_training = model.training
+    model.eval()
+    try:
+        for inputs_BT, _ in batches:
+            model(inputs_BT)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return {prefix: _directions(*totals) for prefix, totals in moments.items()}
+
+
+def _directions(count_E: torch.Tensor, sum_ED: torch.Tensor, outer_EDD: torch.Tensor) -> SplitDirections:
+    E, D = sum_ED.shape
+    directions, spreads = torch.zeros(E, D, dtype=torch.float64), torch.zeros(E, dtype=torch.float64)
+    for i in range(E):
+        n = float(count_E[i])
+        if n < 2:
+            continue
+        mean = sum_ED[i] / n
+        cov = outer_EDD[i] / n - torch.outer(mean, mean)
+        _, vectors = torch.linalg.eigh(cov)
+        d = vectors[:, -1]
+        if mean.norm() > 0:
+            unit = mean / mean.norm()
+            d = d - (d @ unit) * unit
+        if d.norm() == 0:
+            continue
+        d = d / d.norm()
+        directions[i], spreads[i] = d, (d @ cov @ d).clamp_min(0).sqrt()
+    return SplitDirections(directions.float(), spreads.float(), count_E.float())
+
+
 def scores_by_layer(stats: dict[str, list[GradientStats]], rule: str) -> dict[str, list[float]]:
     return {prefix: [expert_score(rule, s) for s in experts] for prefix, experts in stats.items()}
 
@@ -116,48 +196,13 @@ class CalibrationData:
         return [(chunk[:, :-1], chunk[:, 1:]) for chunk in rows.split(batch_size)]
 
 
-@dataclass(frozen=True)
-class CheckpointData:
-    """What a ds-upcycle checkpoint says about its data: tokenizer, sequence length, text field."""
-
-    tokenizer: Path
-    seq_len: int
-    text_field: str
-    vocab_size: int
-
-
-def checkpoint_data(source_path) -> CheckpointData:
-    """Tokenizer and sequence length of a checkpoint; UserError if it lacks them. Cheap (two small files)."""
-    from ..training.checkpoint import RUN_FILE, find_checkpoint
-
-    ref = find_checkpoint(source_path)
-    if not (ref.path / RUN_FILE).is_file():
-        raise UserError(f"calibration needs the model settings and tokenizer that train.py stores in "
-                        f"{ref.path / RUN_FILE}, which this checkpoint lacks (use the Adam state: "
-                        f"leave out --calibration-data)")
-    info = ref.run_info
-    data = info.get("data") if isinstance(info.get("data"), dict) else {}
-    if "seq_len" not in data or "model" not in info:
-        raise UserError(f"{ref.path / RUN_FILE} records no model or sequence length to calibrate with")
-    if ref.tokenizer is None:
-        raise UserError(f"{ref.path} has no tokenizer.model to tokenize the calibration data with")
-    return CheckpointData(ref.tokenizer, int(data["seq_len"]), str(data.get("text_field", "text")),
-                          int(info["model"]["vocab_size"]))
-
-
-def check_calibration_source(source_path, spec: str, data_cache: str | None = None) -> None:
+def check_calibration_source(run: RunData, spec: str) -> None:
     """Fail early (before anything is read in bulk or written) if the calibration data cannot be had."""
-    from ..data.sources import resolve_source
-    from .warmstart import source_data_config
-
-    checkpoint_data(source_path)
-    if spec == SOURCE_DATA:
-        source_data_config(source_path, data_cache)
-    else:
+    if spec != SOURCE_DATA:
         resolve_source(spec)  # a missing path is refused here; a hub name is only tried when read
 
 
-def calibration_data(source_path, spec: str, num_windows: int, data_cache: str | None = None) -> CalibrationData:
+def calibration_data(run: RunData, spec: str, num_windows: int) -> CalibrationData:
     """The first `num_windows` windows of seq_len + 1 tokens of the calibration data, in order.
 
     `spec` "source": the cpt split of the source's own training data (prepared and cached as
@@ -166,20 +211,13 @@ def calibration_data(source_path, spec: str, num_windows: int, data_cache: str |
     followed by EOS, tokenized with the checkpoint's tokenizer, concatenated; no split is taken
     out, and reading stops once enough tokens are in hand.
     """
-    from ..data import prepare_data
-    from ..data.sources import resolve_source
-    from ..data.tokenizer import EOS_ID, load_tokenizer
-    from .warmstart import source_data_config
-
-    ckpt = checkpoint_data(source_path)
-    seq_len, needed = ckpt.seq_len, num_windows * ckpt.seq_len + 1
+    seq_len, needed = run.seq_len, num_windows * run.seq_len + 1
     if spec == SOURCE_DATA:
-        cfg, tokenizer = source_data_config(source_path, data_cache)
-        tokens = np.asarray(prepare_data(cfg, tokenizer).tokens(SOURCE_SPLIT)[:needed])
-        description = f"{SOURCE_SPLIT} split of the source's training data ({cfg.source})"
+        tokens = np.asarray(run.tokens(SOURCE_SPLIT)[:needed])
+        description = f"{SOURCE_SPLIT} split of the source's training data ({run.config.source})"
     else:
-        text = resolve_source(spec, ckpt.text_field)
-        sp = load_tokenizer(ckpt.tokenizer)
+        text = resolve_source(spec, run.text_field)
+        sp = load_tokenizer(run.tokenizer)
         pieces, have = [], 0
         for doc in text.documents():
             if not doc.strip():
@@ -196,39 +234,9 @@ def calibration_data(source_path, spec: str, num_windows: int, data_cache: str |
         raise UserError(f"calibration data {spec!r} has {len(tokens)} tokens, fewer than one sequence of "
                         f"{seq_len + 1}")
     windows = np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in range(count)]).astype(np.int64)
-    if int(windows.max()) >= ckpt.vocab_size:
-        raise UserError(f"calibration tokens exceed the model's vocabulary of {ckpt.vocab_size}")
+    if int(windows.max()) >= run.vocab_size:
+        raise UserError(f"calibration tokens exceed the model's vocabulary of {run.vocab_size}")
     return CalibrationData(windows, description)
-
-
-def fp32_master_model(source_path, source) -> torch.nn.Module:
-    """The source model in fp32 on the CPU, with the checkpoint's fp32 master weights.
-
-    The module weights in a bf16 checkpoint are the masters rounded to bf16; the masters are what
-    training continues from and what the Adam-state scores read, so calibration uses them too.
-    """
-    from ..evaluation.weights import load_checkpoint
-
-    model = load_checkpoint(source_path, "cpu", torch.float32).model
-    masters = {name: state.fp32 for name, state in source.non_expert_state().params.items()}
-    for alias, holder in source.meta.shared_params.items():
-        if holder in masters:
-            masters.setdefault(alias, masters[holder])
-    for layer in source.moe_layers:
-        for expert in range(layer.num_experts):
-            for suffix, state in source.expert_state(layer.index, expert).items():
-                masters[layer.param_name(expert, suffix)] = state.fp32
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name not in masters:
-                raise UserError(f"the checkpoint holds no fp32 master weight for {name}")
-            if masters[name].shape != param.shape:
-                raise UserError(f"fp32 master weight of {name} has shape {tuple(masters[name].shape)}, "
-                                f"the model {tuple(param.shape)}")
-            param.copy_(masters[name])
-    del masters
-    gc.collect()
-    return model
 
 
 @dataclass(frozen=True)
@@ -244,12 +252,11 @@ class Calibration:
         return self.stats[prefix]
 
 
-def calibrate(source_path, source, spec: str, num_batches: int, batch_size: int,
-              data_cache: str | None = None) -> Calibration:
+def calibrate(source: CheckpointReader, run: RunData, spec: str, num_batches: int, batch_size: int) -> Calibration:
     """Gradient statistics of every expert of a checkpoint over the first batches of `spec`."""
-    data = calibration_data(source_path, spec, num_batches * batch_size, data_cache)
+    data = calibration_data(run, spec, num_batches * batch_size)
     batches = data.batches(batch_size)
-    model = fp32_master_model(source_path, source)
+    model = load_master_model(source)
     try:
         stats = expert_gradient_stats(model, batches)
     finally:

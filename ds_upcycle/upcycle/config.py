@@ -38,6 +38,12 @@ class ExpandConfig:
             expanded model computes exactly what the source computed (train.py models only).
         layers: the MoE layers to grow (indices L of layer_{L}_expert_*, in module order); the
             others keep their experts (and are resharded). None: every MoE layer.
+        split_copies: pull the copies of each expert apart along the direction in which the
+            router inputs of its tokens vary most (measured on calibration_data, default the
+            source's cpt split), so that under group routing (needs distinct_copies) each copy
+            takes the tokens on its side; see operator.split_router_rows.
+        split_scale: the difference between two copies' router logits for a token one standard
+            deviation from the middle of the expert's tokens along that direction.
     """
 
     source: str
@@ -60,6 +66,8 @@ class ExpandConfig:
     calibration_batch_size: int = 8
     layers: tuple[int, ...] | None = None
     distinct_copies: bool = False
+    split_copies: bool = False
+    split_scale: float = 0.5
 
     def __post_init__(self) -> None:
         if (self.num_experts is None) == (self.multiplier is None):
@@ -74,14 +82,19 @@ class ExpandConfig:
             raise UserError("--router-noise must be >= 0")
         if self.check_samples < 1:
             raise UserError(f"--check-samples must be >= 1, got {self.check_samples}")
+        if self.split_copies and not self.distinct_copies:
+            raise UserError("--split-copies needs --distinct-copies: without group routing a token takes both "
+                            "copies of an expert, whichever side of the split it lies on")
+        if not self.split_scale > 0:
+            raise UserError(f"--split-scale must be > 0, got {self.split_scale}")
         if self.calibration_data is not None:
             if not self.calibration_data.strip():
                 raise UserError("--calibration-data is empty; give 'source' or a data source")
-            if self.select in GRADIENT_FREE_RULES:
+            if self.select in GRADIENT_FREE_RULES and not self.split_copies:
                 # Refused rather than ignored: the user asked for gradients that would not be used.
                 using = ", ".join(r for r in SELECTION_RULES if r not in GRADIENT_FREE_RULES)
                 raise UserError(f"--select {self.select} uses no gradients, so --calibration-data has no effect; "
-                                f"leave it out or choose {using}")
+                                f"leave it out or choose {using} (or --split-copies)")
         if self.layers is not None:
             if not self.layers or any(layer < 0 for layer in self.layers) or len(set(self.layers)) < len(self.layers):
                 raise UserError(f"--layers must list distinct MoE layer indices >= 0, got {list(self.layers)}")
@@ -91,6 +104,16 @@ class ExpandConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+    @property
+    def uses_gradients(self) -> bool:
+        """Scores come from calibration gradients (not the Adam state)."""
+        return self.calibration_data is not None and self.select not in GRADIENT_FREE_RULES
+
+    @property
+    def split_data(self) -> str:
+        """Where split_copies measures its directions."""
+        return self.calibration_data if self.calibration_data is not None else "source"
 
     def target_experts_of(self, layer: int, source_experts: int) -> int:
         """Target experts of MoE layer `layer`: grown if chosen, else unchanged."""

@@ -1,8 +1,11 @@
-"""`ds-upcycle expand`: read a checkpoint, apply the operator layer by layer, write it for a layout.
+"""`ds-upcycle expand`: read a checkpoint, plan the expansion, write it for a layout, report.
 
 The checkpoint package knows DeepSpeed's files; the operator knows the method; this module joins
-them: `ExpandedSource` presents the expanded model as a checkpoint source that the writer consumes
-one expert at a time, so no more than the source's lazily read tensors are held at once.
+them in four steps whose results are values: `open_source` (the checkpoint and, when needed, its
+data), `plan_expansion` (target layout, scores, allocation: everything decided before a byte is
+written), `write_expansion` (the new checkpoint and its manifest, atomically) and `check_warm_start`.
+`ExpandedSource` presents the expanded model as a checkpoint source that the writer consumes one
+expert at a time, so no more than the source's lazily read tensors are held at once.
 """
 
 from __future__ import annotations
@@ -14,22 +17,28 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import deepspeed
 import torch
+from tqdm import tqdm
 
 from .. import __version__
-from ..checkpoint import CheckpointSource, NonExpertState, ParamState, read_checkpoint, write_checkpoint
-from ..checkpoint.files import write_text_atomic
-from ..checkpoint.state import MoELayer
+from ..atomic import write_json_atomic
+from ..checkpoint import (CheckpointReader, CheckpointSource, MoELayer, NonExpertState, ParamState, read_checkpoint,
+                          write_checkpoint)
 from ..errors import UserError
-from .calibration import Calibration, calibrate, check_calibration_source
+from ..trained import RunData, load_master_model
+from .calibration import (Calibration, SplitDirections, calibrate, calibration_data, check_calibration_source,
+                          router_input_directions)
 from .config import ExpandConfig
-from .operator import LayerPlan, expand_router_bias, expand_rows, moment_factor, plan_layer
+from .operator import LayerPlan, expand_router_bias, expand_rows, moment_factor, plan_layer, split_router_rows
 from .scores import GradientStats, expert_score
-from .warmstart import source_data_config, validation_data, warm_start
+from .warmstart import WarmStart, warm_start
 
 MANIFEST = "upcycle_manifest.json"
 ROUTER_WEIGHT = ".deepspeed_moe.gate.wg.weight"
@@ -107,13 +116,13 @@ def with_route_groups(run_info: dict | None, layers: list[MoELayer], plans: dict
 class ExpandedSource:
     """The expanded checkpoint, computed on demand from the source (implements CheckpointSource)."""
 
-    def __init__(self, source: CheckpointSource, plans: dict[int, LayerPlan], cfg: ExpandConfig) -> None:
-        self.source, self.plans, self.cfg = source, plans, cfg
+    def __init__(self, plan: ExpansionPlan, cfg: ExpandConfig) -> None:
+        source, plans = plan.source, plan.layers
+        self.source, self.plans, self.cfg, self.splits = source, plans, cfg, plan.splits
         self.meta = source.meta
         if cfg.distinct_copies:
             self.meta = replace(source.meta, run_info=with_route_groups(source.meta.run_info, source.moe_layers, plans))
         self.moe_layers = [layer.with_experts(plans[layer.index].num_target) for layer in source.moe_layers]
-        self.router_noise_target: dict[int, str] = {}
 
     def non_expert_state(self) -> NonExpertState:
         state = self.source.non_expert_state()
@@ -126,9 +135,13 @@ class ExpandedSource:
             if weight_name not in params:
                 raise UserError(f"{layer.prefix}: no router weight {weight_name} in the checkpoint")
             params[weight_name] = _expand_param(params[weight_name], plan, self.cfg.optimizer_state)
+            split = self.splits.get(layer.index)
+            if split is not None:
+                weight = params[weight_name]
+                offsets_E = torch.where(split.spread_E > 0, self.cfg.split_scale / split.spread_E.clamp_min(1e-12), 0.0)
+                weight.fp32 = split_router_rows(weight.fp32, plan, split.directions_ED, offsets_E)
             if bias_name in buffers:
                 buffers[bias_name] = expand_router_bias(buffers[bias_name], plan, self.cfg.router_noise, gen)
-                self.router_noise_target[layer.index] = "routing bias"
             elif self.cfg.router_noise > 0:
                 # DeepSpeed's stock gate has no routing bias: the noise goes on the replicas' router
                 # rows instead, which breaks the ties token by token rather than expert by expert.
@@ -136,7 +149,6 @@ class ExpandedSource:
                 noise = torch.randn(weight.fp32.shape, generator=gen, dtype=torch.float64) * self.cfg.router_noise
                 noise[~plan.replicas] = 0
                 weight.fp32 = weight.fp32 + noise.to(weight.fp32.dtype)
-                self.router_noise_target[layer.index] = "router weight rows (no routing bias)"
         return NonExpertState(params, buffers)
 
     def expert_state(self, layer: int, expert: int) -> dict[str, ParamState]:
@@ -153,12 +165,170 @@ class ExpandedSource:
         return out
 
 
+def router_noise_target(source: CheckpointSource, layer: MoELayer, noise: float) -> str:
+    """Where a layer's router noise goes: the routing bias if the model has one, else the router rows."""
+    if layer.prefix + ROUTER_BIAS in source.meta.buffer_names:
+        return "routing bias"
+    return "router weight rows (no routing bias)" if noise > 0 else "none"
+
+
+@dataclass(frozen=True)
+class ExpansionPlan:
+    """Everything decided before a byte is written."""
+
+    source: CheckpointReader
+    run: RunData | None          # the source's training data, when a check or calibration needs it
+    tag: str
+    world_size: int              # target layout
+    ep_size: int
+    layers: dict[int, LayerPlan]
+    scores: dict                 # where the utility scores came from
+    router_noise_on: dict[int, str]
+    splits: dict[int, SplitDirections]  # per MoE layer index, with split_copies
+    split_info: dict | None = None
+
 @dataclass
 class ExpandResult:
     destination: Path
     tag: str
     plans: dict[int, LayerPlan]
     manifest: dict
+    warm_start: WarmStart | None = None
+
+
+@contextmanager
+def _blamed_on(option: str) -> Iterator[None]:
+    """Errors raised inside name the option whose work failed."""
+    try:
+        yield
+    except UserError as err:
+        raise UserError(f"{option}: {err}") from None
+
+
+def open_source(cfg: ExpandConfig) -> tuple[CheckpointReader, RunData | None]:
+    """The source checkpoint, and its data if the options need it; refused before anything is written."""
+    source = read_checkpoint(cfg.source)
+    if Path(source.path).resolve().is_relative_to(Path(cfg.destination).resolve()):
+        raise UserError(f"destination {cfg.destination} would overwrite the source checkpoint {source.path}")
+    if not source.moe_layers:
+        raise UserError(f"{source.path} has no MoE layers to expand")
+    cfg.check_layers(len(source.moe_layers))
+    run = None
+    needs = (("--check-data", cfg.check_data), ("--calibration-data", cfg.calibration_data is not None),
+             ("--split-copies", cfg.split_copies))
+    for option, wanted in needs:
+        if wanted and run is None:
+            with _blamed_on(option):
+                run = RunData(source.path, cfg.data_cache)
+    if cfg.calibration_data is not None:
+        with _blamed_on("--calibration-data"):
+            check_calibration_source(run, cfg.calibration_data)
+    return source, run
+
+
+def target_layout(cfg: ExpandConfig, source: CheckpointReader) -> tuple[int, int]:
+    """(world_size, ep_size) of the output; every layer's target expert count must fit it."""
+    layouts = [cfg.target_layout(source.world_size, source.ep_size, cfg.target_experts_of(layer.index, layer.num_experts))
+               for layer in source.moe_layers]
+    return layouts[0]  # the same for every layer; building each checked that layer's expert count
+
+
+def plan_expansion(cfg: ExpandConfig, source: CheckpointReader, run: RunData | None) -> ExpansionPlan:
+    world, ep = target_layout(cfg, source)
+    calibration = None
+    if cfg.uses_gradients:
+        with _blamed_on("--calibration-data"):
+            calibration = calibrate(source, run, cfg.calibration_data, cfg.calibration_batches,
+                                    cfg.calibration_batch_size)
+    splits, split_info = {}, None
+    if cfg.split_copies:
+        with _blamed_on("--split-copies"):
+            splits, split_info = measure_splits(cfg, source, run)
+    noise_on = {layer.index: router_noise_target(source, layer, cfg.router_noise) for layer in source.moe_layers}
+    return ExpansionPlan(source, run, Path(source.path).name, world, ep, make_plans(source, cfg, ep, calibration),
+                         score_origin(cfg, calibration), noise_on, splits, split_info)
+
+
+def measure_splits(cfg: ExpandConfig, source: CheckpointReader, run: RunData) -> tuple[dict, dict]:
+    """Split directions of every MoE layer's experts, from the source model on the split data."""
+    data = calibration_data(run, cfg.split_data, cfg.calibration_batches * cfg.calibration_batch_size)
+    model = load_master_model(source)
+    try:
+        by_prefix = router_input_directions(model, data.batches(cfg.calibration_batch_size))
+    finally:
+        del model
+    splits = {layer.index: by_prefix[layer.prefix] for layer in source.moe_layers if layer.prefix in by_prefix}
+    info = {"data": cfg.split_data, "description": data.description, "scale": cfg.split_scale,
+            "sequences": int(data.windows.shape[0])}
+    return splits, info
+
+
+def manifest(cfg: ExpandConfig, plan: ExpansionPlan) -> dict:
+    """What was expanded from what, how, and for which layout (checksums and timing are added on writing)."""
+    source = plan.source
+    return {
+        "ds_upcycle_version": __version__, "torch_version": torch.__version__,
+        "deepspeed_version": deepspeed.__version__, "python": platform.python_version(),
+        "source": {"path": str(Path(source.path).resolve()), "tag": plan.tag, "world_size": source.world_size,
+                   "ep_size": source.ep_size, "global_steps": source.meta.global_steps},
+        "target": {"world_size": plan.world_size, "ep_size": plan.ep_size},
+        "options": {k: v for k, v in asdict(cfg).items() if k not in ("source", "destination", "data_cache")},
+        "layers": [{"index": layer.index, "prefix": layer.prefix, **plan.layers[layer.index].to_dict(),
+                    "rank_loads": plan.layers[layer.index].rank_loads(plan.ep_size),
+                    "router_noise_on": plan.router_noise_on[layer.index],
+                    **({"split_tokens": plan.splits[layer.index].tokens_E.tolist(),
+                        "split_spread": plan.splits[layer.index].spread_E.tolist()}
+                       if layer.index in plan.splits else {})} for layer in source.moe_layers],
+        "scores": plan.scores,
+        **({"split_copies": plan.split_info} if plan.split_info else {}),
+    }
+
+
+def write_expansion(cfg: ExpandConfig, plan: ExpansionPlan, record: dict, started: float, progress: bool) -> dict:
+    """Write the expanded checkpoint and its manifest to cfg.destination atomically; returns the
+    manifest as written (`record` plus the seconds since `started` and the files' checksums)."""
+    dst = Path(cfg.destination)
+    expanded = ExpandedSource(plan, cfg)
+    to_write = ProgressSource(expanded) if progress else expanded
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    try:
+        out_dir = staging / "out"
+        write_checkpoint(to_write, out_dir, plan.tag, plan.world_size, plan.ep_size)
+        written = {**record, "seconds": round(time.perf_counter() - started, 3),
+                   "checksums": _checksums(out_dir / plan.tag)}
+        write_json_atomic(out_dir / plan.tag / MANIFEST, written)
+        _swap_into_place(out_dir, dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+def check_warm_start(cfg: ExpandConfig, plan: ExpansionPlan) -> WarmStart:
+    """Validation loss of source and output, recorded in the manifest (a failure here leaves a
+    complete expansion behind)."""
+    result = warm_start(plan.run, cfg.destination, cfg.check_samples)
+    path = Path(cfg.destination) / plan.tag / MANIFEST
+    write_json_atomic(path, {**json.loads(path.read_text()), "warm_start": result.to_dict()})
+    return result
+
+
+def expand_checkpoint(cfg: ExpandConfig, dry_run: bool = False, progress: bool = True) -> ExpandResult:
+    """Expand (or, with multiplier 1, reshard) cfg.source into cfg.destination."""
+    started = time.perf_counter()
+    source, run = open_source(cfg)
+    _prepare_destination(Path(cfg.destination), cfg.force)
+    plan = plan_expansion(cfg, source, run)
+    record = manifest(cfg, plan)
+    if dry_run:
+        return ExpandResult(Path(cfg.destination), plan.tag, plan.layers, record)
+    if cfg.check_data:
+        plan.run.split("val")  # prepared before writing: a data problem then costs no output
+    written = write_expansion(cfg, plan, record, started, progress)
+    if not cfg.check_data:
+        return ExpandResult(Path(cfg.destination), plan.tag, plan.layers, written)
+    check = check_warm_start(cfg, plan)
+    return ExpandResult(Path(cfg.destination), plan.tag, plan.layers, {**written, "warm_start": check.to_dict()}, check)
 
 
 def _sha256(path: Path) -> str:
@@ -183,79 +353,6 @@ def _prepare_destination(dst: Path, force: bool) -> None:
         raise UserError(f"destination {dst} is not empty; pass --force to replace it")
 
 
-def expand_checkpoint(cfg: ExpandConfig, dry_run: bool = False, progress: bool = True) -> ExpandResult:
-    """Expand (or, with multiplier 1, reshard) cfg.source into cfg.destination."""
-    from tqdm import tqdm
-
-    started = time.perf_counter()
-    source = read_checkpoint(cfg.source)
-    src_dir, dst = Path(source.path), Path(cfg.destination)
-    if src_dir.resolve().is_relative_to(dst.resolve()):
-        raise UserError(f"destination {dst} would overwrite the source checkpoint {src_dir}")
-    if not source.moe_layers:
-        raise UserError(f"{src_dir} has no MoE layers to expand")
-    if cfg.check_data:  # fail before writing anything if the source cannot be checked
-        try:
-            source_data_config(src_dir, cfg.data_cache)
-        except UserError as err:
-            raise UserError(f"--check-data: {err}") from None
-    if cfg.calibration_data is not None:  # likewise for calibration: the data must be there
-        try:
-            check_calibration_source(src_dir, cfg.calibration_data, cfg.data_cache)
-        except UserError as err:
-            raise UserError(f"--calibration-data: {err}") from None
-    _prepare_destination(dst, cfg.force)
-    cfg.check_layers(len(source.moe_layers))
-    for layer in source.moe_layers:
-        world, ep = cfg.target_layout(source.world_size, source.ep_size,
-                                      cfg.target_experts_of(layer.index, layer.num_experts))
-    calibration = None
-    if cfg.calibration_data is not None:
-        try:
-            calibration = calibrate(src_dir, source, cfg.calibration_data, cfg.calibration_batches,
-                                    cfg.calibration_batch_size, cfg.data_cache)
-        except UserError as err:
-            raise UserError(f"--calibration-data: {err}") from None
-    plans = make_plans(source, cfg, ep, calibration)
-    tag = src_dir.name
-    manifest = {
-        "ds_upcycle_version": __version__, "torch_version": torch.__version__,
-        "deepspeed_version": _deepspeed_version(), "python": platform.python_version(),
-        "source": {"path": str(src_dir.resolve()), "tag": tag, "world_size": source.world_size,
-                   "ep_size": source.ep_size, "global_steps": source.meta.global_steps},
-        "target": {"world_size": world, "ep_size": ep},
-        "options": {k: v for k, v in asdict(cfg).items() if k not in ("source", "destination", "data_cache")},
-        "layers": [{"index": layer.index, "prefix": layer.prefix, **plans[layer.index].to_dict(),
-                    "rank_loads": plans[layer.index].rank_loads(ep)} for layer in source.moe_layers],
-    }
-    manifest["scores"] = score_origin(cfg, calibration)
-    if dry_run:
-        return ExpandResult(dst, tag, plans, manifest)
-
-    val_data = validation_data(src_dir, cfg.data_cache) if cfg.check_data else None
-    expanded = ExpandedSource(source, plans, cfg)
-    to_write = ProgressSource(expanded, tqdm) if progress else expanded
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
-    try:
-        out_dir = staging / "out"
-        write_checkpoint(to_write, out_dir, tag, world, ep)
-        for entry in manifest["layers"]:
-            entry["router_noise_on"] = expanded.router_noise_target.get(entry["index"], "none")
-        manifest["seconds"] = round(time.perf_counter() - started, 3)
-        manifest["checksums"] = _checksums(out_dir / tag)
-        (out_dir / tag / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _swap_into_place(out_dir, dst)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    if cfg.check_data:
-        # Measured on the output in place (a failure here leaves a complete expansion behind).
-        result = warm_start(src_dir, dst, cfg.check_samples, cfg.data_cache, data=val_data)
-        manifest["warm_start"] = result.to_dict()
-        write_text_atomic(dst / tag / MANIFEST, json.dumps(manifest, indent=2))
-    return ExpandResult(dst, tag, plans, manifest)
-
-
 def _swap_into_place(new: Path, dst: Path) -> None:
     """Rename the finished output to dst; an existing dst (only with --force) goes only after that."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -268,18 +365,11 @@ def _swap_into_place(new: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _deepspeed_version() -> str:
-    import deepspeed
-
-    return deepspeed.__version__
-
-
 class ProgressSource:
     """Wraps a source so that the writer's walk over experts shows one progress bar per layer."""
 
-    def __init__(self, inner: ExpandedSource, tqdm) -> None:
+    def __init__(self, inner: ExpandedSource) -> None:
         self.inner, self.meta, self.moe_layers = inner, inner.meta, inner.moe_layers
-        self._tqdm = tqdm
         self._bars: dict[int, object] = {}
         self._seen: dict[int, set[int]] = {}
 
@@ -290,7 +380,7 @@ class ProgressSource:
         bar = self._bars.get(layer)
         if bar is None:
             total = self.moe_layers[layer].num_experts
-            bar = self._bars[layer] = self._tqdm(total=total, desc=f"MoE layer {layer}", unit="expert",
+            bar = self._bars[layer] = tqdm(total=total, desc=f"MoE layer {layer}", unit="expert",
                                                  leave=False, dynamic_ncols=True)
         state = self.inner.expert_state(layer, expert)
         seen = self._seen.setdefault(layer, set())

@@ -38,7 +38,7 @@ def allocate_copies(num_experts: int, target: int, scores: Sequence[float] | Non
         raise UserError(f"target of {target} experts is fewer than the {num_experts} source experts")
     cap = max_copies if max_copies is not None else target
     if cap < 1 or cap * num_experts < target:
-        raise UserError(f"--max-copies {cap} cannot reach {target} experts from {num_experts}")
+        raise UserError(f"at most {cap} copies of each of {num_experts} experts cannot reach {target} experts")
     if scores is None:
         base, extra = divmod(target, num_experts)
         return [base + (i < extra) for i in range(num_experts)]
@@ -181,3 +181,25 @@ def expand_router_bias(bias: torch.Tensor | None, plan: LayerPlan, noise_std: fl
     noise = torch.randn(int(replicas.sum()), generator=generator, dtype=torch.float64) * noise_std
     new[replicas] += noise.to(new.dtype)
     return new.to(bias.dtype)
+
+
+def split_router_rows(rows_ND: torch.Tensor, plan: LayerPlan, directions_ED: torch.Tensor,
+                      offsets_E: torch.Tensor) -> torch.Tensor:
+    """Router rows of the new experts with the copies of each expert pulled apart along a direction.
+
+    The "split a codeword" step of vector quantisation (LBG): copy k of the c_i copies of expert i
+    gets w_i + (k - (c_i - 1) / 2) * offsets_E[i] * directions_ED[i], so the copies' logits differ by
+    a multiple of d_i . x and, under group routing (a token takes one copy of an expert), the copy a
+    token goes to depends on where the token lies along d_i: with c_i = 2, on the sign of d_i . x.
+    `rows_ND` are the expanded rows (expand_rows); experts with one copy are unchanged.
+    """
+    if directions_ED.shape != (plan.num_source, rows_ND.shape[1]) or offsets_E.shape != (plan.num_source,):
+        raise ValueError(f"need one direction of length {rows_ND.shape[1]} and one offset per source expert")
+    out = rows_ND.clone()
+    counts, seen = plan.counts, [0] * plan.num_source
+    for new_id, src in enumerate(plan.sources):
+        position = seen[src] - (counts[src] - 1) / 2
+        seen[src] += 1
+        shift = position * offsets_E[src].double() * directions_ED[src].double()
+        out[new_id] = (out[new_id].double() + shift).to(out.dtype)
+    return out

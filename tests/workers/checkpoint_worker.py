@@ -23,7 +23,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 
 from ds_upcycle import comm
 from ds_upcycle.model import Transformer
-from ds_upcycle.training.checkpoint import find_checkpoint
+from ds_upcycle.checkpoint import find_checkpoint
 from ds_upcycle.training.schedule import WSDSchedule
 
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from conftest import SMALL_DATA
 from ds_upcycle.data import DataConfig, PackedSequences, prepare_data, validation_batches
 from ds_upcycle.errors import UserError
-from ds_upcycle.evaluation.weights import load_checkpoint
-from ds_upcycle.training.metrics import read_metrics
+from ds_upcycle.trained import load_model
+from ds_upcycle.checkpoint import read_metrics
 from eval_helpers import SEQ_LEN, TWIN_STEPS, trained_checkpoint
 
 
@@ -38,7 +38,7 @@ def recorded_val_loss(save_dir) -> float:
 
 
 def test_loaded_model_reproduces_the_validation_loss_of_training(checkpoint, data_cache):
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_model(checkpoint)
     assert loaded.seq_len == SEQ_LEN and loaded.ref.tag == "global_step200"
     assert not loaded.model.training
     # Expert weights come from their own files: a swap of two experts would change the loss.
@@ -47,7 +47,7 @@ def test_loaded_model_reproduces_the_validation_loss_of_training(checkpoint, dat
 
 
 def test_bfloat16_load_keeps_the_routing_bias_in_fp32(checkpoint):
-    loaded = load_checkpoint(checkpoint, dtype=torch.bfloat16)
+    loaded = load_model(checkpoint, dtype=torch.bfloat16)
     assert loaded.model.tok_embeddings.weight.dtype == torch.bfloat16
     assert all(router.route_bias.dtype == torch.float32 for router in loaded.model.routers)
     assert any(router.route_bias.abs().max() > 0 for router in loaded.model.routers)
@@ -58,12 +58,12 @@ def test_missing_expert_file_is_named(checkpoint, tmp_path):
     shutil.copytree(checkpoint / "global_step200", broken)
     (broken / "layer_2_expert_3_mp_rank_00_model_states.pt").unlink()
     with pytest.raises(UserError, match="lacks expert file layer_2_expert_3_mp_rank_00_model_states.pt"):
-        load_checkpoint(broken)
+        load_model(broken)
 
 
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(UserError, match="not a DeepSpeed checkpoint"):
-        load_checkpoint(tmp_path)
+        load_model(tmp_path)
 
 
 @pytest.mark.slow
@@ -71,10 +71,10 @@ def test_not_a_checkpoint(tmp_path):
 def test_expert_parallel_checkpoint_loads_as_its_single_process_twin(tmp_path_factory, data_cache):
     one = trained_checkpoint(tmp_path_factory, data_cache, ep_size=1, steps=TWIN_STEPS)
     two = trained_checkpoint(tmp_path_factory, data_cache, ep_size=2, steps=TWIN_STEPS)
-    loaded = load_checkpoint(two)
+    loaded = load_model(two)
     # Its own engine's figure: every expert was found under its global id, whichever rank saved it.
     own = validation_loss(loaded.model, loaded.tokenizer, data_cache)
     assert own == pytest.approx(recorded_val_loss(two), rel=1e-5)
-    single = dict(load_checkpoint(one).model.named_parameters())
+    single = dict(load_model(one).model.named_parameters())
     for name, param in loaded.model.named_parameters():
         torch.testing.assert_close(param, single[name], rtol=1e-4, atol=1e-5)

@@ -1,9 +1,10 @@
 """What ds-upcycle adds to a DeepSpeed checkpoint, and how to find one.
 
 A checkpoint tag directory written by train.py holds DeepSpeed's own files plus:
-    ds_upcycle.json   model config (rebuilds the model), run metadata
+    ds_upcycle.json   model config (rebuilds the model), data and run settings
     tokenizer.model   the SentencePiece model its token ids refer to
-Training position (data split and samples consumed) travels in DeepSpeed's client state.
+Training position (data split and samples consumed) travels in DeepSpeed's client state; the save
+directory above the tag holds `latest` and metrics.jsonl (metrics.py).
 """
 
 from __future__ import annotations
@@ -14,12 +15,23 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import write_json_atomic
 from ..config import ModelConfig
 from ..errors import UserError
+from .names import MODEL_STATES
 
 RUN_FILE = "ds_upcycle.json"
 TOKENIZER_FILE = "tokenizer.model"
-MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+def read_run_info(path: Path) -> dict | None:
+    """The run record at `path`, None if there is none."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -34,12 +46,16 @@ class CheckpointRef:
         return self.save_dir / self.tag
 
     @property
+    def has_run_info(self) -> bool:
+        return (self.path / RUN_FILE).is_file()
+
+    @property
     def run_info(self) -> dict:
-        file = self.path / RUN_FILE
-        if not file.is_file():
+        info = read_run_info(self.path / RUN_FILE)
+        if info is None:
             raise UserError(f"{self.path} has no {RUN_FILE}: not written by ds-upcycle; "
                             f"pass --model to say which model it holds")
-        return json.loads(file.read_text())
+        return info
 
     @property
     def model_config(self) -> ModelConfig:
@@ -77,6 +93,4 @@ def latest_checkpoint(save_dir: str | os.PathLike | None) -> CheckpointRef | Non
 def write_run_files(tag_dir: Path, model: ModelConfig, tokenizer: Path, metadata: dict) -> None:
     tag_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tokenizer, tag_dir / TOKENIZER_FILE)
-    tmp = tag_dir / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps({"model": model.to_dict(), **metadata}, indent=2))
-    tmp.replace(tag_dir / RUN_FILE)
+    write_json_atomic(tag_dir / RUN_FILE, {"model": model.to_dict(), **metadata})

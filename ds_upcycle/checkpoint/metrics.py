@@ -1,4 +1,4 @@
-"""Training metrics as JSON lines, one record per logged step or evaluation."""
+"""metrics.jsonl in a save directory: training metrics as JSON lines, one record per logged step or evaluation."""
 
 from __future__ import annotations
 

@@ -1,0 +1,65 @@
+"""The data a checkpoint was trained on, as its run record describes it, prepared once per command.
+
+A command that needs a checkpoint's data (a validation loss, calibration batches, a warm-start
+check) builds one RunData and passes it on; the settings are checked when it is built (cheap: two
+small files) and the data is tokenized, with the checkpoint's own tokenizer, only when first read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import RUN_FILE, CheckpointRef, find_checkpoint
+from ..data import DataConfig, PackedSequences, PreparedData, prepare_data
+from ..errors import UserError
+
+
+class RunData:
+    """Data settings, tokenizer and splits of a ds-upcycle checkpoint."""
+
+    def __init__(self, checkpoint: str | os.PathLike | CheckpointRef, cache_dir: str | None = None) -> None:
+        self.ref = checkpoint if isinstance(checkpoint, CheckpointRef) else find_checkpoint(checkpoint)
+        record = self.ref.path / RUN_FILE
+        if not self.ref.has_run_info:
+            raise UserError(f"{self.ref.path} has no {RUN_FILE}: its training data settings are unknown "
+                            f"(not written by train.py)")
+        info = self.ref.run_info
+        data = info.get("data")
+        if not isinstance(data, dict) or "source" not in data or "seq_len" not in data:
+            raise UserError(f"{record} records no data settings (source, seq_len)")
+        if "model" not in info:
+            raise UserError(f"{record} records no model config")
+        if self.ref.tokenizer is None:
+            raise UserError(f"{self.ref.path} has no tokenizer.model to turn its text into token ids")
+        known = {f.name for f in fields(DataConfig)}
+        settings = {k: v for k, v in data.items() if k in known and k not in ("cache_dir", "tokenizer")}
+        self.config = DataConfig(**settings, cache_dir=cache_dir)
+        self.tokenizer: Path = self.ref.tokenizer
+        self.vocab_size = int(info["model"]["vocab_size"])
+        self._splits: dict[str, PackedSequences] = {}
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.seq_len
+
+    @property
+    def text_field(self) -> str:
+        return self.config.text_field
+
+    @cached_property
+    def prepared(self) -> PreparedData:
+        return prepare_data(self.config, self.tokenizer)
+
+    def tokens(self, split: str) -> np.ndarray:
+        return self.prepared.tokens(split)
+
+    def split(self, name: str = "val") -> PackedSequences:
+        """A split (pretrain, cpt or val) as packed sequences of the training sequence length."""
+        if name not in self._splits:
+            self._splits[name] = PackedSequences(self.tokens(name), self.seq_len, name)
+        return self._splits[name]

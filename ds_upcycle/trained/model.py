@@ -1,0 +1,89 @@
+"""The one whole-model loader: a checkpoint's model in one process, whatever layout trained it.
+
+`load_model` reads DeepSpeed's module weights only (checkpoint.read_module_weights: the model
+file's non-expert tensors and one file per expert, experts named by global id), which look the same
+for any ZeRO stage, data-parallel size and ep_size; a model built with ep_size 1 names its experts
+by global id too, so the keys match one to one. `load_master_model` puts the fp32 master weights of
+the optimizer state in their place (what training continues from), through a checkpoint reader.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointReader, CheckpointRef, find_checkpoint, named_param_states, read_module_weights
+from ..errors import UserError
+from ..model import Transformer
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    ref: CheckpointRef
+    tokenizer: Path
+    run_info: dict
+
+    @property
+    def seq_len(self) -> int | None:
+        """The training sequence length: the context the model has learnt to use."""
+        return self.run_info.get("data", {}).get("seq_len")
+
+
+def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Rebuild the model of a ds-upcycle checkpoint (save dir or tag dir) in eval mode."""
+    ref = path if isinstance(path, CheckpointRef) else find_checkpoint(path)
+    info = ref.run_info
+    cfg = ref.model_config
+    if ref.tokenizer is None:
+        raise UserError(f"{ref.path} has no tokenizer.model: cannot turn text into its token ids")
+    state = read_module_weights(ref.path)
+    # Built on the meta device: the weights come from the file, so random init would be wasted work.
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as err:  # shape mismatches, e.g. ZeRO-3's empty placeholders
+        raise UserError(f"{ref.path} does not match its own model config: "
+                        f"{' '.join(str(err).split())[:300]}") from None
+    if result.missing_keys or result.unexpected_keys:
+        names = result.missing_keys[:3] or result.unexpected_keys[:3]
+        kind = "lacks" if result.missing_keys else "has unknown"
+        raise UserError(f"{ref.path} {kind} weights {', '.join(names)}: it does not match its own model config")
+    groups = cfg.route_groups or [None] * len(model.routers)
+    for router, group in zip(model.routers, groups):  # buffers the checkpoint does not hold
+        router.route_load = torch.zeros(router.num_experts)  # balancing counters only matter in training
+        if group is not None:  # from the model config
+            router.route_group = torch.tensor(group, dtype=torch.long)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    # The router keeps its bias in fp32 whatever the dtype (LossFreeRouter._apply).
+    model = model.to(device=device, dtype=dtype).eval()
+    return LoadedModel(model, ref, ref.tokenizer, info)
+
+
+def load_master_model(reader: CheckpointReader) -> Transformer:
+    """The model in fp32 on the CPU with the checkpoint's fp32 master weights, in eval mode.
+
+    The module weights of a bf16 checkpoint are the masters rounded to bf16; the masters are what
+    training continues from (and what scores from the Adam state read).
+    """
+    model = load_model(reader.path, "cpu", torch.float32).model
+    masters = {name: state.fp32 for name, state in named_param_states(reader).items()}
+    for alias, holder in reader.meta.shared_params.items():
+        if holder in masters:
+            masters.setdefault(alias, masters[holder])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name not in masters:
+                raise UserError(f"the checkpoint holds no fp32 master weight for {name}")
+            if masters[name].shape != param.shape:
+                raise UserError(f"fp32 master weight of {name} has shape {tuple(masters[name].shape)}, "
+                                f"the model {tuple(param.shape)}")
+            param.copy_(masters[name])
+    del masters
+    gc.collect()
+    return model
