@@ -191,6 +191,10 @@ def get_preset(name: str) -> ModelConfig:
 
 def _coerce(field: dataclasses.Field, text: str) -> Any:
     kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    if "None" in kind and text.lower() == "none":
+        return None
+    if "tuple" in kind:
+        raise ValueError(text)  # set by the tools that own them (expand), or cleared with "none"
     if "bool" in kind:
         lowered = text.lower()
         if lowered in ("none", "auto") and "None" in kind:

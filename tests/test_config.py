@@ -19,10 +19,15 @@ def test_overrides_are_typed():
     (["top_k=9"], "exceeds num_experts"),
     (["n_kv_heads=3"], "not divisible"),
     (["score_func=relu"], "score_func"),
+    (["route_groups=0,0,1,1"], "cannot read"),  # expand sets groups; --set can only clear them
 ])
 def test_bad_overrides(bad, message):
     with pytest.raises(UserError, match=message):
         resolve_model_config("tiny", bad)
+
+
+def test_optional_fields_clear_with_none():
+    assert parse_overrides(["route_groups=none", "layer_experts=None"]) == {"route_groups": None, "layer_experts": None}
 
 
 def test_unknown_preset_suggests():

@@ -30,7 +30,7 @@ def test_utility_allocation_is_proportional_greedy():
 def test_allocation_errors():
     with pytest.raises(UserError, match="fewer than"):
         allocate_copies(4, 3)
-    with pytest.raises(UserError, match="max-copies"):
+    with pytest.raises(UserError, match="at most 2 copies of each of 4 experts cannot reach 12"):
         allocate_copies(4, 12, max_copies=2)
     with pytest.raises(UserError, match="non-negative"):
         allocate_copies(2, 4, [1.0, float("nan")])

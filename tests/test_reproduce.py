@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from conftest import ROOT, SMALL_DATA
 from ds_upcycle.errors import UserError
 from ds_upcycle.moe.balance import load_stats
 from ds_upcycle.reproduce.config import NAMED_CONFIGS, load_config
-from ds_upcycle.reproduce.plan import ExpandStage, TrainStage, branch_step, make_plan
+from ds_upcycle.reproduce.plan import BranchStage, ExpandStage, TrainStage, branch_step, make_plan
 from ds_upcycle.checkpoint import read_metrics
 from ds_upcycle.training.schedule import WSDSchedule
 
@@ -32,7 +33,7 @@ def test_load_stats_records_every_share():
 def test_named_and_file_configs(tmp_path):
     assert set(NAMED_CONFIGS) == {"tiny", "pd-english", "gpu"}
     tiny = load_config("tiny")
-    assert (tiny.num_experts, tiny.big_experts, tiny.data) == (4, 8, "synthetic")
+    assert (tiny.num_experts, tiny.big_experts, tiny.data) == (4, 8, "synthetic:entities=400,values=64")
     assert load_config("pd-english", data="texts/").data == "texts/"
     (tmp_path / "c.yaml").write_text("base: tiny\ntotal_steps: 40\nmodel_overrides: [dim=64]\n")
     cfg = load_config(str(tmp_path / "c.yaml"))
@@ -76,7 +77,7 @@ def test_plan_shares_the_fixed_e_run_before_each_anneal():
     assert names[:2] == ["fixed-e", "fixed-me"]
     assert {a.cpt for a in plan.upcycled} == {"upcycled-cpt50-grad_sq", "upcycled-cpt25-uniform",
                                               "upcycled-cpt25-grad_sq"}
-    assert plan.main.transition == 200 and plan.evaluated[:3] == ("fixed-e", "upcycled-cpt50-grad_sq", "fixed-me")
+    assert plan.main.transition == 2400 and plan.evaluated[:3] == ("fixed-e", "upcycled-cpt50-grad_sq", "fixed-me")
     for position, stage in enumerate(plan.stages):
         needs = [stage.source] if isinstance(stage, ExpandStage) else [stage.load, (stage.branch or [None])[0]]
         assert all(names.index(need) < position for need in needs if need), stage.name
@@ -86,7 +87,34 @@ def test_plan_shares_the_fixed_e_run_before_each_anneal():
             assert step % fixed_e.save_interval == 0
             # The LR of both schedules agrees up to and including the first step after the branch.
             assert step < stage.steps - cfg.decay_steps(stage.steps)
-    assert branch_step(cfg, 200) == 160 and branch_step(cfg, 300) == 260
+    assert branch_step(cfg, 2400) == 1920 and branch_step(cfg, 3600) == 3120
+
+
+def test_stable_transition_continues_fixed_e_schedule_from_its_checkpoint():
+    cfg = load_config("tiny", transition="stable")
+    plan = make_plan(cfg)
+    fixed_e = plan.stages[0]
+    sources = [s for s in plan.stages if isinstance(s, BranchStage)]
+    assert {s.name: s.branch for s in sources} == {"source-cpt50": ("fixed-e", 2400), "source-cpt25": ("fixed-e", 3600)}
+    assert all(s.branch[1] % fixed_e.save_interval == 0 for s in sources)
+    cpt = [s for s in plan.stages if isinstance(s, TrainStage) and s.load]
+    assert {s.name for s in cpt} >= {"upcycled-cpt50-grad_sq", "continued-e-cpt50"}
+
+    def lrs(total, warmup, decay_fraction, steps):
+        schedule = WSDSchedule(SimpleNamespace(param_groups=[{"lr": 1.0}]), total, warmup, decay_fraction)
+        return [schedule.factor(step) for step in steps]
+
+    # Every CPT step has the learning rate Fixed-E has at the same global step: no re-warm, same anneal.
+    fixed = lrs(cfg.total_steps, cfg.stage_warmup(cfg.total_steps), cfg.decay_fraction, range(cfg.total_steps))
+    for stage in cpt:
+        t0 = cfg.total_steps - stage.steps
+        assert lrs(stage.steps, stage.warmup, stage.decay_fraction, range(stage.steps)) == fixed[t0:], stage.name
+    with pytest.raises(UserError, match="inside Fixed-E's final anneal"):
+        load_config("tiny", transition="stable", cpt_fraction=0.05, selection_cpt_fraction=None)
+    with pytest.raises(UserError, match="not a multiple of Fixed-E's checkpoint interval"):
+        load_config("tiny", transition="stable", cpt_fraction=0.33, selection_cpt_fraction=None)
+    with pytest.raises(UserError, match="transition must be one of annealed, stable"):
+        load_config("tiny", transition="late")
 
 
 def _digest(paths) -> dict:

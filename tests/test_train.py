@@ -51,6 +51,19 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, train_args):
         assert a["load"] == b["load"]
 
 
+def test_exit_at_stops_with_a_checkpoint_and_the_stage_resumes_as_if_uninterrupted(tmp_path, train_args):
+    cfg = write_ds_config(tmp_path / "ds.json", stage=2, micro_batch=4)
+    check_ok(run_train(train_args(cfg, 8, "--save", str(tmp_path / "full"), "--eval-interval", "4")))
+    split = tmp_path / "split"
+    proc = check_ok(run_train(train_args(cfg, 8, "--save", str(split), "--eval-interval", "4", "--exit-at", "5")))
+    assert "at step 5" in proc.stdout and (split / "latest").read_text().strip() == "global_step5"
+    check_ok(run_train(train_args(cfg, 8, "--save", str(split), "--eval-interval", "4")))
+    full, resumed = read_metrics(tmp_path / "full" / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for a, b in zip(full, resumed):
+        assert a["lr"] == b["lr"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6), a["step"]
+
+
 def test_fresh_schedule_starts_cpt_stage(tmp_path, train_args):
     cfg = write_ds_config(tmp_path / "ds.json", micro_batch=4)
     check_ok(run_train(train_args(cfg, 8, "--save", str(tmp_path / "pre"))))

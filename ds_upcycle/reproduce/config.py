@@ -18,6 +18,9 @@ from ..errors import UserError
 from ..upcycle.scores import SELECTION_RULES
 
 
+TRANSITIONS = ("annealed", "stable")
+
+
 @dataclass(frozen=True)
 class ReproduceConfig:
     """One experiment: E -> m*E experts at the same total token budget.
@@ -38,6 +41,12 @@ class ReproduceConfig:
         router_noise: sigma of the replicas' routing-bias noise at expansion.
         distinct_copies: expand with `--distinct-copies` (a token takes at most one copy of an
             expert); False runs the paper's plain operator.
+        split_copies: expand with `--split-copies` too (each expert's copies split its tokens
+            along their main direction of variation; needs distinct_copies).
+        transition: "annealed" (the paper's protocol: the E-expert source ends with its own
+            anneal at T0, and CPT warms up again and anneals at its end) or "stable" (the source is
+            Fixed-E's own checkpoint at T0, taken in its stable phase, and CPT continues at the
+            peak learning rate without warmup, ending with an anneal as long as Fixed-E's).
         data, text_field, seq_len, vocab_size, val_fraction, cpt_split_fraction: training data
             (train.py --data ... --cpt-fraction); splits are assigned per document by a hash.
         deepspeed_config: a DeepSpeed JSON file (a path, or a name in the repository's ds_configs/).
@@ -71,6 +80,8 @@ class ReproduceConfig:
     control: bool = True
     router_noise: float = 0.01
     distinct_copies: bool = False
+    split_copies: bool = False
+    transition: str = "annealed"
     data: str | None = "synthetic"
     text_field: str = "text"
     seq_len: int = 128
@@ -114,6 +125,19 @@ class ReproduceConfig:
                                 f"at total_steps {self.total_steps}")
         if self.select not in SELECTION_RULES:
             raise UserError(f"select must be one of {', '.join(SELECTION_RULES)}, got {self.select!r}")
+        if self.transition not in TRANSITIONS:
+            raise UserError(f"transition must be one of {', '.join(TRANSITIONS)}, got {self.transition!r}")
+        if self.split_copies and not self.distinct_copies:
+            raise UserError("split_copies needs distinct_copies: without group routing a token takes both copies")
+        if self.transition == "stable":
+            for fraction in self.cpt_fractions:
+                t0 = self.transition_step(fraction)
+                if t0 > self.total_steps - self.decay_steps(self.total_steps):
+                    raise UserError(f"transition stable: cpt_fraction {fraction} puts T0 = {t0} inside Fixed-E's "
+                                    f"final anneal (from step {self.total_steps - self.decay_steps(self.total_steps)})")
+                if t0 % self.branch_interval:
+                    raise UserError(f"transition stable: T0 = {t0} (cpt_fraction {fraction}) is not a multiple of "
+                                    f"Fixed-E's checkpoint interval {self.branch_interval} (total_steps / 20)")
         if self.router_noise < 0:
             raise UserError(f"router_noise must be >= 0, got {self.router_noise}")
         if self.data is not None and not self.data.strip():
@@ -154,6 +178,11 @@ class ReproduceConfig:
         """T0 for a CPT share of the total budget."""
         return round(self.total_steps * (1 - cpt_fraction))
 
+    @property
+    def branch_interval(self) -> int:
+        """Steps between the Fixed-E checkpoints that source runs start from."""
+        return max(1, self.total_steps // 20)
+
     def stage_warmup(self, steps: int) -> int:
         return max(1, round(self.warmup_fraction * steps))
 
@@ -166,8 +195,12 @@ class ReproduceConfig:
 
 
 NAMED_CONFIGS: dict[str, ReproduceConfig] = {
-    # The README's main job: the built-in synthetic corpus, 4 -> 8 experts, one CPU process.
-    "tiny": ReproduceConfig(name="tiny", eval_interval=25),
+    # The README's main job: 4 -> 8 experts on one CPU process, in a regime where 8 experts beat 4
+    # clearly (docs/RESULTS.md): small experts against a corpus of 19,200 facts of 6 bits each.
+    "tiny": ReproduceConfig(
+        name="tiny", model_overrides=("dim=32", "n_heads=2", "n_kv_heads=1", "expert_ffn_dim=16", "dense_ffn_dim=64",
+                                      "n_layers=2"),
+        data="synthetic:entities=400,values=64", total_steps=4800, eval_interval=600),
     # Real text (pass its directory with --data): a small interleaved model, 8 -> 16 experts,
     # top-2. Each .txt file is one document, so the hash split holds out whole works.
     "pd-english": ReproduceConfig(

@@ -19,7 +19,7 @@ from .config import ReproduceConfig
 from .evaluate import evaluate_arm
 from .experiment import Experiment
 from .outdir import check_out_dir
-from .plan import FIXED_E, ExpandStage, Plan, make_plan
+from .plan import FIXED_E, BranchStage, ExpandStage, Plan, make_plan
 from .plots import plot_loss, plot_routing
 from .report import manifest, results_path, write_report
 from .seeds import run_seeds
@@ -32,7 +32,10 @@ def run_stages(exp: Experiment, plan: Plan) -> None:
         if stages.is_complete(arm_dir):
             say(f"[{stage.name}] complete, skipped")
             continue
-        if isinstance(stage, ExpandStage):
+        if isinstance(stage, BranchStage):
+            say(f"[{stage.name}] {stage.branch[0]} at step {stage.branch[1]}")
+            record = stages.run_branch_stage(exp, stage)
+        elif isinstance(stage, ExpandStage):
             say(f"[{stage.name}] expanding {stage.source} to {cfg.big_experts} experts ({stage.select})")
             record = stages.run_expand_stage(exp, stage)
             ws = record["warm_start"]

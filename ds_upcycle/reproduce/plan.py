@@ -3,7 +3,8 @@
 Arms (directories under the output directory):
     fixed-e                 E experts, T steps
     fixed-me                m*E experts, T steps
-    source-cptNN            E experts, T0 steps, ending with its own anneal (the transition point)
+    source-cptNN            E experts, T0 steps, ending with its own anneal (the transition point);
+                            with transition "stable", a copy of Fixed-E's checkpoint at T0
     expanded-cptNN-RULE     source-cptNN expanded to m*E experts with selection RULE
     upcycled-cptNN-RULE     continued pre-training of the expansion for T - T0 steps on the cpt split
     continued-e-cptNN       control: the same CPT stage from source-cptNN without expansion
@@ -31,6 +32,7 @@ class TrainStage:
     experts: experts per MoE layer of a run from scratch; None when it starts from `load`.
     load: arm whose checkpoint a new stage starts from (--load ... --fresh-schedule).
     branch: (arm, step): continue a copy of that arm's checkpoint at `step` (same stage, new end).
+    warmup, decay_fraction: the stage's schedule where it differs from the config's rule.
     """
 
     name: str
@@ -40,6 +42,16 @@ class TrainStage:
     load: str | None = None
     branch: tuple[str, int] | None = None
     save_interval: int = 0
+    warmup: int | None = None
+    decay_fraction: float | None = None
+
+
+@dataclass(frozen=True)
+class BranchStage:
+    """A copy of an arm's checkpoint at `step`, trained no further (a stable-phase source)."""
+
+    name: str
+    branch: tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -65,7 +77,7 @@ class UpcycledArm:
 
 @dataclass(frozen=True)
 class Plan:
-    stages: tuple[TrainStage | ExpandStage, ...]
+    stages: tuple[TrainStage | BranchStage | ExpandStage, ...]
     upcycled: tuple[UpcycledArm, ...]
     main: UpcycledArm
     branch_steps: tuple[int, ...]
@@ -78,10 +90,6 @@ class Plan:
                 *((self.control,) if self.control else ()))
 
 
-def branch_interval(cfg: ReproduceConfig) -> int:
-    return max(1, cfg.total_steps // 20)
-
-
 def branch_step(cfg: ReproduceConfig, transition: int) -> int | None:
     """Last Fixed-E checkpoint a source run of `transition` steps can continue from, if any.
 
@@ -89,7 +97,7 @@ def branch_step(cfg: ReproduceConfig, transition: int) -> int | None:
     (train.py applies the new stage end from the next step on), so the branch must lie before the
     source's anneal starts: there both schedules give the same LR.
     """
-    interval = branch_interval(cfg)
+    interval = cfg.branch_interval
     latest = transition - cfg.decay_steps(transition) - 1
     step = latest // interval * interval
     return step if step >= 1 else None
@@ -112,19 +120,31 @@ def make_plan(cfg: ReproduceConfig) -> Plan:
     main = next(a for a in arms if a.cpt_fraction == cfg.cpt_fraction and a.select == cfg.select)
 
     sources = {a.source: a.transition for a in arms}
-    branches = {name: branch_step(cfg, t0) for name, t0 in sources.items()}
+    stable = cfg.transition == "stable"
+    branches = {name: t0 if stable else branch_step(cfg, t0) for name, t0 in sources.items()}
     steps = tuple(sorted({b for b in branches.values() if b is not None}))
-    stages: list[TrainStage | ExpandStage] = [
-        TrainStage(FIXED_E, cfg.total_steps, cfg.num_experts, save_interval=branch_interval(cfg) if steps else 0),
+    stages: list[TrainStage | BranchStage | ExpandStage] = [
+        TrainStage(FIXED_E, cfg.total_steps, cfg.num_experts, save_interval=cfg.branch_interval if steps else 0),
         TrainStage(FIXED_ME, cfg.total_steps, cfg.big_experts),
     ]
     for name, t0 in sources.items():
         b = branches[name]
-        stages.append(TrainStage(name, t0, cfg.num_experts, branch=(FIXED_E, b) if b else None))
+        if stable:
+            stages.append(BranchStage(name, (FIXED_E, t0)))
+        else:
+            stages.append(TrainStage(name, t0, cfg.num_experts, branch=(FIXED_E, b) if b else None))
     for arm in arms:
         stages.append(ExpandStage(arm.expanded, arm.source, arm.select))
-        stages.append(TrainStage(arm.cpt, cfg.total_steps - arm.transition, split="cpt", load=arm.expanded))
+        stages.append(_cpt_stage(cfg, arm.cpt, arm.transition, arm.expanded))
     control = f"continued-e-{_tag(main.cpt_fraction)}" if cfg.control else None
     if control:
-        stages.append(TrainStage(control, cfg.total_steps - main.transition, split="cpt", load=main.source))
+        stages.append(_cpt_stage(cfg, control, main.transition, main.source))
     return Plan(tuple(stages), tuple(arms), main, steps, control)
+
+
+def _cpt_stage(cfg: ReproduceConfig, name: str, transition: int, load: str) -> TrainStage:
+    steps = cfg.total_steps - transition
+    if cfg.transition == "stable":  # no re-warm; the same final anneal as Fixed-E's
+        return TrainStage(name, steps, split="cpt", load=load, warmup=1,
+                          decay_fraction=cfg.decay_steps(cfg.total_steps) / steps)
+    return TrainStage(name, steps, split="cpt", load=load)

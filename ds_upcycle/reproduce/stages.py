@@ -23,7 +23,7 @@ from ..upcycle.config import ExpandConfig
 from ..upcycle.expand import expand_checkpoint
 from .config import ReproduceConfig
 from .experiment import Experiment
-from .plan import ExpandStage, TrainStage
+from .plan import BranchStage, ExpandStage, TrainStage
 
 MARKER = "COMPLETE.json"
 
@@ -69,9 +69,9 @@ def train_args(exp: Experiment, stage: TrainStage) -> list[str]:
     """train.py arguments of a stage (the model comes from the preset only for runs from scratch)."""
     cfg, out = exp.cfg, exp.out
     args = ["--deepspeed_config", str(deepspeed_config_path(cfg)), *data_args(exp),
-            "--steps", str(stage.steps), "--warmup-steps", str(cfg.stage_warmup(stage.steps if stage.load else
-                                                                                 cfg.total_steps)),
-            "--decay-fraction", str(cfg.decay_fraction), "--micro-batch-size", str(cfg.micro_batch_size),
+            "--steps", str(stage.steps), "--warmup-steps", str(_warmup(cfg, stage)),
+            "--decay-fraction", str(stage.decay_fraction if stage.decay_fraction is not None else cfg.decay_fraction),
+            "--micro-batch-size", str(cfg.micro_batch_size),
             "--grad-accum-steps", str(cfg.grad_accum_steps), "--ep-size", str(cfg.ep_size), "--seed", str(cfg.seed),
             "--eval-interval", str(cfg.eval_interval), "--eval-samples", str(cfg.eval_samples),
             "--save", str(out / stage.name)]
@@ -84,6 +84,12 @@ def train_args(exp: Experiment, stage: TrainStage) -> list[str]:
     if stage.save_interval:
         args += ["--save-interval", str(stage.save_interval)]
     return args
+
+
+def _warmup(cfg: ReproduceConfig, stage: TrainStage) -> int:
+    if stage.warmup is not None:
+        return stage.warmup
+    return cfg.stage_warmup(stage.steps if stage.load else cfg.total_steps)
 
 
 def _free_port() -> int:
@@ -145,6 +151,13 @@ def run_train_stage(exp: Experiment, stage: TrainStage) -> dict:
             "command": command[1:], "branched_from": list(stage.branch) if stage.branch else None}
 
 
+def run_branch_stage(exp: Experiment, stage: BranchStage) -> dict:
+    arm_dir = exp.out / stage.name
+    if not (arm_dir / "latest").is_file():
+        branch_checkpoint(exp.out / stage.branch[0], stage.branch[1], arm_dir)
+    return {"stage": stage.name, "kind": "branch", "branched_from": list(stage.branch)}
+
+
 def prune_checkpoints(save_dir: Path) -> None:
     """Drop a finished run's intermediate checkpoints (branches are copies): only the last is used."""
     latest = (save_dir / "latest").read_text().strip()
@@ -158,7 +171,7 @@ def run_expand_stage(exp: Experiment, stage: ExpandStage) -> dict:
     started = time.perf_counter()
     expand_cfg = ExpandConfig(source=str(out / stage.source), destination=str(out / stage.name),
                               multiplier=cfg.multiplier, select=stage.select, router_noise=cfg.router_noise,
-                              distinct_copies=cfg.distinct_copies,
+                              distinct_copies=cfg.distinct_copies, split_copies=cfg.split_copies,
                               seed=cfg.seed, force=True, check_data=True, check_samples=cfg.eval_samples,
                               data_cache=exp.data_cache)
     result = expand_checkpoint(expand_cfg, progress=False)

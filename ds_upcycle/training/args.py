@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save", dest="save_dir", default=None, help="checkpoint directory (resumes if it has one)")
     t.add_argument("--save-interval", type=int, default=0)
     t.add_argument("--load", dest="load_dir", default=None, help="checkpoint to start from")
+    t.add_argument("--exit-at", type=int, default=None, metavar="STEP",
+                   help="stop after this global step with a checkpoint; run again without it (or with a later step) to go on")
     return p
 
 
@@ -66,5 +68,5 @@ def configs_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, DataC
                         decay_fraction=args.decay_fraction, min_lr_ratio=args.min_lr_ratio,
                         fresh_schedule=args.fresh_schedule, eval_interval=args.eval_interval,
                         eval_samples=args.eval_samples, save_interval=args.save_interval, seed=args.seed,
-                        ep_size=args.ep_size, save_dir=args.save_dir, load_dir=args.load_dir)
+                        ep_size=args.ep_size, save_dir=args.save_dir, load_dir=args.load_dir, exit_at=args.exit_at)
     return train, data, args

@@ -28,6 +28,10 @@ class TrainConfig:
         save_dir: where checkpoints and metrics.jsonl go; if it holds a checkpoint, training
             resumes from it.
         load_dir: checkpoint to start from when save_dir has none.
+        exit_at: stop after this global step, evaluating and saving a checkpoint, before the stage
+            ends; the command without it (or with a later step) then resumes the stage (a
+            preemptible job, or a stage that changes a setting part-way, e.g.
+            `--set route_groups=none`).
     """
 
     steps: int
@@ -43,6 +47,7 @@ class TrainConfig:
     ep_size: int = 1
     save_dir: str | None = None
     load_dir: str | None = None
+    exit_at: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -55,6 +60,8 @@ class TrainConfig:
             raise UserError(f"--ep-size must be >= 1, got {self.ep_size}")
         if self.fresh_schedule and not self.load_dir:
             raise UserError("--fresh-schedule needs --load")
+        if self.exit_at is not None and (self.exit_at < 1 or not self.save_dir):
+            raise UserError("--exit-at needs a step >= 1 and --save (the run resumes from what it saves)")
 
     @property
     def warmup(self) -> int:

@@ -223,6 +223,8 @@ class Trainer:
 
     def run(self) -> RunResult:
         cfg, stage_end = self.cfg, self.schedule.stage_start + self.cfg.steps
+        if cfg.exit_at is not None:
+            stage_end = min(stage_end, cfg.exit_at)
         bar = tqdm(total=cfg.steps, initial=self.engine.global_steps - self.schedule.stage_start,
                    disable=not self.is_main, desc=f"train ({cfg.split})", unit="step", dynamic_ncols=True)
         history, val_loss = [], float("nan")
