@@ -187,6 +187,7 @@ class ExpansionPlan:
     splits: dict[int, SplitDirections]  # per MoE layer index, with split_copies
     split_info: dict | None = None
 
+
 @dataclass
 class ExpandResult:
     destination: Path
@@ -252,11 +253,7 @@ def plan_expansion(cfg: ExpandConfig, source: CheckpointReader, run: RunData | N
 def measure_splits(cfg: ExpandConfig, source: CheckpointReader, run: RunData) -> tuple[dict, dict]:
     """Split directions of every MoE layer's experts, from the source model on the split data."""
     data = calibration_data(run, cfg.split_data, cfg.calibration_batches * cfg.calibration_batch_size)
-    model = load_master_model(source)
-    try:
-        by_prefix = router_input_directions(model, data.batches(cfg.calibration_batch_size))
-    finally:
-        del model
+    by_prefix = router_input_directions(load_master_model(source), data.batches(cfg.calibration_batch_size))
     splits = {layer.index: by_prefix[layer.prefix] for layer in source.moe_layers if layer.prefix in by_prefix}
     info = {"data": cfg.split_data, "description": data.description, "scale": cfg.split_scale,
             "sequences": int(data.windows.shape[0])}
@@ -273,15 +270,20 @@ def manifest(cfg: ExpandConfig, plan: ExpansionPlan) -> dict:
                    "ep_size": source.ep_size, "global_steps": source.meta.global_steps},
         "target": {"world_size": plan.world_size, "ep_size": plan.ep_size},
         "options": {k: v for k, v in asdict(cfg).items() if k not in ("source", "destination", "data_cache")},
-        "layers": [{"index": layer.index, "prefix": layer.prefix, **plan.layers[layer.index].to_dict(),
-                    "rank_loads": plan.layers[layer.index].rank_loads(plan.ep_size),
-                    "router_noise_on": plan.router_noise_on[layer.index],
-                    **({"split_tokens": plan.splits[layer.index].tokens_E.tolist(),
-                        "split_spread": plan.splits[layer.index].spread_E.tolist()}
-                       if layer.index in plan.splits else {})} for layer in source.moe_layers],
+        "layers": [_layer_record(plan, layer) for layer in source.moe_layers],
         "scores": plan.scores,
         **({"split_copies": plan.split_info} if plan.split_info else {}),
     }
+
+
+def _layer_record(plan: ExpansionPlan, layer: MoELayer) -> dict:
+    layer_plan = plan.layers[layer.index]
+    record = {"index": layer.index, "prefix": layer.prefix, **layer_plan.to_dict(),
+              "rank_loads": layer_plan.rank_loads(plan.ep_size), "router_noise_on": plan.router_noise_on[layer.index]}
+    split = plan.splits.get(layer.index)
+    if split is not None:
+        record.update(split_tokens=split.tokens_E.tolist(), split_spread=split.spread_E.tolist())
+    return record
 
 
 def write_expansion(cfg: ExpandConfig, plan: ExpansionPlan, record: dict, started: float, progress: bool) -> dict:
