@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT
 from ds_upcycle.errors import UserError
 from ds_upcycle.reproduce.config import load_config
+from ds_upcycle.reproduce.outdir import check_out_dir
 from ds_upcycle.reproduce.seeds import aggregate, seed_markdown
 from test_reproduce import MINI
 
@@ -58,6 +59,14 @@ def test_seeds_in_configs_and_on_the_command_line(tmp_path):
 
 
 @pytest.mark.slow
+def test_more_seeds_reuse_an_experiment_directory_another_config_is_refused(tmp_path):
+    check_out_dir(load_config("tiny", seeds=(0, 1)), tmp_path)
+    check_out_dir(load_config("tiny", seeds=(0, 1, 2)), tmp_path)  # one more seed: the same experiment
+    assert json.loads((tmp_path / "config.json").read_text())["seeds"] == [0, 1, 2]
+    with pytest.raises(UserError, match=r"different config \(total_steps differ\)"):
+        check_out_dir(load_config("tiny", seeds=(0, 1, 2), total_steps=2400), tmp_path)
+
+
 def test_two_seeds_end_to_end(tmp_path, data_cache):
     config = tmp_path / "mini.json"
     config.write_text(json.dumps({**MINI, "selection_cpt_fraction": None, "tasks": []}))

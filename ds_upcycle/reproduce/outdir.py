@@ -6,10 +6,14 @@ import json
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
+from ..atomic import write_json_atomic
 from ..errors import UserError
 from .config import ReproduceConfig
 
 CONFIG_FILE = "config.json"
+# Fields that say how many times the experiment runs, not what it is: adding a seed to a finished
+# set of seeds reuses their runs.
+REPETITION_FIELDS = {"seeds"}
 
 
 def check_out_dir(cfg: ReproduceConfig, out: Path) -> None:
@@ -22,9 +26,9 @@ def check_out_dir(cfg: ReproduceConfig, out: Path) -> None:
         # A field added to the config since that run, at its default value, is no difference.
         defaults = {f.name: f.default for f in fields(ReproduceConfig) if f.default is not MISSING}
         defaults = json.loads(json.dumps(defaults))
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k))
+        changed = sorted(k for k in (set(saved) | set(current)) - REPETITION_FIELDS
+                         if saved.get(k, defaults.get(k)) != current.get(k))
         if changed:
             raise UserError(f"{out} holds an experiment with a different config ({', '.join(changed)} differ); "
                             f"use another --out or the same config")
-        return
-    path.write_text(json.dumps(current, indent=2) + "\n")
+    write_json_atomic(path, current)
