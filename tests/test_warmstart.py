@@ -20,10 +20,10 @@ from conftest import ROOT, run_train, tiny_run_args, write_ds_config
 
 from ds_upcycle.data import DataConfig, prepare_data
 from ds_upcycle.errors import UserError
-from ds_upcycle.trained import RunData, load_model, validation_loss
+from ds_upcycle.trained import BATCH_SIZE, RunData, load_model, validation_loss
 from ds_upcycle.upcycle.config import ExpandConfig
 from ds_upcycle.upcycle.expand import expand_checkpoint
-from ds_upcycle.upcycle.warmstart import BATCH_SIZE, warm_start
+from ds_upcycle.upcycle.warmstart import warm_start
 
 pytestmark = pytest.mark.slow
 SAMPLES = 24

@@ -12,8 +12,7 @@ from pathlib import Path
 from ..atomic import write_json_atomic
 from ..checkpoint import find_checkpoint
 from ..evaluation.run import EvalConfig, run_eval
-from ..trained import RunData
-from ..upcycle.warmstart import checkpoint_loss
+from ..trained import RunData, checkpoint_loss
 from .experiment import Experiment
 
 

@@ -6,7 +6,8 @@ upcycling, evaluation, export): one loader (model.py), one description of a chec
 """
 
 from .data import RunData
-from .loss import validation_loss
+from .loss import BATCH_SIZE, checkpoint_loss, validation_loss
 from .model import LoadedModel, load_master_model, load_model
 
-__all__ = ["LoadedModel", "RunData", "load_master_model", "load_model", "validation_loss"]
+__all__ = ["BATCH_SIZE", "LoadedModel", "RunData", "checkpoint_loss", "load_master_model", "load_model",
+           "validation_loss"]

@@ -8,11 +8,17 @@ over ranks; in one process it scores them all.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 import torch.nn.functional as F
 
 from .. import comm
 from ..data import PackedSequences, validation_batches
+from ..errors import UserError
+from .model import load_model
+
+BATCH_SIZE = 8  # sequences per forward pass of checkpoint_loss; the sum over tokens does not depend on it
 
 
 @torch.no_grad()
@@ -29,3 +35,18 @@ def validation_loss(model: torch.nn.Module, data: PackedSequences, num_samples: 
     model.train(was_training)
     totals = comm.sum_over_world(totals.to(device)).cpu()
     return (totals[0] / totals[1]).item()
+
+
+def checkpoint_loss(path, data: PackedSequences, samples: int, batch_size: int = BATCH_SIZE) -> float:
+    """Validation loss of the checkpoint at `path`, rebuilt in one CPU process in fp32, on the first
+    `samples` sequences of `data`."""
+    loaded = load_model(path, "cpu", torch.float32)
+    vocab = loaded.model.cfg.vocab_size
+    used = data.tokens[:samples * data.seq_len + 1]  # the windows scored below
+    if int(used.max()) >= vocab:
+        raise UserError(f"the validation tokens exceed {path}'s vocabulary of {vocab}")
+    try:
+        return validation_loss(loaded.model, data, samples, batch_size)
+    finally:
+        del loaded
+        gc.collect()

@@ -8,16 +8,10 @@ the loss train.py reports.
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 
-import torch
-
-from ..data import PackedSequences
 from ..errors import UserError
-from ..trained import RunData, load_model, validation_loss
-
-BATCH_SIZE = 8  # sequences per forward pass; the sum over tokens does not depend on it
+from ..trained import RunData, checkpoint_loss
 
 
 @dataclass(frozen=True)
@@ -37,20 +31,6 @@ class WarmStart:
     def to_dict(self) -> dict:
         return {"source_loss": self.source_loss, "expanded_loss": self.expanded_loss,
                 "jump": self.jump, "samples": self.samples, "split": "val"}
-
-
-def checkpoint_loss(path, data: PackedSequences, samples: int) -> float:
-    """Validation loss of the checkpoint at `path` on the first `samples` sequences of `data`."""
-    loaded = load_model(path, "cpu", torch.float32)
-    vocab = loaded.model.cfg.vocab_size
-    used = data.tokens[:samples * data.seq_len + 1]  # the windows scored below
-    if int(used.max()) >= vocab:
-        raise UserError(f"the validation tokens exceed {path}'s vocabulary of {vocab}")
-    try:
-        return validation_loss(loaded.model, data, samples, BATCH_SIZE)
-    finally:
-        del loaded
-        gc.collect()
 
 
 def warm_start(source: RunData, expanded_path, samples: int = 64) -> WarmStart:
