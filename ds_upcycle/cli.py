@@ -7,12 +7,15 @@ should not pay.
 
 from __future__ import annotations
 
+import importlib.util
+
 import click
 
 from . import __version__
 from .config import PRESETS, count_parameters
 from .data import DataConfig, prepare_data
-from .errors import user_errors
+from .dtypes import EXPORT_DTYPES
+from .errors import UserError, user_errors
 from .evaluation.cli import compare_command, eval_command
 from .upcycle.config import ExpandConfig, parse_layers
 from .upcycle.operator import OPTIMIZER_STATE_MODES
@@ -109,6 +112,55 @@ def expand(source, destination, num_experts, multiplier, select, layers, distinc
         click.echo(f"wrote {result.destination / result.tag} in {result.manifest['seconds']:.1f} s")
         if result.warm_start is not None:
             click.echo(result.warm_start.describe())
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("out_dir", type=click.Path())
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(EXPORT_DTYPES),
+              help="precision of the written weights (the routing bias stays float32)")
+@click.option("--force", is_flag=True, help="replace a non-empty OUT_DIR")
+@user_errors
+def export_cmd(checkpoint, out_dir, dtype, force) -> None:
+    """Write CHECKPOINT as a transformers model directory OUT_DIR.
+
+    CHECKPOINT is a save directory with `latest` or a tag directory, any layout. OUT_DIR gets
+    config.json, safetensors weights, generation_config.json and the tokenizer, for
+    `AutoModelForCausalLM.from_pretrained(OUT_DIR)` and lm-eval's `hf` model; the transformers class
+    is the one that computes exactly what the checkpoint's model computes.
+    """
+    _require_transformers("export")
+    from .hf.export import export_checkpoint
+
+    result = export_checkpoint(checkpoint, out_dir, dtype=dtype, force=force)
+    click.echo(f"wrote {result.out_dir}: {result.family.architecture}, {dtype}, "
+               f"{len(result.weight_files)} weight file(s)")
+
+
+@main.command("import")
+@click.argument("hf_dir", type=click.Path())
+@click.argument("out_checkpoint", type=click.Path())
+@click.option("--force", is_flag=True, help="replace a non-empty OUT_CHECKPOINT")
+@user_errors
+def import_cmd(hf_dir, out_checkpoint, force) -> None:
+    """Write the transformers MoE model in HF_DIR as a DeepSpeed checkpoint OUT_CHECKPOINT.
+
+    HF_DIR is a local model directory (config.json, safetensors or .bin weights, its tokenizer).
+    The checkpoint has no optimizer state: `train.py --load OUT_CHECKPOINT` continues it on any
+    layout, and `ds-upcycle expand`, `eval` and `export` read it.
+    """
+    _require_transformers("import")
+    from .hf.importer import import_checkpoint
+
+    result = import_checkpoint(hf_dir, out_checkpoint, force=force)
+    cfg = result.config
+    click.echo(f"wrote {result.checkpoint} from {result.family.architecture}: {cfg.n_layers} layers, "
+               f"{cfg.num_experts} experts, top-{cfg.top_k}")
+
+
+def _require_transformers(command: str) -> None:
+    if importlib.util.find_spec("transformers") is None:
+        raise UserError(f"ds-upcycle {command} needs transformers: pip install 'ds-upcycle[hf]'")
 
 
 @main.command()

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from .errors import UserError
 
 SCORE_FUNCTIONS = ("sigmoid", "softmax")
+QK_NORMS = ("head", "proj")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class ModelConfig:
         n_layers: transformer blocks.
         n_heads: query heads; dim must be divisible by it.
         n_kv_heads: key/value heads (grouped-query attention); divides n_heads.
+        head_size: width of each attention head; None: dim // n_heads (released models such as
+            Qwen3-MoE use wider heads).
+        qk_norm: RMSNorm on queries and keys before RoPE: "head" normalises each head (Qwen3-MoE,
+            GLM-4 MoE), "proj" the whole query and key projections (OLMoE); None: no norm.
         dense_ffn_dim: SwiGLU width of the dense (non-MoE) feed-forward layers.
         expert_ffn_dim: SwiGLU width of each expert.
         num_experts: experts per MoE layer (E).
@@ -55,6 +60,8 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 2
+    head_size: int | None = None
+    qk_norm: str | None = None
     dense_ffn_dim: int = 768
     expert_ffn_dim: int = 384
     num_experts: int = 8
@@ -78,11 +85,15 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"model config: {name} must be a positive integer, got {value!r}")
-        if self.dim % self.n_heads:
+        if self.head_size is None and self.dim % self.n_heads:
             raise UserError(f"model config: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.head_size is not None and (not isinstance(self.head_size, int) or self.head_size < 1):
+            raise UserError(f"model config: head_size must be a positive integer, got {self.head_size!r}")
+        if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
+            raise UserError(f"model config: qk_norm must be one of {QK_NORMS} or none, got {self.qk_norm!r}")
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"model config: n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
-        if (self.dim // self.n_heads) % 2:
+        if self.head_dim % 2:
             raise UserError("model config: head dimension must be even for RoPE")
         if self.layer_experts is not None:
             # JSON gives a list; a tuple keeps the frozen config hashable.
@@ -115,7 +126,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.dim // self.n_heads if self.head_size is None else self.head_size
 
     @property
     def normalize_routes(self) -> bool:
@@ -239,7 +250,8 @@ def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
     """(total, active per token) parameter counts, computed from the config alone."""
     D, V = cfg.dim, cfg.vocab_size
     attention = D * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    norms = 2 * D
+    qk_norms = {"head": 2 * cfg.head_dim, "proj": cfg.head_dim * (cfg.n_heads + cfg.n_kv_heads)}
+    norms = 2 * D + qk_norms.get(cfg.qk_norm, 0)
     dense = 3 * D * cfg.dense_ffn_dim
     expert = 3 * D * cfg.expert_ffn_dim
     experts = cfg.experts_per_layer

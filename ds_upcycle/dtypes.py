@@ -7,6 +7,8 @@ import torch
 from .errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What `ds-upcycle export` writes: the precisions a checkpoint trains in.
+EXPORT_DTYPES = ("float32", "bfloat16")
 
 
 def parse_dtype(name: str) -> torch.dtype:

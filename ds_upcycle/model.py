@@ -5,7 +5,7 @@ Single-device code: the only parallel notion here is which experts this process 
 ZeRO and checkpoints are set up by the training script.
 
 Shape suffixes: B batch, T sequence, D hidden, H query heads, G key/value heads, Dh head dim,
-V vocabulary.
+V vocabulary, X a projection of all heads (H * Dh or G * Dh).
 """
 
 from __future__ import annotations
@@ -91,14 +91,19 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm is not None:
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = nn.RMSNorm(cfg.head_dim if per_head else cfg.n_heads * cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim if per_head else cfg.n_kv_heads * cfg.head_dim, eps=cfg.norm_eps)
 
     def forward(self, x_BTD: torch.Tensor, cos_TDh: torch.Tensor, sin_TDh: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
         """cache: (keys, values, mask, start) of this layer: the new keys and values are written
         at slots start..start+T and the queries attend to slots 0..start+T under `mask`."""
         B, T, _ = x_BTD.shape
-        q_BHTDh = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BGTDh = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BTHDh, k_BTGDh = self._normed_qk(self.wq(x_BTD), self.wk(x_BTD), B, T)
+        q_BHTDh, k_BGTDh = q_BTHDh.transpose(1, 2), k_BTGDh.transpose(1, 2)
         v_BGTDh = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q_BHTDh, k_BGTDh = apply_rope(q_BHTDh, cos_TDh, sin_TDh), apply_rope(k_BGTDh, cos_TDh, sin_TDh)
         gqa = self.n_heads != self.n_kv_heads
@@ -112,6 +117,16 @@ class Attention(nn.Module):
                                                        values_BGSDh[:, :, :start + T], attn_mask=mask_B1TS,
                                                        enable_gqa=gqa)
         return self.wo(out_BHTDh.transpose(1, 2).reshape(B, T, -1))
+
+    def _normed_qk(self, q_BTX: torch.Tensor, k_BTX: torch.Tensor, B: int, T: int):
+        """Queries [B, T, H, Dh] and keys [B, T, G, Dh], through the q/k norms if the model has them."""
+        if self.qk_norm == "proj":
+            q_BTX, k_BTX = self.q_norm(q_BTX), self.k_norm(k_BTX)
+        q_BTHDh = q_BTX.view(B, T, self.n_heads, self.head_dim)
+        k_BTGDh = k_BTX.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q_BTHDh, k_BTGDh = self.q_norm(q_BTHDh), self.k_norm(k_BTGDh)
+        return q_BTHDh, k_BTGDh
 
 
 class Block(nn.Module):

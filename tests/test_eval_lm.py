@@ -1,6 +1,7 @@
 """The lm-eval model class against direct forward passes of the same tokens."""
 
 import pytest
+import sentencepiece as spm
 import torch
 
 from ds_upcycle.evaluation.lm_model import UpcycleLM
@@ -28,7 +29,7 @@ def ll_requests():
 @torch.no_grad()
 def direct_loglikelihood(lm, context: str, continuation: str) -> tuple[float, bool]:
     """One unbatched forward pass over the last max_length + 1 tokens of context + continuation."""
-    sp = lm.sp
+    sp = spm.SentencePieceProcessor(model_file=str(lm.tok.path))  # the tokenizer itself, not our wrapper
     if context:
         context_ids = sp.encode(context)
         cont_ids = sp.encode(context + continuation)[len(context_ids):]
@@ -68,7 +69,7 @@ def test_results_do_not_depend_on_batch_size(checkpoint, lm):
 @torch.no_grad()
 def test_rolling_loglikelihood_of_a_short_document(lm):
     text = "from the gikaki records: gole: roka lolu."
-    tokens = lm.sp.encode(text)
+    tokens = lm.tok.encode(text)
     assert len(tokens) < SEQ_LEN
     logits, _ = lm.model(torch.tensor([[lm.eot_token_id] + tokens[:-1]]))
     expected = logits[0].log_softmax(-1).gather(1, torch.tensor(tokens)[:, None]).sum().item()
@@ -91,7 +92,7 @@ def greedy_oracle(lm, prompt: list[int], steps: int) -> list[int]:
 
 
 def test_generation_matches_greedy_oracle_with_and_without_cache_at_any_batch_size(lm):
-    prompts = [lm.sp.encode(c) for c in CONTEXTS]
+    prompts = [lm.tok.encode(c) for c in CONTEXTS]
     expected = [greedy_oracle(lm, p, 12) for p in prompts]
     try:
         for kv_cache in (True, False):
@@ -104,7 +105,7 @@ def test_generation_matches_greedy_oracle_with_and_without_cache_at_any_batch_si
 
 def test_generation_stops_at_max_gen_toks_and_at_stop_strings(lm):
     context = CONTEXTS[0]
-    prompt = lm.sp.encode(context)
+    prompt = lm.tok.encode(context)
     oracle = greedy_oracle(lm, prompt, 20)
     assert len(oracle) == 20  # no EOS early on: the limit is what stops it
     kwargs = {"until": [], "max_gen_toks": 7, "do_sample": False}
@@ -145,8 +146,8 @@ def test_continuation_longer_than_the_window_is_scored_in_pieces(lm, caplog):
     # endings against a seq_len-128 model): every continuation token is scored, each piece of 32
     # conditioned on the 32 tokens before it, and one warning counts the requests that were cut.
     context, continuation = "from the gikaki records:", " roka lolu, leku gole" * 16
-    context_ids = lm.sp.encode(context)
-    cont_ids = lm.sp.encode(context + continuation)[len(context_ids):]
+    context_ids = lm.tok.encode(context)
+    cont_ids = lm.tok.encode(context + continuation)[len(context_ids):]
     assert len(cont_ids) > 3 * SEQ_LEN
     expected, expected_greedy = 0.0, True
     for start in range(0, len(cont_ids), SEQ_LEN):

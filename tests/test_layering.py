@@ -18,7 +18,7 @@ LAYERS = {
     "model": 3,
     "checkpoint": 4,
     "trained": 5,
-    "training": 6, "upcycle": 6, "evaluation": 6,
+    "training": 6, "upcycle": 6, "evaluation": 6, "hf": 6,
     "eval": 7, "reproduce": 7,  # eval: lm-eval task folders whose code calls evaluation/
     "cli": 8, "lm_eval": 8,
 }

@@ -7,15 +7,17 @@ layout-independent state, and writes it for the target data-parallel size and ep
 (`write_checkpoint`).
 """
 
+from .fresh import fresh_state
 from .metrics import MetricsLog, read_metrics
 from .model_file import read_module_weights
 from .reader import read_checkpoint
-from .run_record import RUN_FILE, TOKENIZER_FILE, CheckpointRef, find_checkpoint, latest_checkpoint, write_run_files
+from .run_record import (IMPORTED_KEY, OPTIMIZER_STATE_KEY, RUN_FILE, CheckpointRef, find_checkpoint,
+                         latest_checkpoint, write_run_files)
 from .state import (CheckpointMeta, CheckpointReader, CheckpointSource, CheckpointState, MoELayer, NonExpertState,
                     ParamGroup, ParamState, load_state, named_param_states)
 from .writer import write_checkpoint
 
-__all__ = ["RUN_FILE", "TOKENIZER_FILE", "CheckpointMeta", "CheckpointReader", "CheckpointRef", "CheckpointSource",
+__all__ = ["IMPORTED_KEY", "OPTIMIZER_STATE_KEY", "RUN_FILE", "CheckpointMeta", "CheckpointReader", "CheckpointRef", "CheckpointSource",
            "CheckpointState", "MetricsLog", "MoELayer", "NonExpertState", "ParamGroup", "ParamState",
-           "find_checkpoint", "latest_checkpoint", "load_state", "named_param_states", "read_checkpoint",
+           "find_checkpoint", "fresh_state", "latest_checkpoint", "load_state", "named_param_states", "read_checkpoint",
            "read_metrics", "read_module_weights", "write_checkpoint", "write_run_files"]

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from deepspeed.checkpoint.constants import DS_VERSION
 
+from ..data.tokenizer import find_tokenizer
 from ..errors import UserError
 from .files import load_file
 from .names import MODEL_FILE, MODEL_STATES, ZERO3_MODEL_FILE, ZERO_FILE, expert_file, split_expert_param
-from .run_record import RUN_FILE, TOKENIZER_FILE, read_run_info
+from .run_record import RUN_FILE, read_run_info
 
 # Model-file entries the writer recomputes for the target layout or takes from CheckpointMeta.
 RECOMPUTED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "shared_params", "lr_scheduler",
@@ -41,14 +42,14 @@ def open_model_file(tag_dir: Path) -> dict:
 
 def common_meta(model: dict, tag_dir: Path) -> dict:
     """CheckpointMeta fields that every format reads the same way from its model file."""
-    tokenizer = tag_dir / TOKENIZER_FILE
+    tokenizer = find_tokenizer(tag_dir)
     return dict(
         global_steps=model["global_steps"], global_samples=model.get("global_samples", 0),
         skipped_steps=model.get("skipped_steps", 0), lr_scheduler=model.get("lr_scheduler"),
         client_state={k: v for k, v in model.items() if k not in DEEPSPEED_KEYS},
         ds_config=model["ds_config"], ds_version=model[DS_VERSION],
         model_extras={k: model[k] for k in DEEPSPEED_KEYS - RECOMPUTED_KEYS if k in model},
-        run_info=read_run_info(tag_dir / RUN_FILE), tokenizer=tokenizer if tokenizer.is_file() else None,
+        run_info=read_run_info(tag_dir / RUN_FILE), tokenizer=tokenizer,
         source=tag_dir)
 
 

@@ -2,7 +2,8 @@
 
 A checkpoint tag directory written by train.py holds DeepSpeed's own files plus:
     ds_upcycle.json   model config (rebuilds the model), data and run settings
-    tokenizer.model   the SentencePiece model its token ids refer to
+    tokenizer.model   the SentencePiece model its token ids refer to (or tokenizer.json and
+                      tokenizer_config.json, a Hugging Face tokenizer)
 Training position (data split and samples consumed) travels in DeepSpeed's client state; the save
 directory above the tag holds `latest` and metrics.jsonl (metrics.py).
 """
@@ -11,17 +12,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_json_atomic
 from ..config import ModelConfig
+from ..data.tokenizer import copy_tokenizer, find_tokenizer
 from ..errors import UserError
 from .names import MODEL_STATES
 
 RUN_FILE = "ds_upcycle.json"
-TOKENIZER_FILE = "tokenizer.model"
+# Run-record keys of a checkpoint imported from a transformers model: the family it came from, and
+# `false` for a checkpoint whose optimizer holds no state (train.py then loads module weights only).
+IMPORTED_KEY = "imported_from"
+OPTIMIZER_STATE_KEY = "optimizer_state"
 
 
 def read_run_info(path: Path) -> dict | None:
@@ -62,9 +66,12 @@ class CheckpointRef:
         return ModelConfig.from_dict(self.run_info["model"])
 
     @property
+    def has_optimizer_state(self) -> bool:
+        return self.run_info.get(OPTIMIZER_STATE_KEY, True) is not False
+
+    @property
     def tokenizer(self) -> Path | None:
-        file = self.path / TOKENIZER_FILE
-        return file if file.is_file() else None
+        return find_tokenizer(self.path)
 
 
 def find_checkpoint(path: str | os.PathLike) -> CheckpointRef:
@@ -92,5 +99,5 @@ def latest_checkpoint(save_dir: str | os.PathLike | None) -> CheckpointRef | Non
 
 def write_run_files(tag_dir: Path, model: ModelConfig, tokenizer: Path, metadata: dict) -> None:
     tag_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tokenizer, tag_dir / TOKENIZER_FILE)
+    copy_tokenizer(tokenizer, tag_dir)
     write_json_atomic(tag_dir / RUN_FILE, {"model": model.to_dict(), **metadata})

@@ -86,7 +86,7 @@ class CheckpointMeta:
     shared_params: dict[str, str]   # tied parameter name -> the name that holds the tensor
     model_extras: dict              # other DeepSpeed model-file entries, copied verbatim
     run_info: dict | None = None    # ds_upcycle.json (model config, run metadata)
-    tokenizer: Path | None = None   # tokenizer.model of the tag directory
+    tokenizer: Path | None = None   # tokenizer file of the tag directory
     source: Path | None = None      # tag directory it was read from
 
 

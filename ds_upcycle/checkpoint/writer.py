@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -25,11 +24,12 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
 from ..atomic import write_json_atomic, write_text_atomic
+from ..data.tokenizer import copy_tokenizer
 from ..errors import UserError
 from .files import open_for_filling, save_file, save_skeleton, staging_dir
 from .layout import FlatGroup, Fragment, flat_group, split_moe_group
 from .names import MODEL_STATES, expert_file, zero_file
-from .run_record import RUN_FILE, TOKENIZER_FILE
+from .run_record import RUN_FILE
 from .stage0 import prepare_stage0_files
 from .state import MOMENTS, CheckpointSource, MoELayer, NonExpertState, ParamState
 
@@ -81,7 +81,7 @@ def write_checkpoint(state: CheckpointSource, dst_dir: str | os.PathLike, tag: s
         if info is not None:
             write_json_atomic(tag_dir / RUN_FILE, info)
         if meta.tokenizer is not None:
-            shutil.copyfile(meta.tokenizer, tag_dir / TOKENIZER_FILE)
+            copy_tokenizer(meta.tokenizer, tag_dir)
 
     if dst_dir.exists():
         with staging_dir(dst_dir / tag) as tmp:

@@ -1,7 +1,7 @@
 """Turn a text source into tokenized, split token files (cached, written atomically).
 
 Layout of a prepared data directory:
-    tokenizer.model                the SentencePiece model the tokens were made with
+    tokenizer.model or .json       the tokenizer the tokens were made with (SentencePiece or Hugging Face)
     pretrain.bin, cpt.bin, val.bin documents of that split, each followed by EOS, as uint16/uint32
     meta.json                      source, split fractions, token and document counts
 
@@ -23,7 +23,8 @@ import numpy as np
 
 from ..errors import UserError
 from .sources import TextSource, resolve_source
-from .tokenizer import EOS_ID, TRAINING_SETTINGS, file_digest, load_tokenizer, train_tokenizer
+from .tokenizer import (TRAINING_SETTINGS, Tokenizer, copy_tokenizer, find_tokenizer, load_tokenizer, tokenizer_digest,
+                        tokenizer_file, train_tokenizer)
 
 SPLITS = ("pretrain", "cpt", "val")
 
@@ -92,7 +93,7 @@ class PreparedData:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.path / "tokenizer.model"
+        return find_tokenizer(self.path)
 
     @property
     def meta(self) -> dict:
@@ -131,17 +132,16 @@ def _trained_tokenizer(source: TextSource, cfg: DataConfig, cache: Path) -> Path
     return final / "tokenizer.model"
 
 
-def _tokenize(source: TextSource, cfg: DataConfig, tokenizer_path: Path, out: Path) -> dict:
-    sp = load_tokenizer(tokenizer_path)
-    dtype = np.uint16 if sp.get_piece_size() <= np.iinfo(np.uint16).max else np.uint32
+def _tokenize(source: TextSource, cfg: DataConfig, tokenizer: Tokenizer, out: Path) -> dict:
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32
     files = {split: open(out / f"{split}.bin", "wb") for split in SPLITS}
     counts = {split: {"documents": 0, "tokens": 0} for split in SPLITS}
     batch: list[tuple[str, str]] = []
 
     def flush() -> None:
-        ids = sp.encode([doc for _, doc in batch], num_threads=os.cpu_count() or 1)
+        ids = tokenizer.encode_batch([doc for _, doc in batch])
         for (split, _), doc_ids in zip(batch, ids):
-            arr = np.asarray(doc_ids + [EOS_ID], dtype=dtype)
+            arr = np.asarray(doc_ids + [tokenizer.eos_id], dtype=dtype)
             files[split].write(arr.tobytes())
             counts[split]["documents"] += 1
             counts[split]["tokens"] += len(arr)
@@ -157,7 +157,7 @@ def _tokenize(source: TextSource, cfg: DataConfig, tokenizer_path: Path, out: Pa
     finally:
         for f in files.values():
             f.close()
-    return {"dtype": np.dtype(dtype).name, "vocab_size": sp.get_piece_size(), "splits": counts}
+    return {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size, "splits": counts}
 
 
 def prepare_data(cfg: DataConfig, tokenizer: str | Path | None = None) -> PreparedData:
@@ -168,13 +168,12 @@ def prepare_data(cfg: DataConfig, tokenizer: str | Path | None = None) -> Prepar
     """
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     source = resolve_source(cfg.source, cfg.text_field)
-    tokenizer_path = Path(tokenizer or cfg.tokenizer or _trained_tokenizer(source, cfg, cache))
+    tokenizer_path = tokenizer_file(tokenizer or cfg.tokenizer or _trained_tokenizer(source, cfg, cache))
     load_tokenizer(tokenizer_path)  # fail early on a bad file
-    final = cache / f"data-{_key(source.identity, cfg.split_params(), file_digest(tokenizer_path))}"
+    final = cache / f"data-{_key(source.identity, cfg.split_params(), tokenizer_digest(tokenizer_path))}"
     if not (final / "meta.json").is_file():
         tmp = _atomic_dir(final)
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-        meta = _tokenize(source, cfg, tmp / "tokenizer.model", tmp)
+        meta = _tokenize(source, cfg, load_tokenizer(copy_tokenizer(tokenizer_path, tmp)), tmp)
         meta.update(source=source.description, split_params=cfg.split_params(),
                     data_config=asdict(cfg))
         empty = [s for s in SPLITS if meta["splits"][s]["tokens"] == 0]

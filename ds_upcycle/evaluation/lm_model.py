@@ -12,7 +12,6 @@ EOS, so EOS is the "start of text" token that conditions an empty context.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from ..data.tokenizer import load_tokenizer
+from ..data.tokenizer import HFTokenizer, load_tokenizer, tokenizer_digest
 from ..dtypes import parse_dtype
 from ..errors import UserError
 from ..model import KVCache, Transformer
@@ -87,12 +86,11 @@ class UpcycleLM(TemplateLM):
             model = model.to(device).eval()
             self.checkpoint = None
         if tokenizer is None:
-            raise UserError("a model given directly needs its tokenizer (a SentencePiece model file)")
+            raise UserError("a model given directly needs its tokenizer (a SentencePiece model or tokenizer.json)")
         if max_length is None:
             raise UserError("max_length is unknown: the checkpoint records no data.seq_len; pass max_length")
         self.model = model
-        self.sp = load_tokenizer(tokenizer)
-        self.tokenizer_path = Path(tokenizer)
+        self.tok = load_tokenizer(tokenizer)
         self._device = device
         self._max_length = _positive_int("max_length", max_length)
         self._max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
@@ -105,7 +103,7 @@ class UpcycleLM(TemplateLM):
     # ------------------------------------------------------------------ what lm-eval asks about
     @property
     def eot_token_id(self) -> int:
-        return self.sp.eos_id()
+        return self.tok.eos_id
 
     @property
     def max_length(self) -> int:
@@ -125,7 +123,8 @@ class UpcycleLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return "sentencepiece-" + hashlib.sha256(self.tokenizer_path.read_bytes()).hexdigest()[:16]
+        kind = "hf-tokenizer" if isinstance(self.tok, HFTokenizer) else "sentencepiece"
+        return f"{kind}-{tokenizer_digest(self.tok.path)[:16]}"
 
     def get_model_info(self) -> dict:
         return {"checkpoint": self.checkpoint, "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
@@ -133,10 +132,10 @@ class UpcycleLM(TemplateLM):
                 "kv_cache": self.kv_cache}
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.sp.encode(string)
+        return self.tok.encode(string)
 
     def tok_decode(self, tokens: list[int], **kwargs) -> str:
-        return self.sp.decode(list(tokens))
+        return self.tok.decode(list(tokens))
 
     def decode_continuation(self, context: list[int], continuation: list[int]) -> str:
         """Text of `continuation` as it reads after `context`.
@@ -146,10 +145,10 @@ class UpcycleLM(TemplateLM):
         last token and keep what that token did not contribute.
         """
         if not context:
-            return self.sp.decode(continuation)
-        head = self.sp.decode(context[-1:])
-        full = self.sp.decode(context[-1:] + continuation)
-        return full[len(head):] if full.startswith(head) else self.sp.decode(continuation)
+            return self.tok.decode(continuation)
+        head = self.tok.decode(context[-1:])
+        full = self.tok.decode(context[-1:] + continuation)
+        return full[len(head):] if full.startswith(head) else self.tok.decode(continuation)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()

@@ -35,7 +35,7 @@ class RunData:
         if "model" not in info:
             raise UserError(f"{record} records no model config")
         if self.ref.tokenizer is None:
-            raise UserError(f"{self.ref.path} has no tokenizer.model to turn its text into token ids")
+            raise UserError(f"{self.ref.path} has no tokenizer to turn its text into token ids")
         known = {f.name for f in fields(DataConfig)}
         settings = {k: v for k, v in data.items() if k in known and k not in ("cache_dir", "tokenizer")}
         self.config = DataConfig(**settings, cache_dir=cache_dir)

@@ -39,7 +39,7 @@ def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype = to
     info = ref.run_info
     cfg = ref.model_config
     if ref.tokenizer is None:
-        raise UserError(f"{ref.path} has no tokenizer.model: cannot turn text into its token ids")
+        raise UserError(f"{ref.path} has no tokenizer: cannot turn text into its token ids")
     state = read_module_weights(ref.path)
     # Built on the meta device: the weights come from the file, so random init would be wasted work.
     with torch.device("meta"):

@@ -16,7 +16,8 @@ from ..config import ModelConfig
 from ..errors import UserError
 
 # Model fields that set the shape of a weight: a checkpoint's weights cannot take another value.
-SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "dense_ffn_dim", "expert_ffn_dim",
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_size", "qk_norm", "dense_ffn_dim",
+                "expert_ffn_dim",
                 "num_experts", "layer_experts", "moe_layer_freq", "tie_embeddings")
 
 SCHEDULE_FLAGS = {"total": "--steps", "warmup": "--warmup-steps", "decay_fraction": "--decay-fraction",

@@ -18,7 +18,7 @@ from .. import __version__, comm
 from ..checkpoint import CheckpointRef, MetricsLog, find_checkpoint, latest_checkpoint, write_run_files
 from ..config import ModelConfig, parse_overrides, resolve_model_config
 from ..data import BatchOrder, DataConfig, PackedSequences, PreparedData, prepare_data
-from ..data.tokenizer import file_digest
+from ..data.tokenizer import tokenizer_digest
 from ..errors import UserError
 from ..model import Transformer
 from ..moe.balance import balance_routers
@@ -91,7 +91,7 @@ def _check_tokenizer(data_cfg: DataConfig, vocab_size: int | None, start: Checkp
     """A model keeps the tokenizer its token ids mean: the checkpoint's, never another."""
     if start.tokenizer is None:
         return
-    if data_cfg.tokenizer and file_digest(data_cfg.tokenizer) != file_digest(start.tokenizer):
+    if data_cfg.tokenizer and tokenizer_digest(data_cfg.tokenizer) != tokenizer_digest(start.tokenizer):
         raise UserError(f"--tokenizer {data_cfg.tokenizer} is not the tokenizer of checkpoint {start.path}, "
                         f"whose token ids the model was trained on; drop --tokenizer")
     recorded = start.run_info.get("data", {}).get("vocab_size")
@@ -147,15 +147,18 @@ def _restore(engine, schedule: WSDSchedule, start: CheckpointRef, resuming: bool
     """
     wanted_schedule = _stage_settings(cfg, schedule.peak_lrs)
     wanted_hyperparameters = hyperparameters(schedule.optimizer)
+    # A checkpoint without optimizer state (imported from transformers) gives its module weights only:
+    # they fit any layout and precision, and the fp32 masters are refreshed from them.
+    module_only = not start.has_optimizer_state
     try:
-        load_path, client = engine.load_checkpoint(str(start.save_dir), tag=start.tag)
+        load_path, client = engine.load_checkpoint(str(start.save_dir), tag=start.tag, load_module_only=module_only)
     except Exception as err:  # DeepSpeed raises assorted types for layout mismatches
         raise UserError(f"cannot load {start.path} on this layout (world size {comm.world_size()}, "
                         f"ep_size {cfg.ep_size}): {str(err).splitlines()[0]}") from None
     if load_path is None:
         raise UserError(f"DeepSpeed found no checkpoint in {start.path}")
     saved = Position(**client.get("ds_upcycle", {}).get("position", {"split": cfg.split}))
-    new_stage = cfg.fresh_schedule and not resuming
+    new_stage = (cfg.fresh_schedule or module_only) and not resuming
     changes = reapply_hyperparameters(schedule.optimizer, wanted_hyperparameters)
     if new_stage:
         schedule.start_stage(**wanted_schedule)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..checkpoint import CheckpointReader
 from ..checkpoint.names import split_expert_param
 from ..data.sources import resolve_source
-from ..data.tokenizer import EOS_ID, load_tokenizer
+from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
 from ..trained import RunData, load_master_model
 from .scores import GradientStats, expert_score
@@ -217,12 +217,12 @@ def calibration_data(run: RunData, spec: str, num_windows: int) -> CalibrationDa
         description = f"{SOURCE_SPLIT} split of the source's training data ({run.config.source})"
     else:
         text = resolve_source(spec, run.text_field)
-        sp = load_tokenizer(run.tokenizer)
+        tokenizer = load_tokenizer(run.tokenizer)
         pieces, have = [], 0
         for doc in text.documents():
             if not doc.strip():
                 continue
-            ids = sp.encode(doc) + [EOS_ID]
+            ids = tokenizer.encode(doc) + [tokenizer.eos_id]
             pieces.append(np.asarray(ids, dtype=np.int64))
             have += len(ids)
             if have >= needed:

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..atomic import write_json_atomic
+from ..atomic import check_destination, swap_into_place, write_json_atomic
 from ..checkpoint import (CheckpointReader, CheckpointSource, MoELayer, NonExpertState, ParamState, read_checkpoint,
                           write_checkpoint)
 from ..errors import UserError
@@ -300,7 +300,7 @@ def write_expansion(cfg: ExpandConfig, plan: ExpansionPlan, record: dict, starte
         written = {**record, "seconds": round(time.perf_counter() - started, 3),
                    "checksums": _checksums(out_dir / plan.tag)}
         write_json_atomic(out_dir / plan.tag / MANIFEST, written)
-        _swap_into_place(out_dir, dst)
+        swap_into_place(out_dir, dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return written
@@ -319,7 +319,7 @@ def expand_checkpoint(cfg: ExpandConfig, dry_run: bool = False, progress: bool =
     """Expand (or, with multiplier 1, reshard) cfg.source into cfg.destination."""
     started = time.perf_counter()
     source, run = open_source(cfg)
-    _prepare_destination(Path(cfg.destination), cfg.force)
+    check_destination(Path(cfg.destination), cfg.force)
     plan = plan_expansion(cfg, source, run)
     record = manifest(cfg, plan)
     if dry_run:
@@ -346,25 +346,6 @@ def _checksums(tag_dir: Path) -> dict[str, str]:
     # hashlib releases the GIL on large blocks, so files hash in parallel on all cores.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return dict(zip((p.name for p in files), pool.map(_sha256, files)))
-
-
-def _prepare_destination(dst: Path, force: bool) -> None:
-    if dst.exists() and not dst.is_dir():
-        raise UserError(f"destination {dst} exists and is not a directory")
-    if dst.exists() and any(dst.iterdir()) and not force:
-        raise UserError(f"destination {dst} is not empty; pass --force to replace it")
-
-
-def _swap_into_place(new: Path, dst: Path) -> None:
-    """Rename the finished output to dst; an existing dst (only with --force) goes only after that."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if not dst.exists():
-        new.rename(dst)
-        return
-    old = dst.with_name(f".{dst.name}.replaced-{os.getpid()}")
-    dst.rename(old)
-    new.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class ProgressSource:

@@ -2,7 +2,8 @@
 
     [deepspeed --num_gpus N] checkpoint_worker.py --ep-size P JOBS.json
 
-JOBS.json is a list of {"ckpt", "ds_config", "dump", "resave" (or null), "step" (bool)}. For each
+JOBS.json is a list of {"ckpt", "ds_config", "dump", "resave" (or null), "step" (bool), "scheduler"
+(bool, default true: false for a checkpoint saved without an LR scheduler)}. For each
 job every rank builds the model the checkpoint describes, loads it, and writes `<dump>.rank<r>.pt`:
 every parameter's fp32 master weight and Adam moments through DeepSpeed's own accessors
 (safe_get_full_*), module weights and buffers under layout-independent names, and the restored
@@ -37,6 +38,7 @@ def full_state(engine, model: Transformer) -> dict:
                               "exp_avg_sq": state[param]["exp_avg_sq"].clone(), "module": param.detach().clone()}
                 for name, param in model.named_parameters()}
     optimizer = engine.optimizer
+    with_moments = bool(optimizer.optimizer.state)  # none before the first step
     # DeepSpeed 0.19.8 links optimizer-state fragments once, when only the first group has state;
     # relink so expert groups (later groups) are visible to safe_get_full_optimizer_state.
     optimizer._hp_optimizer_states_linked = False
@@ -45,8 +47,8 @@ def full_state(engine, model: Transformer) -> dict:
     for name, param in model.named_parameters():  # same order on every rank: the getters are collectives
         params[names[name]] = {
             "fp32": safe_get_full_fp32_param(param).detach().cpu().clone(),
-            "exp_avg": safe_get_full_optimizer_state(param, "exp_avg").detach().cpu().clone(),
-            "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq").detach().cpu().clone(),
+            **({key: safe_get_full_optimizer_state(param, key).detach().cpu().clone()
+                for key in ("exp_avg", "exp_avg_sq")} if with_moments else {}),
             "module": param.detach().cpu().clone(),
         }
     return params
@@ -69,23 +71,24 @@ def run_job(job: dict, ep_size: int, index: int) -> None:
     cfg = ref.model_config
     model = Transformer(cfg, ep_size=ep_size, ep_rank=comm.rank() % ep_size)
     ds_config = json.loads(Path(job["ds_config"]).read_text())
-    schedule_fn = partial(WSDSchedule, total=1)
+    schedule_fn = partial(WSDSchedule, total=1) if job.get("scheduler", True) else None
     engine, _, _, schedule = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                   config=ds_config, lr_scheduler=schedule_fn)
     load_path, client = engine.load_checkpoint(str(ref.save_dir), tag=ref.tag)
     assert load_path is not None, f"nothing loaded from {ref.path}"
+    if job.get("resave"):  # before full_state: reading the moments links (empty) optimizer states
+        engine.save_checkpoint(job["resave"], tag=ref.tag, client_state={"ds_upcycle": client["ds_upcycle"]})
     dump = {
         "params": full_state(engine, model),
         "buffers": {name: buf.clone() for name, buf in model.state_dict().items() if "route_bias" in name},
         "global_steps": engine.global_steps,
-        "lr_scheduler": schedule.state_dict(),
+        "lr_scheduler": schedule.state_dict() if schedule is not None else None,
         "client": client.get("ds_upcycle"),
         # ZeRO: one state per flat group; without ZeRO: one per parameter.
-        "step": [float(s["step"]) for s in getattr(engine.optimizer, "optimizer", engine.optimizer).state.values()],
+        "step": [float(s["step"]) for s in getattr(engine.optimizer, "optimizer", engine.optimizer).state.values()
+                 if "step" in s],
         "num_experts": cfg.num_experts,
     }
-    if job.get("resave"):
-        engine.save_checkpoint(job["resave"], tag=ref.tag, client_state={"ds_upcycle": client["ds_upcycle"]})
     if job.get("step"):
         schedule.start_stage(10, 0, 0.1, 0.0, schedule.peak_lrs)  # the saved stage ended at LR 0
         dump["train_step"] = training_step(engine, model, index)

@@ -1,0 +1,82 @@
+"""A model's weights as the checkpoint DeepSpeed saves before the optimizer's first step.
+
+What `engine.save_checkpoint` writes right after `deepspeed.initialize` with torch's AdamW: module
+weights, fp32 master weights equal to them, and no Adam moments. Built from a state dict alone (no
+process group, no engine), so that weights converted from elsewhere (a transformers model) become a
+state the writer lays out for any target; the stock-DeepSpeed tests check it against DeepSpeed's own
+save.
+"""
+
+from __future__ import annotations
+
+import deepspeed
+import torch
+from deepspeed.checkpoint.constants import CLIP_GRAD, LOSS_SCALER
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+from ..errors import UserError
+from .names import split_expert_param
+from .state import CheckpointMeta, CheckpointState, MoELayer, NonExpertState, ParamGroup, ParamState
+
+_ADAM_ONLY_KEYS = ("torch_adam", "adam_w_mode")  # DeepSpeed's switches, not torch hyperparameters
+
+
+def adamw_hypers(ds_config: dict) -> dict:
+    """The hyperparameters torch.optim.AdamW gives a parameter group under this DeepSpeed config."""
+    optimizer = ds_config.get("optimizer", {})
+    params = dict(optimizer.get("params", {}))
+    if optimizer.get("type", "").lower() != "adamw" or not params.get("torch_adam"):
+        raise UserError("a checkpoint before the first step is written for torch's AdamW "
+                        "(optimizer type AdamW with torch_adam true) only")
+    for key in _ADAM_ONLY_KEYS:
+        params.pop(key, None)
+    group = torch.optim.AdamW([torch.zeros(1)], **params).param_groups[0]
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def fresh_state(state: dict[str, torch.Tensor], param_names: list[str], shared_params: dict[str, str],
+                ds_config: dict, client_state: dict, run_info: dict | None = None,
+                tokenizer=None) -> CheckpointState:
+    """The checkpoint state of a model before its first optimizer step, on one process (ep_size 1).
+
+    state: the module's state dict, in module order; param_names: its parameters in
+    `named_parameters()` order (the optimizer's order); shared_params: tied names -> the name
+    that holds the tensor. Every other state entry is a persistent buffer.
+    """
+    params = set(param_names)
+    buffers = {n: t for n, t in state.items() if n not in params and n not in shared_params}
+    layers, experts = _moe_layers(state, param_names)
+    hypers = adamw_hypers(ds_config)
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    dense = [n for n in param_names if split_expert_param(n) is None]
+    meta = CheckpointMeta(
+        global_steps=0, global_samples=0, skipped_steps=0, lr_scheduler=None, client_state=client_state,
+        ds_config=ds_config, ds_version=deepspeed.__version__, zero_stage=stage, dp_world_size=1, ep_size=1,
+        module_dtype=torch.float32, optimizer_step=None,
+        dense_groups=[ParamGroup({"name": "dense-params", **hypers}, dense)],
+        expert_hypers={"name": "ep_size_1", "moe": True, **hypers} if layers else None,
+        optimizer_extras={LOSS_SCALER: LossScaler(1.0), "dynamic_loss_scale": False, "overflow": False,
+                          CLIP_GRAD: float(ds_config.get("gradient_clipping", 0.0))} if stage else {},
+        module_keys=[n for n in state if split_expert_param(n) is None], buffer_names=list(buffers),
+        shared_params=dict(shared_params),
+        model_extras={"data_sampler": None, "random_ltd": None, "mp_world_size": 1, "ds_autoep_layers": None,
+                      "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": 1}},
+        run_info=run_info, tokenizer=tokenizer)
+    non_expert = NonExpertState({n: ParamState(state[n].float()) for n in dense}, buffers)
+    return CheckpointState(meta, layers, non_expert, experts)
+
+
+def _moe_layers(state: dict[str, torch.Tensor], param_names: list[str]):
+    """MoE layers in module order, and every expert's parameters by (layer, global expert id)."""
+    by_prefix: dict[str, list[tuple[int, str, str]]] = {}
+    for name in param_names:
+        parts = split_expert_param(name)
+        if parts is not None:
+            by_prefix.setdefault(parts[0], []).append((parts[1], parts[2], name))
+    layers, experts = [], {}
+    for index, (prefix, entries) in enumerate(by_prefix.items()):
+        shapes = {suffix: state[name].shape for expert, suffix, name in entries if expert == 0}
+        layers.append(MoELayer(index, prefix, max(e for e, _, _ in entries) + 1, shapes))
+        for expert, suffix, name in entries:
+            experts.setdefault((index, expert), {})[suffix] = ParamState(state[name].float())
+    return layers, experts
