@@ -98,8 +98,8 @@ def _validation_loss(ref: CheckpointRef, step: int | None) -> float | None:
 
 def _loss_data(ref: CheckpointRef, cfg: EvalConfig) -> PackedSequences | None:
     """The split to measure the loss on, prepared before the (long) evaluation; None to skip."""
-    if not cfg.val_samples or not ref.run_info.get("data"):
-        return None
+    if not cfg.val_samples or not ref.run_info.get("data", {}).get("source"):
+        return None  # no data of its own (an imported model): no loss to measure
     return RunData(ref, cfg.data_cache).split(cfg.val_split)
 
 

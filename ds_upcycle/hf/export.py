@@ -41,9 +41,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
     """Write `checkpoint` (save dir or tag dir, any layout) as a transformers model directory `out_dir`."""
     check_destination(Path(out_dir), force)
     loaded = load_model(checkpoint, "cpu", torch.float32)
-    return write_hf_model(loaded.model, loaded.tokenizer, out_dir, dtype, seq_len=loaded.seq_len,
-                          prefer=loaded.run_info.get(IMPORTED_KEY, {}).get("model_type"), force=force,
-                          max_shard_bytes=max_shard_bytes)
+    imported = loaded.run_info.get(IMPORTED_KEY, {})
+    return write_hf_model(loaded.model, loaded.tokenizer, out_dir, dtype,
+                          seq_len=imported.get("max_position_embeddings") or loaded.seq_len,
+                          prefer=imported.get("model_type"), force=force, max_shard_bytes=max_shard_bytes)
 
 
 def write_hf_model(model: Transformer, tokenizer: Path, out_dir: str | Path, dtype: str = "float32",

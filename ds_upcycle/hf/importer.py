@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from .. import __version__
 from ..atomic import check_destination, swap_into_place
@@ -29,6 +30,9 @@ from .files import read_weights
 from .registry import import_family
 
 IMPORT_TAG = "imported"
+# The sequence length recorded for an imported model (what eval windows and calibration batches use):
+# its max_position_embeddings, up to this (releases state 32k-128k, far beyond a CPU calibration batch).
+CONTEXT_CAP = 4096
 # The DeepSpeed config recorded in the checkpoint; train.py loads its module weights only, whatever
 # config it trains with.
 SAVE_CONFIG = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
@@ -43,30 +47,41 @@ class ImportResult:
     config: ModelConfig
 
 
-def read_hf_config(hf_dir: Path) -> dict:
+def read_hf_config(hf_dir: Path) -> tuple[Family, dict]:
+    """The family and the config of a model directory, as transformers reads it: its own defaults for
+    fields the file leaves out, and every field under its aliases too (`num_experts` and
+    `num_local_experts`), since releases of different transformers versions name them differently."""
     path = hf_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{hf_dir} is not a transformers model directory (no config.json)")
     try:
-        return json.loads(path.read_text())
+        family = import_family(json.loads(path.read_text()))
     except json.JSONDecodeError as err:
         raise UserError(f"{path} is not valid JSON: {err}") from None
+    try:
+        config = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+    except (ValueError, TypeError, OSError) as err:
+        raise UserError(f"transformers cannot read {path}: {' '.join(str(err).split())[:200]}") from None
+    values = config.to_dict()
+    for alias, name in type(config).attribute_map.items():
+        values.setdefault(alias, values.get(name))
+    return family, values
 
 
 def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> ImportResult:
     """Write the transformers model in `hf_dir` as DeepSpeed checkpoint `out_dir` (save dir, tag `imported`)."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
-    hf = read_hf_config(hf_dir)
-    family = import_family(hf)
+    family, hf = read_hf_config(hf_dir)
     cfg = family.config_from_hf(hf)
     tokenizer = tokenizer_file(hf_dir)
     load_tokenizer(tokenizer)
     check_destination(out, force)
     state = family.from_hf(cfg, _checked_tensors(family, cfg, read_weights(hf_dir), hf_dir))
+    positions = int(hf.get("max_position_embeddings") or CONTEXT_CAP)
     run_info = {"model": cfg.to_dict(), "global_step": 0, "tokens_seen": 0, OPTIMIZER_STATE_KEY: False,
-                "data": {"seq_len": int(hf.get("max_position_embeddings") or 4096), "vocab_size": cfg.vocab_size},
+                "data": {"seq_len": min(positions, CONTEXT_CAP)},
                 IMPORTED_KEY: {"model_type": family.model_type, "architecture": family.architecture,
-                               "directory": hf_dir.resolve().name},
+                               "max_position_embeddings": positions, "directory": hf_dir.resolve().name},
                 "ds_upcycle_version": __version__}
     staging = out.with_name(f".{out.name}.{os.getpid()}.partial")
     shutil.rmtree(staging, ignore_errors=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import RUN_FILE, CheckpointRef, find_checkpoint
+from ..checkpoint import IMPORTED_KEY, RUN_FILE, CheckpointRef, find_checkpoint
 from ..data import DataConfig, PackedSequences, PreparedData, prepare_data
 from ..errors import UserError
 
@@ -30,8 +30,11 @@ class RunData:
                             f"(not written by train.py)")
         info = self.ref.run_info
         data = info.get("data")
-        if not isinstance(data, dict) or "source" not in data or "seq_len" not in data:
+        # An imported model records its context length but has no training data of its own.
+        self.imported_from = (info.get(IMPORTED_KEY) or {}).get("architecture")
+        if not isinstance(data, dict) or "seq_len" not in data or ("source" not in data and not self.imported_from):
             raise UserError(f"{record} records no data settings (source, seq_len)")
+        self.has_source = "source" in data
         if "model" not in info:
             raise UserError(f"{record} records no model config")
         if self.ref.tokenizer is None:
@@ -53,6 +56,9 @@ class RunData:
 
     @cached_property
     def prepared(self) -> PreparedData:
+        if not self.has_source:
+            raise UserError(f"{self.ref.path} was imported from a transformers model ({self.imported_from}) and has "
+                            f"no training data of its own; name the data to use instead")
         return prepare_data(self.config, self.tokenizer)
 
     def tokens(self, split: str) -> np.ndarray:

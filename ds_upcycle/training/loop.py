@@ -274,9 +274,11 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict, 
     comm.init_distributed()
     prepared = _prepare(data_cfg, start.tokenizer if start else None)
     vocab = prepared.meta["vocab_size"]
-    if start is not None and model_cfg.vocab_size != vocab:
-        raise UserError(f"checkpoint vocab_size {model_cfg.vocab_size} does not match its tokenizer ({vocab})")
-    model = Transformer(model_cfg.replace(vocab_size=vocab), ep_size=train_cfg.ep_size,
+    if start is None:
+        model_cfg = model_cfg.replace(vocab_size=vocab)
+    elif vocab > model_cfg.vocab_size:  # released models often pad their vocabulary: fewer ids is fine
+        raise UserError(f"checkpoint vocab_size {model_cfg.vocab_size} is smaller than its tokenizer's ({vocab})")
+    model = Transformer(model_cfg, ep_size=train_cfg.ep_size,
                         ep_rank=comm.rank() % train_cfg.ep_size, seed=train_cfg.seed)
     schedule_fn = partial(WSDSchedule, total=train_cfg.steps, warmup=train_cfg.warmup,
                           decay_fraction=train_cfg.decay_fraction, min_ratio=train_cfg.min_lr_ratio)

@@ -58,8 +58,9 @@ def layer_scores(source: CheckpointSource, layer: MoELayer, rule: str,
                             f"{layer.num_experts}")
         return [expert_score(rule, s) for s in stats]
     if source.meta.optimizer_step is None:
-        raise UserError(f"--select {rule} reads the checkpoint's Adam state, but it has none "
-                        f"(saved before the first step?); use --select uniform")
+        raise UserError(f"--select {rule} reads the checkpoint's Adam state, but it has none (saved before the "
+                        f"first step, or imported); score on data with --calibration-data DATA, or use --select "
+                        f"uniform")
     scores = []
     for expert in range(layer.num_experts):
         params = source.expert_state(layer.index, expert)

@@ -1,0 +1,246 @@
+"""Hugging Face interop, against transformers' own model classes (random models from small configs).
+
+Import: our forward of the imported checkpoint equals the family's forward; exporting it again
+gives back every tensor bit for bit. Export: every preset's model (shrunk, its structure kept) loads
+in transformers with no missing or unexpected weight and computes our logits. The imported
+checkpoint is what stock DeepSpeed saves before a first step.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from ckpt_helpers import assert_deepspeed_saves_the_same, run_worker
+from conftest import SMALL_DATA, run_train, write_ds_config
+from ds_upcycle.cli import main
+from ds_upcycle.config import PRESETS, ModelConfig
+from ds_upcycle.data.sources import resolve_source
+from ds_upcycle.data.tokenizer import load_tokenizer, train_tokenizer
+from ds_upcycle.errors import UserError
+from ds_upcycle.hf.export import export_checkpoint, write_hf_model
+from ds_upcycle.hf.files import read_weights
+from ds_upcycle.hf.importer import SAVE_CONFIG, import_checkpoint
+from ds_upcycle.hf.registry import export_family
+from ds_upcycle.hf.tokenizer import write_hf_tokenizer
+from ds_upcycle.model import Transformer
+from ds_upcycle.trained import load_model
+from ds_upcycle.upcycle.config import ExpandConfig
+from ds_upcycle.upcycle.expand import expand_checkpoint
+
+VOCAB = 384  # model vocabulary; the tokenizer has 320 ids (released models pad theirs too)
+ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+FAMILY_CONFIGS = {
+    "mixtral": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    # wider heads than hidden / heads, MoE in every second layer, no renormalisation, tied embeddings
+    "qwen3_moe": dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=6, num_experts_per_tok=2,
+                      decoder_sparse_step=2, norm_topk_prob=False, tie_word_embeddings=True),
+    "olmoe": dict(hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False),
+    # interleaved rotary pairs, MoE in layers 1 and 3, a selection bias
+    "ernie4_5_moe": dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, moe_num_experts=4, moe_k=2,
+                         moe_num_shared_experts=0, moe_layer_start_index=1, moe_layer_interval=2),
+    # sigmoid scores with a selection bias, per-head q/k norm
+    "glm4_moe": dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, n_routed_experts=4,
+                     num_experts_per_tok=2, n_shared_experts=0, first_k_dense_replace=0, n_group=1, topk_group=1,
+                     use_qk_norm=True, rope_parameters={**ROPE, "partial_rotary_factor": 1.0}),
+}
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> Path:
+    docs = list(resolve_source(SMALL_DATA, "text").documents())[:300]
+    return train_tokenizer(docs, 320, tmp_path_factory.mktemp("sp") / "tokenizer.model")
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    """Every weight random (norm weights around 1, selection biases small), so no mapping error hides."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if not tensor.numel() or not tensor.is_floating_point() or "inv_freq" in name:
+                continue
+            noise = torch.randn(tensor.shape, generator=gen)
+            if "norm" in name:
+                tensor.copy_(1 + 0.2 * noise)
+            elif "bias" in name:
+                tensor.copy_(0.05 * noise.reshape(tensor.shape))
+            else:
+                tensor.copy_(0.1 * noise)
+
+
+def hf_model_dir(model_type: str, root: Path, sp_model: Path, hf_tokenizer: bool = True):
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, max_position_embeddings=64,
+                                               **{"rope_parameters": ROPE, **FAMILY_CONFIGS[model_type]})
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    randomize(model)
+    out = root / model_type
+    model.save_pretrained(str(out))
+    if hf_tokenizer:
+        write_hf_tokenizer(sp_model, out)
+        (out / "tokenizer.model").unlink()  # a tokenizer.json alone, as most releases ship
+    else:
+        shutil.copyfile(sp_model, out / "tokenizer.model")
+    return out, model
+
+
+def tokens(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY_CONFIGS))
+def test_import_computes_the_family_forward_and_exports_back_bit_for_bit(model_type, tmp_path, sp_model):
+    hf_dir, hf_model = hf_model_dir(model_type, tmp_path, sp_model, hf_tokenizer=model_type != "mixtral")
+    import_checkpoint(hf_dir, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt")
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids)[0], hf_model(ids).logits, atol=1e-5, rtol=1e-5)
+    assert loaded.run_info["optimizer_state"] is False
+    assert load_tokenizer(loaded.tokenizer).encode("Alice met Bob.") == load_tokenizer(sp_model).encode("Alice met Bob.")
+
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "again")
+    original, again = read_weights(hf_dir), read_weights(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == model_type
+    assert sorted(original) == sorted(again)
+    assert all(torch.equal(original[name], again[name]) for name in original)
+
+
+def shrunk(preset: ModelConfig) -> ModelConfig:
+    """The preset's structure (layers, MoE pattern, experts, top-K, heads, router) at a tiny width."""
+    return preset.replace(vocab_size=VOCAB, dim=8 * preset.n_heads, dense_ffn_dim=24, expert_ffn_dim=8, init_std=0.1)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_exports_to_a_class_that_computes_it(name, tmp_path, sp_model):
+    model = Transformer(shrunk(PRESETS[name])).eval()
+    randomize(model, seed=3)
+    result = write_hf_model(model, sp_model, tmp_path / "hf", seq_len=64)
+    theirs, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
+                                                                     output_loading_info=True)
+    assert not any(info.values()), info
+    ids = tokens(seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0], theirs.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "The fourth entity holds value 17.\n\nNext:  two spaces"
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == load_tokenizer(sp_model).encode(text)
+    assert result.family.architecture == json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"][0]
+
+
+def test_export_import_export_is_bit_for_bit_and_shards(tmp_path, sp_model):
+    model = Transformer(shrunk(PRESETS["tiny-il"]).replace(score_func="softmax")).eval()
+    randomize(model, seed=5)
+    first = write_hf_model(model, sp_model, tmp_path / "first", seq_len=64, max_shard_bytes=20_000)
+    assert len(first.weight_files) > 1 and (tmp_path / "first" / "model.safetensors.index.json").is_file()
+    import_checkpoint(tmp_path / "first", tmp_path / "ckpt")
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "second")
+    a, b = read_weights(tmp_path / "first"), read_weights(tmp_path / "second")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (json.loads((tmp_path / "first" / "config.json").read_text())
+            == json.loads((tmp_path / "second" / "config.json").read_text()))
+
+
+def test_bf16_export_and_bin_import(tmp_path, sp_model):
+    hf_dir, hf_model = hf_model_dir("mixtral", tmp_path, sp_model)
+    weights = load_file(str(hf_dir / "model.safetensors"))  # the same weights as one pytorch_model.bin
+    torch.save(weights, hf_dir / "pytorch_model.bin")
+    (hf_dir / "model.safetensors").unlink()
+    import_checkpoint(hf_dir, tmp_path / "ckpt")
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "bf16", dtype="bfloat16")
+    exported = read_weights(tmp_path / "bf16")
+    assert all(exported[k].dtype == torch.bfloat16 and torch.equal(exported[k], weights[k].bfloat16()) for k in weights)
+
+
+def test_imported_checkpoint_is_what_deepspeed_saves(tmp_path, sp_model):
+    hf_dir, _ = hf_model_dir("ernie4_5_moe", tmp_path, sp_model)
+    import_checkpoint(hf_dir, tmp_path / "ckpt")
+    (tmp_path / "ds.json").write_text(json.dumps(SAVE_CONFIG))
+    run_worker([{"ckpt": str(tmp_path / "ckpt"), "ds_config": str(tmp_path / "ds.json"), "dump": str(tmp_path / "dump"),
+                 "resave": str(tmp_path / "resave"), "scheduler": False}], 1, 1, tmp_path / "jobs.json")
+    assert_deepspeed_saves_the_same(tmp_path / "ckpt" / "imported", tmp_path / "resave" / "imported")
+    dump = torch.load(f"{tmp_path / 'dump'}.rank0.pt", weights_only=False)
+    ours = load_model(tmp_path / "ckpt").model
+    names = ours.global_param_names()
+    for name, param in ours.named_parameters():
+        assert torch.equal(dump["params"][names[name]]["fp32"], param), name
+
+
+def refusal(fn, *args) -> str:
+    with pytest.raises(UserError) as err:
+        fn(*args)
+    return str(err.value)
+
+
+def test_what_no_class_expresses_is_refused_in_one_line(tmp_path, sp_model):
+    base = shrunk(PRESETS["tiny"])
+    assert "route_groups=none" in refusal(export_family, base.replace(route_groups=((0, 0, 1, 1),) * 4), False)
+    assert "same count" in refusal(export_family, base.replace(layer_experts=(4, 4, 8, 4)), False)
+    assert "score_func=softmax" in refusal(export_family, shrunk(PRESETS["tiny-il"]).replace(score_func="sigmoid"),
+                                           False)
+    assert "no transformers class" in refusal(export_family, base.replace(score_func="softmax", route_norm=False), True)
+
+    hf_dir, _ = hf_model_dir("glm4_moe", tmp_path, sp_model)
+    config = json.loads((hf_dir / "config.json").read_text())
+    for change, words in [({"n_shared_experts": 1}, "shared experts"), ({"model_type": "llama"}, "cannot be imported"),
+                          ({"rope_parameters": {**ROPE, "partial_rotary_factor": 0.5}}, "partial rotary"),
+                          ({"first_k_dense_replace": 1, "num_hidden_layers": 3}, "MoE in layers [1, 2]")]:
+        (hf_dir / "config.json").write_text(json.dumps({**config, **change}))
+        assert words in refusal(import_checkpoint, hf_dir, tmp_path / "out")
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(hf_dir / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "experts.3.down_proj" not in k}, str(hf_dir / "model.safetensors"))
+    assert "lacks weight model.layers.0.mlp.experts.3.down_proj.weight" in refusal(import_checkpoint, hf_dir,
+                                                                                    tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    result = CliRunner().invoke(main, ["import", str(hf_dir), str(tmp_path / "out")])
+    assert result.exit_code != 0 and len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_train_continues_an_import_on_another_layout(tmp_path, sp_model, data_cache):
+    """Two processes with ep_size 2 take the module weights of a one-process import: with LR 0 the
+    checkpoint they save holds exactly the imported weights; the model's own HF tokenizer made the data."""
+    hf_dir, _ = hf_model_dir("ernie4_5_moe", tmp_path, sp_model)
+    import_checkpoint(hf_dir, tmp_path / "ckpt")
+    ds_config = write_ds_config(tmp_path / "ds.json", micro_batch=2, lr=0.0)
+    proc = run_train(["--deepspeed_config", str(ds_config), "--load", str(tmp_path / "ckpt"), "--steps", "1",
+                      "--ep-size", "2", "--data", SMALL_DATA, "--seq-len", "32", "--data-cache", str(data_cache),
+                      "--eval-samples", "4", "--save", str(tmp_path / "run")], num_procs=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    before = load_model(tmp_path / "ckpt").model.state_dict()
+    after = load_model(tmp_path / "run").model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "route_bias" not in k)
+    assert load_model(tmp_path / "run").tokenizer.name == "tokenizer.json"
+
+
+def test_import_expand_export_loads_in_transformers(tmp_path, sp_model, data_cache):
+    hf_dir, _ = hf_model_dir("mixtral", tmp_path, sp_model)
+    import_checkpoint(hf_dir, tmp_path / "ckpt")
+    # A release has no Adam state to score experts by: the error names the way out.
+    assert "--calibration-data" in refusal(expand_checkpoint, ExpandConfig(str(tmp_path / "ckpt"), str(tmp_path / "x"),
+                                                                            multiplier=2))
+    assert "no training data of its own" in refusal(expand_checkpoint, ExpandConfig(
+        str(tmp_path / "ckpt"), str(tmp_path / "x"), multiplier=2, calibration_data="source"))
+    expand_checkpoint(ExpandConfig(str(tmp_path / "ckpt"), str(tmp_path / "e8"), multiplier=2,
+                                   calibration_data=SMALL_DATA, calibration_batches=2, calibration_batch_size=2,
+                                   data_cache=str(data_cache)), progress=False)
+    result = export_checkpoint(tmp_path / "e8", tmp_path / "hf8")
+    # The replicas' routing biases carry noise: a class with the selection bias takes the model.
+    assert result.family.model_type == "ernie4_5_moe"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf8", dtype=torch.float32).eval()
+    assert theirs.config.num_experts == 8
+    ids = tokens(seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "e8").model(ids)[0], theirs(ids).logits, atol=1e-5, rtol=1e-5)
