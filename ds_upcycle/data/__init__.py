@@ -1,4 +1,4 @@
-"""Data: text sources, SentencePiece tokenizer, cached token files and packed batches."""
+"""Data: text sources, tokenizers (SentencePiece or Hugging Face), cached token files and packed batches."""
 
 from .loader import BatchOrder, PackedSequences, validation_batches
 from .prepare import SPLITS, DataConfig, PreparedData, prepare_data

@@ -43,7 +43,8 @@ class DataConfig:
         text_field: field holding the text in .jsonl/.parquet rows and hub datasets.
         seq_len: tokens per training sequence.
         vocab_size: size of the tokenizer trained when none is given.
-        tokenizer: an existing SentencePiece model file to use instead of training one.
+        tokenizer: an existing tokenizer to use instead of training one (a SentencePiece .model,
+            a Hugging Face tokenizer.json, or a directory holding one).
         val_fraction, cpt_fraction: share of documents in the validation and continued
             pre-training splits; the rest is pre-training.
         split_seed: salt of the document hash that assigns splits.

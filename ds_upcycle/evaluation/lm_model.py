@@ -65,7 +65,7 @@ class UpcycleLM(TemplateLM):
         max_gen_toks: tokens to generate when a task does not say.
         kv_cache: reuse keys and values while generating (off: recompute the whole sequence
             for every new token; same results, slower).
-        model, tokenizer: an already built Transformer and its SentencePiece model file,
+        model, tokenizer: an already built Transformer and its tokenizer file,
             instead of `checkpoint` (then max_length is required).
     """
 

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seq-len", type=int, default=128)
     d.add_argument("--vocab-size", type=int, default=None, help="size of the tokenizer trained on the data "
                    f"(default {DataConfig.vocab_size}; a run started from a checkpoint keeps its tokenizer)")
-    d.add_argument("--tokenizer", default=None, help="existing SentencePiece model to use instead")
+    d.add_argument("--tokenizer", default=None, help="existing tokenizer to use instead of training one "
+                   "(SentencePiece .model, tokenizer.json, or a directory holding one)")
     d.add_argument("--val-fraction", type=float, default=0.05)
     d.add_argument("--cpt-fraction", type=float, default=0.35)
     d.add_argument("--data-cache", default=None, help="prepared-data cache (default $DS_UPCYCLE_CACHE "
