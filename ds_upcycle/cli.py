@@ -167,13 +167,15 @@ def _require_transformers(command: str) -> None:
 @click.option("--vocab-size", type=int, default=32000, show_default=True, help="vocabulary for the counts")
 @user_errors
 def presets(vocab_size: int) -> None:
-    """List the model presets with their parameter counts."""
+    """List the model presets with their parameter counts and the transformers class `export` writes."""
+    from .hf.registry import export_class
+
     click.echo(f"{'preset':<12}{'layers':>7}{'dim':>6}{'experts':>8}{'top-k':>6}{'moe every':>10}"
-               f"{'total':>10}{'active':>10}")
+               f"{'total':>10}{'active':>10}  exports as")
     for name, cfg in PRESETS.items():
         total, active = count_parameters(cfg.replace(vocab_size=vocab_size))
         click.echo(f"{name:<12}{cfg.n_layers:>7}{cfg.dim:>6}{cfg.num_experts:>8}{cfg.top_k:>6}"
-                   f"{cfg.moe_layer_freq:>10}{total / 1e6:>9.1f}M{active / 1e6:>9.1f}M")
+                   f"{cfg.moe_layer_freq:>10}{total / 1e6:>9.1f}M{active / 1e6:>9.1f}M  {export_class(cfg)}")
 
 
 @main.command("prepare-data")

@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -20,6 +21,7 @@ from ckpt_helpers import assert_deepspeed_saves_the_same, run_worker
 from conftest import SMALL_DATA, run_train, write_ds_config
 from ds_upcycle.cli import main
 from ds_upcycle.config import PRESETS, ModelConfig
+from ds_upcycle.data import DataConfig, prepare_data
 from ds_upcycle.data.sources import resolve_source
 from ds_upcycle.data.tokenizer import load_tokenizer, train_tokenizer
 from ds_upcycle.errors import UserError
@@ -244,3 +246,16 @@ def test_import_expand_export_loads_in_transformers(tmp_path, sp_model, data_cac
     ids = tokens(seed=6)
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "e8").model(ids)[0], theirs(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_hf_tokenizer_prepares_the_same_tokens_as_its_sentencepiece_model(tmp_path, sp_model):
+    write_hf_tokenizer(sp_model, tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.model").unlink()
+    cfg = DataConfig(source=SMALL_DATA, seq_len=32, cache_dir=str(tmp_path / "cache"))
+    by_sp, by_hf = prepare_data(cfg, sp_model), prepare_data(cfg, tmp_path / "hf")
+    assert by_hf.tokenizer_path.name == "tokenizer.json" and by_sp.path != by_hf.path
+    for split in ("pretrain", "cpt", "val"):
+        assert np.array_equal(by_sp.tokens(split), by_hf.tokens(split))
+    hf = load_tokenizer(tmp_path / "hf")
+    text = "Question: two lines\nAnswer:  spaced\n\nnext"
+    assert hf.decode(hf.encode(text)) == text and hf.eos_id == load_tokenizer(sp_model).eos_id

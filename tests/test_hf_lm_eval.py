@@ -11,8 +11,10 @@ from ds_upcycle.evaluation.run import EvalConfig, run_eval
 from ds_upcycle.evaluation.suites import resolve_tasks
 from ds_upcycle.evaluation.tasks import UpcycleTaskManager, load_tasks
 from ds_upcycle.hf.export import export_checkpoint
+from ds_upcycle.hf.importer import import_checkpoint
 from eval_helpers import Request, offline_hub, trained_checkpoint  # noqa: F401  (fixture)
 from test_eval_tasks import ARC_ROWS, write_jsonl
+from test_hf import hf_model_dir, sp_model  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 
@@ -61,3 +63,16 @@ def test_hf_backend_generates_the_same_greedy_text(exported):
     # decoder drops the leading space of a text's first token (" as" -> "as"), which ours keeps.
     assert [o if o == t else o.removeprefix(" ") for o, t in zip(ours, theirs)] == theirs
     assert any(text.strip() for text in ours)
+
+
+def test_an_import_evaluates_as_the_release_does_under_the_hf_model(tmp_path, sp_model):
+    """`ds-upcycle eval`'s model on an imported checkpoint (its own tokenizer.json) against lm-eval's
+    hf model on the release directory it came from."""
+    hf_dir, _ = hf_model_dir("qwen3_moe", tmp_path, sp_model)
+    import_checkpoint(hf_dir, tmp_path / "ckpt")
+    requests = [Request("The records of gole", " roka lolu"), Request("as for", " the"), Request("", "gikaki records")]
+    ours = UpcycleLM(str(tmp_path / "ckpt"), batch_size=2).loglikelihood(requests, disable_tqdm=True)
+    theirs = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=2).loglikelihood(
+        requests, disable_tqdm=True)
+    assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in theirs], abs=1e-4)
+    assert [greedy for _, greedy in ours] == [greedy for _, greedy in theirs]

@@ -70,7 +70,7 @@ class Tokenizer:
     @property
     def files(self) -> list[Path]:
         """The files that make this tokenizer, to copy beside a checkpoint."""
-        return [self.path]
+        return tokenizer_files(self.path)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -113,11 +113,6 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
-    @property
-    def files(self) -> list[Path]:
-        config = self.path.parent / HF_CONFIG
-        return [self.path, config] if config.is_file() else [self.path]
-
 
 def configured_token(config: Path, key: str) -> str | None:
     if not config.is_file():
@@ -156,18 +151,27 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return HFTokenizer(file) if file.suffix == ".json" else SentencePieceTokenizer(file)
 
 
+def tokenizer_files(path: str | Path) -> list[Path]:
+    """The files that make a tokenizer (read by name only, not parsed): the file itself, and for a
+    tokenizer.json the tokenizer_config.json beside it, if any."""
+    file = tokenizer_file(path)
+    config = file.parent / HF_CONFIG
+    return [file, config] if file.suffix == ".json" and config.is_file() else [file]
+
+
 def copy_tokenizer(path: str | Path, directory: Path) -> Path:
     """Copy a tokenizer's files into `directory` under the names find_tokenizer looks for."""
-    tokenizer = load_tokenizer(path)
-    main = directory / (HF_FILE if isinstance(tokenizer, HFTokenizer) else SP_FILE)
-    for file in tokenizer.files:
-        shutil.copyfile(file, main if file == tokenizer.path else directory / file.name)
+    files = tokenizer_files(path)
+    main = directory / (HF_FILE if files[0].suffix == ".json" else SP_FILE)
+    shutil.copyfile(files[0], main)
+    for file in files[1:]:
+        shutil.copyfile(file, directory / file.name)
     return main
 
 
 def tokenizer_digest(path: str | Path) -> str:
     """Identity of a tokenizer: the hash of all its files (for HF, EOS comes from the config)."""
     digest = hashlib.sha256()
-    for file in load_tokenizer(path).files:
+    for file in tokenizer_files(path):
         digest.update(file.read_bytes())
     return digest.hexdigest()

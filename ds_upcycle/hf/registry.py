@@ -40,3 +40,12 @@ def export_family(cfg: ModelConfig, has_bias: bool, prefer: str | None = None) -
                         "scores by sigmoid but is MoE in every layer, ERNIE 4.5 interleaves but scores by softmax); "
                         "train such a model with --set score_func=softmax")
     raise UserError(f"no transformers class computes this model: {'; '.join(reasons)}")
+
+
+def export_class(cfg: ModelConfig) -> str:
+    """The transformers class a trained model of this config exports to (its selection bias is
+    non-zero once loss-free balancing has run), or why none."""
+    try:
+        return export_family(cfg, has_bias=cfg.route_bias_update > 0).architecture
+    except UserError:
+        return "none (see ds-upcycle export)"
