@@ -14,9 +14,11 @@ import sys
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from ckpt_helpers import assert_deepspeed_saves_the_same, check_ok, merged_dump, run_worker, tree_digest
 from conftest import ROOT, bf16_ds_config, free_port, run_train, tiny_run_args, write_ds_config
+from ds_upcycle.cli import main as cli_main
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 GATE = ".deepspeed_moe.gate"
@@ -232,6 +234,10 @@ def test_stock_deepspeed_script_checkpoint_expands_and_resumes(tmp_path):
     assert router_after["exp_avg"][4:] == router_before["exp_avg"]
     manifest = json.loads((tmp_path / "dst" / "global_step3" / "upcycle_manifest.json").read_text())
     assert manifest["layers"][0]["router_noise_on"].startswith("router weight rows")
+    # No transformers class is known to compute a stock gate's model: export says why, in one line.
+    refused = CliRunner().invoke(cli_main, ["export", str(tmp_path / "src"), str(tmp_path / "hf")])
+    assert refused.exit_code != 0 and "not written by ds-upcycle" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "hf").exists()
 
 
 def test_bf16_zero2_checkpoint_expands_and_loads(tmp_path, data_cache):

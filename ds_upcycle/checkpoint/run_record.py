@@ -57,8 +57,8 @@ class CheckpointRef:
     def run_info(self) -> dict:
         info = read_run_info(self.path / RUN_FILE)
         if info is None:
-            raise UserError(f"{self.path} has no {RUN_FILE}: not written by ds-upcycle; "
-                            f"pass --model to say which model it holds")
+            raise UserError(f"{self.path} has no {RUN_FILE}: it was not written by ds-upcycle (a script with "
+                            f"DeepSpeed's own MoE gate, say), so the model it holds is unknown")
         return info
 
     @property
