@@ -43,7 +43,9 @@ class ModelConfig:
         top_k: experts chosen per token.
         moe_layer_freq: 1 = every block is MoE (full MoE); 2 = dense and MoE blocks alternate,
             starting with a dense block (interleaved, Llama-4 style); n = every n-th block is MoE.
-        score_func: "sigmoid" (default) or "softmax" over router logits.
+        score_func: "softmax" (default) or "sigmoid" over router logits. Softmax with the selection
+            bias is ERNIE 4.5's router, which transformers has for every layer pattern (sigmoid only
+            in full-MoE classes), and it trained better here (docs/RESULTS.md, "Router scores").
         route_norm: normalise the combine weights over the chosen experts. Default: when top_k > 1
             (with top_k == 1 a normalised weight is always 1 and the router would get no gradient).
         route_bias_update: step size u of the loss-free balancing update
@@ -69,7 +71,7 @@ class ModelConfig:
     route_groups: tuple[tuple[int, ...], ...] | None = None
     top_k: int = 2
     moe_layer_freq: int = 2
-    score_func: str = "sigmoid"
+    score_func: str = "softmax"
     route_norm: bool | None = None
     route_bias_update: float = 1e-3
     aux_loss_coef: float = 0.0

@@ -23,18 +23,20 @@ def lm(checkpoint):
 def ll_requests():
     long_context = " ".join(["from the records: a b c, d e"] * 12)  # longer than the 32-token window
     pairs = [(c, cont) for c in CONTEXTS for cont in (" roka lolu", " a", ", leku")]
-    return [Request(*pair) for pair in pairs + [("", "from the records"), (long_context, " roka")]]
+    # " " becomes an empty context and " from" once lm-eval moves the trailing space over.
+    extra = [("", "from the records"), (" ", "from"), ("from the gikaki records", ":"), (long_context, " roka")]
+    return [Request(*pair) for pair in pairs + extra]
 
 
 @torch.no_grad()
 def direct_loglikelihood(lm, context: str, continuation: str) -> tuple[float, bool]:
     """One unbatched forward pass over the last max_length + 1 tokens of context + continuation."""
     sp = spm.SentencePieceProcessor(model_file=str(lm.tok.path))  # the tokenizer itself, not our wrapper
-    if context:
+    if context.strip():
         context_ids = sp.encode(context)
         cont_ids = sp.encode(context + continuation)[len(context_ids):]
-    else:
-        context_ids, cont_ids = [sp.eos_id()], sp.encode(continuation)
+    else:  # an empty (or whitespace) context is the start of a text: EOS, then the whole string
+        context_ids, cont_ids = [sp.eos_id()], sp.encode(context + continuation)
     tokens = (context_ids + cont_ids)[-(SEQ_LEN + 1):]
     logits, _ = lm.model(torch.tensor([tokens[:-1]]))
     logprobs = logits[0, -len(cont_ids):].log_softmax(-1)

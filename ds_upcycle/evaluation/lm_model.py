@@ -173,6 +173,9 @@ class UpcycleLM(TemplateLM):
         """
         pieces, owners = [], []
         for index, (_, context, continuation) in enumerate(requests):
+            # A context of whitespace only encodes to nothing once lm-eval has moved its trailing
+            # space into the continuation: condition it like an empty context, on the prefix token.
+            context = context or [self.prefix_token_id]
             for start in range(0, len(continuation), self.max_length):
                 pieces.append((None, context + continuation[:start], continuation[start:start + self.max_length]))
                 owners.append(index)
