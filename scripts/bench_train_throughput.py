@@ -67,7 +67,7 @@ def bench_layers(cfg, tokens: int, device, dtype, warmup: int, repeats: int, pro
 
     torch.manual_seed(0)
     ours = MoEFeedForward(cfg.dim, cfg.expert_ffn_dim, cfg.num_experts, cfg.top_k,
-                          LossFreeRouter(cfg.dim, cfg.num_experts, cfg.top_k)).to(device, dtype)
+                          LossFreeRouter(cfg.dim, cfg.num_experts, cfg.top_k, cfg.score_func)).to(device, dtype)
     stock = {
         "stock, dropless": MoE(cfg.dim, SwiGLU(cfg.dim, cfg.expert_ffn_dim), cfg.num_experts, k=cfg.top_k,
                                drop_tokens=False, top2_2nd_expert_sampling=False).to(device, dtype),

@@ -1,11 +1,13 @@
 """The loss-free router against direct computations."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from ds_upcycle.moe.balance import balance_routers, bias_step, load_stats
 from ds_upcycle.moe.layer import MoEFeedForward
 from ds_upcycle.moe.router import LossFreeRouter
+from ds_upcycle.upcycle.operator import LayerPlan, expand_router_bias, expand_rows, softmax_bias_scale
 
 
 def make_router(E=6, K=2, D=16, score="sigmoid", normalize=True, seed=0):
@@ -173,20 +175,34 @@ def test_distinct_groups_take_one_copy_of_an_expert():
     assert LossFreeRouter(4, 5, 2).route_group is None   # without groups the router is plain top-K
 
 
-def test_distinct_groups_preserve_the_source_layer_exactly():
-    """A layer of 3 experts doubled with groups computes what the 3-expert layer computed."""
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+def test_distinct_groups_preserve_the_source_layer_exactly(score):
+    """A layer of 3 experts doubled with groups computes what the 3-expert layer computed.
+
+    Softmax scores halve when every expert has two copies (the denominator sums over six), so the
+    selection bias is halved with them (operator.softmax_bias_scale); sigmoid scores do not change.
+    """
     torch.manual_seed(0)
-    source = LossFreeRouter(8, 3, 2)
-    doubled = LossFreeRouter(8, 6, 2, groups=(0, 1, 2, 0, 1, 2))
+    source = LossFreeRouter(8, 3, 2, score)
+    torch.nn.init.normal_(source.wg.weight, std=0.3)
+    source.route_bias.copy_(torch.tensor([0.04, -0.03, 0.01]))
+    plan = LayerPlan(3, (0, 1, 2, 0, 1, 2))
+    doubled = LossFreeRouter(8, 6, 2, score, groups=(0, 1, 2, 0, 1, 2))
+    scale = softmax_bias_scale(plan) if score == "softmax" else 1.0
     with torch.no_grad():
         doubled.wg.weight.copy_(torch.cat([source.wg.weight, source.wg.weight]))
         # copies a little less attractive than their source: every group is chosen as before
-        doubled.route_bias.copy_(torch.tensor([0.0, 0.0, 0.0, -0.01, -0.02, -0.03]))
-    x = torch.randn(64, 8)
+        doubled.route_bias.copy_(expand_router_bias(source.route_bias, plan, 0.0, torch.Generator(), scale)
+                                 - torch.tensor([0.0, 0.0, 0.0, 1e-4, 2e-4, 3e-4]))
+    x = torch.randn(256, 8)
     src_experts, src_weights, _ = source.route(x)
     experts, weights, _ = doubled.route(x)
     assert torch.equal(experts, src_experts)
-    torch.testing.assert_close(weights, src_weights, rtol=0, atol=0)
+    torch.testing.assert_close(weights, src_weights, rtol=1e-6, atol=1e-7)
+    if score == "softmax":  # the bias unscaled: the biased choice is no longer the source's
+        with torch.no_grad():
+            doubled.route_bias.copy_(expand_rows(source.route_bias, plan))
+        assert not torch.equal(doubled.route(x)[0], src_experts)
     plain = LossFreeRouter(8, 6, 2)   # the same rows without groups: copies tie, top-2 takes both
     with torch.no_grad():
         plain.wg.weight.copy_(doubled.wg.weight)

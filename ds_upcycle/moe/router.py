@@ -3,7 +3,7 @@
 It replaces DeepSpeed's TopKGate inside `deepspeed.moe.layer.MoE` and returns the sparse routing
 tuple that DeepSpeed's MOELayer consumes. Differences from the stock gate:
 
-- scores are sigmoid (default) or softmax of the router logits;
+- scores are softmax (default) or sigmoid of the router logits;
 - a per-expert routing bias is added to the scores only to *choose* the top-K experts; the combine
   weights come from the unbiased scores of the chosen experts, normalised over them;
 - dropless: every expert buffer is sized by the busiest expert, so no token is ever dropped;
@@ -28,7 +28,7 @@ from ..comm import agree_capacity
 
 
 class LossFreeRouter(nn.Module):
-    def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str = "sigmoid",
+    def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str = "softmax",
                  normalize: bool = True, aux_loss_coef: float = 0.0, groups: tuple[int, ...] | None = None) -> None:
         super().__init__()
         # Named `wg` like DeepSpeed's gate so checkpoints of either gate share the router's key.

@@ -31,12 +31,14 @@ from .. import __version__
 from ..atomic import check_destination, swap_into_place, write_json_atomic
 from ..checkpoint import (CheckpointReader, CheckpointSource, MoELayer, NonExpertState, ParamState, read_checkpoint,
                           write_checkpoint)
+from ..config import ModelConfig
 from ..errors import UserError
 from ..trained import RunData, load_master_model
 from .calibration import (Calibration, SplitDirections, calibrate, calibration_data, check_calibration_source,
                           router_input_directions)
 from .config import ExpandConfig
-from .operator import LayerPlan, expand_router_bias, expand_rows, moment_factor, plan_layer, split_router_rows
+from .operator import (LayerPlan, expand_router_bias, expand_rows, moment_factor, plan_layer, softmax_bias_scale,
+                       split_router_rows)
 from .scores import GradientStats, expert_score
 from .warmstart import WarmStart, warm_start
 
@@ -120,6 +122,7 @@ class ExpandedSource:
     def __init__(self, plan: ExpansionPlan, cfg: ExpandConfig) -> None:
         source, plans = plan.source, plan.layers
         self.source, self.plans, self.cfg, self.splits = source, plans, cfg, plan.splits
+        self.bias_scale = plan.bias_scale
         self.meta = source.meta
         if cfg.distinct_copies:
             self.meta = replace(source.meta, run_info=with_route_groups(source.meta.run_info, source.moe_layers, plans))
@@ -142,7 +145,8 @@ class ExpandedSource:
                 offsets_E = torch.where(split.spread_E > 0, self.cfg.split_scale / split.spread_E.clamp_min(1e-12), 0.0)
                 weight.fp32 = split_router_rows(weight.fp32, plan, split.directions_ED, offsets_E)
             if bias_name in buffers:
-                buffers[bias_name] = expand_router_bias(buffers[bias_name], plan, self.cfg.router_noise, gen)
+                buffers[bias_name] = expand_router_bias(buffers[bias_name], plan, self.cfg.router_noise, gen,
+                                                        self.bias_scale[layer.index])
             elif self.cfg.router_noise > 0:
                 # DeepSpeed's stock gate has no routing bias: the noise goes on the replicas' router
                 # rows instead, which breaks the ties token by token rather than expert by expert.
@@ -185,6 +189,7 @@ class ExpansionPlan:
     layers: dict[int, LayerPlan]
     scores: dict                 # where the utility scores came from
     router_noise_on: dict[int, str]
+    bias_scale: dict[int, float]        # per MoE layer index: what the routing bias is multiplied by
     splits: dict[int, SplitDirections]  # per MoE layer index, with split_copies
     split_info: dict | None = None
 
@@ -247,8 +252,17 @@ def plan_expansion(cfg: ExpandConfig, source: CheckpointReader, run: RunData | N
         with _blamed_on("--split-copies"):
             splits, split_info = measure_splits(cfg, source, run)
     noise_on = {layer.index: router_noise_target(source, layer, cfg.router_noise) for layer in source.moe_layers}
-    return ExpansionPlan(source, run, Path(source.path).name, world, ep, make_plans(source, cfg, ep, calibration),
-                         score_origin(cfg, calibration), noise_on, splits, split_info)
+    plans = make_plans(source, cfg, ep, calibration)
+    softmax = _score_func(source) == "softmax"
+    bias_scale = {i: softmax_bias_scale(p) if softmax else 1.0 for i, p in plans.items()}
+    return ExpansionPlan(source, run, Path(source.path).name, world, ep, plans, score_origin(cfg, calibration),
+                         noise_on, bias_scale, splits, split_info)
+
+
+def _score_func(source: CheckpointReader) -> str | None:
+    """The router's score function, from the run record (None for a checkpoint of another script)."""
+    model = (source.meta.run_info or {}).get("model")
+    return None if model is None else ModelConfig.from_dict(model).score_func
 
 
 def measure_splits(cfg: ExpandConfig, source: CheckpointReader, run: RunData) -> tuple[dict, dict]:
@@ -280,7 +294,8 @@ def manifest(cfg: ExpandConfig, plan: ExpansionPlan) -> dict:
 def _layer_record(plan: ExpansionPlan, layer: MoELayer) -> dict:
     layer_plan = plan.layers[layer.index]
     record = {"index": layer.index, "prefix": layer.prefix, **layer_plan.to_dict(),
-              "rank_loads": layer_plan.rank_loads(plan.ep_size), "router_noise_on": plan.router_noise_on[layer.index]}
+              "rank_loads": layer_plan.rank_loads(plan.ep_size), "router_noise_on": plan.router_noise_on[layer.index],
+              "route_bias_scale": plan.bias_scale[layer.index]}
     split = plan.splits.get(layer.index)
     if split is not None:
         record.update(split_tokens=split.tokens_E.tolist(), split_spread=split.spread_E.tolist())

@@ -166,17 +166,28 @@ def expand_rows(tensor: torch.Tensor, plan: LayerPlan, moment: int = 0, mode: st
     return out
 
 
-def expand_router_bias(bias: torch.Tensor | None, plan: LayerPlan, noise_std: float,
-                       generator: torch.Generator) -> torch.Tensor:
-    """Routing bias of the new experts: copied, plus N(0, noise_std^2) on the replicas only.
+def softmax_bias_scale(plan: LayerPlan) -> float:
+    """How much a softmax router's scores shrink when the layer grows: its denominator sums over
+    every copy, so with c copies of every expert each score is exactly 1/c of the source's; with
+    unequal copy counts the factor depends on the token, and the mean ratio E/N stands in for it."""
+    return plan.num_source / plan.num_target
 
-    The noise breaks the exact ties between an expert and its copies in top-K selection; it is
-    drawn independently of the existing biases, so it is non-zero even when they are all equal
+
+def expand_router_bias(bias: torch.Tensor | None, plan: LayerPlan, noise_std: float,
+                       generator: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """Routing bias of the new experts: copied and multiplied by `scale`, plus N(0, noise_std^2) on
+    the replicas only.
+
+    The bias is added to the scores to choose experts, so it must shrink as the scores do:
+    `scale` is softmax_bias_scale for a softmax router (the biased choice is then the source's
+    whenever every expert has the same number of copies) and 1 for sigmoid, whose scores do not
+    change. The noise breaks the exact ties between an expert and its copies in top-K selection; it
+    is drawn independently of the existing biases, so it is non-zero even when they are all equal
     (e.g. a freshly initialised bias). A missing bias counts as zeros.
     """
     if bias is None:
         bias = torch.zeros(plan.num_source)
-    new = expand_rows(bias.float(), plan)
+    new = expand_rows(bias.float(), plan) * scale
     replicas = plan.replicas
     noise = torch.randn(int(replicas.sum()), generator=generator, dtype=torch.float64) * noise_std
     new[replicas] += noise.to(new.dtype)
