@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
-python3 -m pytest -q "$@"
+python3 -m pytest -q --durations=15 "$@"

@@ -101,11 +101,12 @@ def test_expand_loads_in_deepspeed_with_expected_state(work, source_dump, args, 
     manifest = json.loads((tag_dir / "upcycle_manifest.json").read_text())
     dump = load_with_deepspeed(work, dst.name, dst, world, ep, step=True)
     assert_matches(expected_state(source_dump, manifest, mode), dump)
-    # routing bias: sources unchanged, replicas noisy copies
+    # routing bias: sources scaled as their softmax scores shrink (E/N), replicas noisy scaled copies
     for layer in manifest["layers"]:
         assert sum(layer["counts"]) == layer["num_target"] == dump["num_experts"]
+        assert layer["route_bias_scale"] == layer["num_source"] / layer["num_target"]
         name = layer["prefix"] + GATE + ".route_bias"
-        before, after = source_dump["buffers"][name], dump["buffers"][name]
+        before, after = source_dump["buffers"][name] * layer["route_bias_scale"], dump["buffers"][name]
         first = {s: layer["sources"].index(s) for s in set(layer["sources"])}
         for j, s in enumerate(layer["sources"]):
             if first[s] == j:
