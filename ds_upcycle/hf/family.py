@@ -29,11 +29,11 @@ class Family:
 
     Attributes:
         model_type / architecture: config.json's `model_type` and `architectures[0]`.
-        config_to_hf: our ModelConfig -> the family's config fields (None: export not supported).
         config_from_hf: the family's config.json -> our ModelConfig, or UserError naming the feature
             we lack.
         export_mismatch: why this family cannot compute a model (None: it can); `has_bias` says
             whether any router's selection bias is non-zero.
+        config_to_hf: our ModelConfig -> the family's config fields.
         moe_block: the MoE module's name inside a decoder layer.
         expert_names: the family's names of gate, up and down projections of an expert.
         bias_name: where the selection bias lives inside the MoE block (None: the family has none).
@@ -48,7 +48,7 @@ class Family:
     architecture: str
     config_from_hf: Callable[[dict], ModelConfig]
     export_mismatch: Callable[[ModelConfig, bool], str | None]
-    config_to_hf: Callable[[ModelConfig], dict] | None = None
+    config_to_hf: Callable[[ModelConfig], dict]
     moe_block: str = "mlp"
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     bias_name: str | None = None
