@@ -259,3 +259,17 @@ def test_a_hf_tokenizer_prepares_the_same_tokens_as_its_sentencepiece_model(tmp_
     hf = load_tokenizer(tmp_path / "hf")
     text = "Question: two lines\nAnswer:  spaced\n\nnext"
     assert hf.decode(hf.encode(text)) == text and hf.eos_id == load_tokenizer(sp_model).eos_id
+
+
+def test_a_tied_head_stored_anyway_is_accepted_only_when_equal(tmp_path, sp_model):
+    hf_dir, hf_model = hf_model_dir("qwen3_moe", tmp_path, sp_model)  # ties its embeddings
+    weights = load_file(str(hf_dir / "model.safetensors"))
+    save_file({**weights, "lm_head.weight": weights["model.embed_tokens.weight"].clone()},
+              str(hf_dir / "model.safetensors"))
+    import_checkpoint(hf_dir, tmp_path / "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "ckpt").model(tokens())[0], hf_model(tokens()).logits,
+                                   atol=1e-5, rtol=1e-5)
+    save_file({**weights, "lm_head.weight": weights["model.embed_tokens.weight"] + 1},
+              str(hf_dir / "model.safetensors"))
+    assert "different lm_head.weight" in refusal(import_checkpoint, hf_dir, tmp_path / "other")

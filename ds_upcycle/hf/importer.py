@@ -98,6 +98,11 @@ def _checked_tensors(family: Family, cfg: ModelConfig, tensors: dict[str, torch.
                      hf_dir: Path) -> dict[str, torch.Tensor]:
     """The family's tensors, after checking that they are exactly the ones our model needs."""
     expected = {theirs for _, theirs in family.name_pairs(cfg)}
+    if cfg.tie_embeddings and "lm_head.weight" in tensors:  # some releases store the tied head too
+        if not torch.equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
+            raise UserError(f"{hf_dir} ties its embeddings (tie_word_embeddings) but stores a different "
+                            f"lm_head.weight")
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
     # Buffers some releases carry, and zero-width tensors (a shared expert of width 0): nothing to import.
     extra = sorted(n for n in set(tensors) - expected if not n.endswith("rotary_emb.inv_freq") and tensors[n].numel())
     missing = sorted(expected - set(tensors))
