@@ -44,7 +44,7 @@ def common_from_hf(hf: dict) -> dict[str, Any]:
             "head_size": None if head_dim * heads == dim else head_dim,
             "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
             "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), "tie_embeddings": bool(hf.get("tie_word_embeddings")),
-            "init_std": float(hf.get("initializer_range", 0.02)), "aux_loss_coef": 0.0}
+            "init_std": float(hf.get("initializer_range", 0.02))}
 
 
 def moe_layer_freq(hf: dict, is_moe: list[bool]) -> int:
