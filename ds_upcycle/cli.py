@@ -183,7 +183,8 @@ def presets(vocab_size: int) -> None:
               help="'synthetic[:docs=N,seed=S]', a .txt/.jsonl/.parquet file or directory, or a hub dataset")
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--vocab-size", type=int, default=2048, show_default=True)
-@click.option("--tokenizer", default=None, help="existing tokenizer to use instead of training one: a SentencePiece .model, a Hugging Face "
+@click.option("--tokenizer", default=None,
+              help="existing tokenizer to use instead of training one: a SentencePiece .model, a Hugging Face "
                    "tokenizer.json, or a model directory holding one")
 @click.option("--val-fraction", type=float, default=0.05, show_default=True)
 @click.option("--cpt-fraction", type=float, default=0.35, show_default=True)

@@ -17,7 +17,7 @@ from .state import (CheckpointMeta, CheckpointReader, CheckpointSource, Checkpoi
                     ParamGroup, ParamState, load_state, named_param_states)
 from .writer import write_checkpoint
 
-__all__ = ["IMPORTED_KEY", "OPTIMIZER_STATE_KEY", "RUN_FILE", "CheckpointMeta", "CheckpointReader", "CheckpointRef", "CheckpointSource",
-           "CheckpointState", "MetricsLog", "MoELayer", "NonExpertState", "ParamGroup", "ParamState",
+__all__ = ["IMPORTED_KEY", "OPTIMIZER_STATE_KEY", "RUN_FILE", "CheckpointMeta", "CheckpointReader", "CheckpointRef",
+           "CheckpointSource", "CheckpointState", "MetricsLog", "MoELayer", "NonExpertState", "ParamGroup", "ParamState",
            "find_checkpoint", "fresh_state", "latest_checkpoint", "load_state", "named_param_states", "read_checkpoint",
            "read_metrics", "read_module_weights", "write_checkpoint", "write_run_files"]

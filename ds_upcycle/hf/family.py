@@ -87,7 +87,8 @@ class Family:
             dtype = state["tok_embeddings.weight"].dtype
             for i in cfg.moe_layer_ids:
                 shared = f"model.layers.{i}.{self.moe_block}.shared_experts."
-                for name, shape in (("gate_proj", (0, cfg.dim)), ("up_proj", (0, cfg.dim)), ("down_proj", (cfg.dim, 0))):
+                shapes = (("gate_proj", (0, cfg.dim)), ("up_proj", (0, cfg.dim)), ("down_proj", (cfg.dim, 0)))
+                for name, shape in shapes:
                     tensors[shared + name + ".weight"] = torch.zeros(shape, dtype=dtype)
         return tensors
 

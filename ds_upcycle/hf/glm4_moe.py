@@ -32,7 +32,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
     n, first_dense = hf["num_hidden_layers"], hf.get("first_k_dense_replace", 1)
     return build(hf, **common_from_hf(hf), dense_ffn_dim=hf["intermediate_size"],
                  expert_ffn_dim=hf["moe_intermediate_size"], num_experts=hf["n_routed_experts"],
-                 top_k=hf["num_experts_per_tok"], moe_layer_freq=moe_layer_freq(hf, [i >= first_dense for i in range(n)]),
+                 top_k=hf["num_experts_per_tok"],
+                 moe_layer_freq=moe_layer_freq(hf, [i >= first_dense for i in range(n)]),
                  score_func="sigmoid", route_norm=bool(hf.get("norm_topk_prob", True)),
                  qk_norm="head" if hf.get("use_qk_norm") else None)
 
