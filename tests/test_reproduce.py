@@ -71,7 +71,7 @@ def test_cli_bad_config_exits_with_one_line(tmp_path):
 
 
 def test_plan_shares_the_fixed_e_run_before_each_anneal():
-    cfg = load_config("tiny")
+    cfg = load_config("tiny", transition="annealed", cpt_sweep=())
     plan = make_plan(cfg)
     names = [s.name for s in plan.stages]
     assert names[:2] == ["fixed-e", "fixed-me"]
@@ -91,11 +91,15 @@ def test_plan_shares_the_fixed_e_run_before_each_anneal():
 
 
 def test_stable_transition_continues_fixed_e_schedule_from_its_checkpoint():
-    cfg = load_config("tiny", transition="stable")
+    cfg = load_config("tiny")
+    assert cfg.transition == "stable" and cfg.cpt_sweep == (0.1, 0.75, 0.9)
     plan = make_plan(cfg)
     fixed_e = plan.stages[0]
     sources = [s for s in plan.stages if isinstance(s, BranchStage)]
-    assert {s.name: s.branch for s in sources} == {"source-cpt50": ("fixed-e", 2400), "source-cpt25": ("fixed-e", 3600)}
+    assert {s.name: s.branch[1] for s in sources} == {"source-cpt50": 2400, "source-cpt25": 3600, "source-cpt10": 4320,
+                                                      "source-cpt75": 1200, "source-cpt90": 480}
+    assert {a.cpt for a in plan.upcycled if a.select == "grad_sq"} == {
+        f"upcycled-cpt{n}-grad_sq" for n in (10, 25, 50, 75, 90)}
     assert all(s.branch[1] % fixed_e.save_interval == 0 for s in sources)
     cpt = [s for s in plan.stages if isinstance(s, TrainStage) and s.load]
     assert {s.name for s in cpt} >= {"upcycled-cpt50-grad_sq", "continued-e-cpt50"}
@@ -104,7 +108,8 @@ def test_stable_transition_continues_fixed_e_schedule_from_its_checkpoint():
         schedule = WSDSchedule(SimpleNamespace(param_groups=[{"lr": 1.0}]), total, warmup, decay_fraction)
         return [schedule.factor(step) for step in steps]
 
-    # Every CPT step has the learning rate Fixed-E has at the same global step: no re-warm, same anneal.
+    # Every CPT step has the learning rate Fixed-E has at the same global step: no re-warm, same anneal
+    # (also for a transition at the first step of Fixed-E's anneal, cpt10).
     fixed = lrs(cfg.total_steps, cfg.stage_warmup(cfg.total_steps), cfg.decay_fraction, range(cfg.total_steps))
     for stage in cpt:
         t0 = cfg.total_steps - stage.steps

@@ -110,7 +110,7 @@ def _tag(fraction: float) -> str:
 def make_plan(cfg: ReproduceConfig) -> Plan:
     arms: list[UpcycledArm] = []
     for fraction in cfg.cpt_fractions:
-        rules = (cfg.select,) if fraction == cfg.cpt_fraction else ()
+        rules = (cfg.select,) if fraction in (cfg.cpt_fraction, *cfg.cpt_sweep) else ()
         if fraction == cfg.selection_cpt_fraction:
             rules = tuple(dict.fromkeys((*rules, *SELECTION_RULES_COMPARED)))
         source = f"source-{_tag(fraction)}"
@@ -145,6 +145,6 @@ def make_plan(cfg: ReproduceConfig) -> Plan:
 def _cpt_stage(cfg: ReproduceConfig, name: str, transition: int, load: str) -> TrainStage:
     steps = cfg.total_steps - transition
     if cfg.transition == "stable":  # no re-warm; the same final anneal as Fixed-E's
-        return TrainStage(name, steps, split="cpt", load=load, warmup=1,
+        return TrainStage(name, steps, split="cpt", load=load, warmup=0,
                           decay_fraction=cfg.decay_steps(cfg.total_steps) / steps)
     return TrainStage(name, steps, split="cpt", load=load)
