@@ -16,13 +16,15 @@ from conftest import ROOT, SMALL_DATA
 from ds_upcycle.errors import UserError
 from ds_upcycle.moe.balance import load_stats
 from ds_upcycle.reproduce.config import NAMED_CONFIGS, load_config
+from ds_upcycle.reproduce.plots import budget_rows
 from ds_upcycle.reproduce.plan import BranchStage, ExpandStage, TrainStage, branch_step, make_plan
 from ds_upcycle.checkpoint import read_metrics
 from ds_upcycle.training.schedule import WSDSchedule
 
 MINI = {"base": "tiny", "name": "mini", "model_overrides": ["dim=64", "dense_ffn_dim=128", "expert_ffn_dim=64"],
         "data": SMALL_DATA, "vocab_size": 512, "seq_len": 32, "total_steps": 16, "micro_batch_size": 4,
-        "eval_interval": 4, "eval_samples": 16, "final_val_samples": 16, "tasks": ["synthetic"], "task_limit": 2}
+        "eval_interval": 4, "eval_samples": 16, "final_val_samples": 16, "tasks": ["synthetic"], "task_limit": 2,
+        "transition": "annealed", "cpt_sweep": [], "seeds": []}
 
 
 def test_load_stats_records_every_share():
@@ -49,6 +51,9 @@ def test_named_and_file_configs(tmp_path):
     ("base: tiny\nmodel: huge\n", "unknown model preset 'huge'"),
     ("base: tiny\ndata: texts/\n", "synthetic tasks ask about the built-in corpus"),
     ("[1, 2", "not valid YAML"),
+    ("base: tiny\ncpt_sweep: [0.1, 1.0]\n", "cpt_sweep must hold shares strictly between 0 and 1, got [0.1, 1.0]"),
+    ("base: tiny\ncpt_sweep: [ten]\n", "config field cpt_sweep must be a list of numbers"),
+    ("base: tiny\ncpt_sweep: [0.33]\n", "T0 = 3216 (cpt_fraction 0.33) is not a multiple"),
 ])
 def test_bad_config_is_one_line(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -143,7 +148,7 @@ def _reproduce(config, out, cache):
 @pytest.mark.slow
 def test_miniature_experiment_end_to_end(tmp_path, data_cache):
     config = tmp_path / "mini.json"
-    config.write_text(json.dumps(MINI))
+    config.write_text(json.dumps({**MINI, "cpt_sweep": [0.75]}))  # grad_sq at 25%, 50%, 75% CPT
     out = tmp_path / "exp"
     proc = _reproduce(config, out, data_cache)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -164,6 +169,11 @@ def test_miniature_experiment_end_to_end(tmp_path, data_cache):
     results = out / "results"
     for name in ("compare.md", "compare.json", "summary.md", "summary.json"):
         assert (results / name).stat().st_size > 0
+    summary = json.loads((results / "summary.json").read_text())
+    assert [f for f, _ in budget_rows(summary["upcycled"], "grad_sq")] == [0.25, 0.5, 0.75]
+    # The budget plot needs a gap to close (Fixed-mE better than Fixed-E), which 16 steps may not give.
+    gap_defined = summary["fixed_me"]["val_loss"] < summary["fixed_e"]["val_loss"]
+    assert (results / "cpt_budget.png").is_file() == gap_defined
     for name in ("loss.png", "routing.png"):
         data = (results / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
@@ -238,6 +248,6 @@ def test_miniature_experiment_end_to_end(tmp_path, data_cache):
 
     # The same directory refuses a different experiment.
     other = tmp_path / "other.json"
-    other.write_text(json.dumps({**MINI, "total_steps": 20}))
+    other.write_text(json.dumps({**MINI, "cpt_sweep": [0.75], "total_steps": 20}))
     refused = _reproduce(other, out, data_cache)
     assert refused.returncode == 2 and "different config (total_steps differ)" in refused.stderr

@@ -11,7 +11,8 @@ from conftest import ROOT
 from ds_upcycle.errors import UserError
 from ds_upcycle.reproduce.config import load_config
 from ds_upcycle.reproduce.outdir import check_out_dir
-from ds_upcycle.reproduce.seeds import aggregate, seed_markdown
+from ds_upcycle.reproduce.plots import budget_rows
+from ds_upcycle.reproduce.seeds import aggregate, seed_markdown, write_seed_report
 from test_reproduce import MINI
 
 
@@ -46,6 +47,26 @@ def test_every_figure_is_mean_and_sample_std_over_seeds():
     text = seed_markdown(report)
     assert f"| Fixed-E (4) | - | - | {statistics.mean(e):.4f} ± {statistics.stdev(e):.4f} (1.0000, 1.0200, 0.9900)" \
         in text
+
+
+def test_cpt_budget_rows_follow_the_main_rule_by_share(tmp_path):
+    runs = {}
+    for seed, e, me in ((0, 1.00, 0.90), (1, 1.02, 0.91)):
+        run = summary(seed, e, me, 0.95, 0.05, 0.99)
+        base = run["upcycled"][0]
+        run["upcycled"] += [{**base, "arm": f"upcycled-cpt{round(100 * f)}-{rule}", "cpt_fraction": f,
+                             "select": rule, "val_loss": up, "gap_closed": (e - up) / (e - me)}
+                            for f, rule, up in ((0.9, "grad_sq", 0.97 + seed / 100), (0.1, "grad_sq", 1.01),
+                                                (0.25, "uniform", 0.99))]
+        run["config"]["select"] = "grad_sq"
+        runs[seed] = run
+    report = aggregate(runs)
+    rows = budget_rows(report["upcycled"], "grad_sq")
+    assert [f for f, _ in rows] == [0.1, 0.5, 0.9]           # sorted, uniform left out
+    assert rows[2][1] == pytest.approx([(1.00 - 0.97) / 0.10, (1.02 - 0.98) / 0.11])
+    assert budget_rows(runs[0]["upcycled"], "uniform") == [(0.25, [pytest.approx(0.1)])]  # one run: one value
+    write_seed_report(report, tmp_path)
+    assert (tmp_path / "cpt_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_seeds_in_configs_and_on_the_command_line(tmp_path):

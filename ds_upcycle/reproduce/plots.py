@@ -2,6 +2,7 @@
 
 loss.png     validation loss of Fixed-E, Upcycled and Fixed-mE against tokens, the transition marked
 routing.png  share of routed tokens of every replica over CPT, coloured by the expert it copies
+cpt_budget.png  gap closed against the CPT share of the budget (with `cpt_sweep`), one dot per seed
 """
 
 from __future__ import annotations
@@ -118,6 +119,43 @@ def plot_routing(out: Path, arm: UpcycledArm, manifest: dict, path: Path, max_la
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"share of routed tokens (mean of {window} steps)")
     fig.suptitle(f"{arm.label}: each copy of a source expert (same colour; black line = even share)", fontsize=10)
+    return _save(fig, path, plt)
+
+
+def budget_rows(arms: list[dict], select: str) -> list[tuple[float, list[float]]]:
+    """(CPT share, gap closed of each seed) of the arms with rule `select`, by share; from a summary's
+    `upcycled` list (a value per arm) or a seed report's (a spread with the per-seed values)."""
+    rows = []
+    for arm in arms:
+        if arm["select"] != select:
+            continue
+        gap = arm["gap_closed"]
+        values = list(gap["values"].values()) if isinstance(gap, dict) else [gap]
+        values = [v for v in values if v is not None]
+        if values:
+            rows.append((arm["cpt_fraction"], values))
+    return sorted(rows)
+
+
+def plot_cpt_budget(rows: list[tuple[float, list[float]]], path: Path, select: str, total_steps: int) -> Path:
+    """Gap closed against the CPT share (= 1 - T0 / T): each seed, and the mean with its std."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    means = []
+    for fraction, values in rows:
+        x = 100 * fraction
+        ax.scatter([x] * len(values), [100 * v for v in values], color="tab:gray", s=16, zorder=2)
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        ax.errorbar([x], [100 * mean], yerr=[100 * std], fmt="o", color="tab:red", capsize=4, zorder=3)
+        means.append((x, 100 * mean))
+    ax.plot([x for x, _ in means], [y for _, y in means], color="tab:red", alpha=0.5)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.axhline(100, color="black", linewidth=0.8, linestyle=":")
+    ax.set_xlabel(f"CPT share of the budget, % (transition at T0 = (1 - share) x {total_steps} steps)")
+    ax.set_ylabel("gap closed, %")
+    ax.set_title(f"Gap closed against the CPT budget ({select}; gray: each seed, red: mean ± std)", fontsize=10)
+    ax.grid(alpha=0.3)
     return _save(fig, path, plt)
 
 
