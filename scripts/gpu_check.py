@@ -49,7 +49,11 @@ def repro_config(metrics: Path, seconds: float, ds_config: str, device: str, dty
                  total: int | None = None) -> dict:
     if total is None:
         total = int(min(1600, max(40, seconds / (ARM_STEPS_PER_T * step_seconds(metrics)))))
+    # One seed, the main arm and the control: a check of the path within a time limit. The stable
+    # transition branches Fixed-E at T0 = T/2, which must be a multiple of its checkpoint interval T/20.
+    total = max(40, total // 40 * 40)
     return {"base": "tiny", "name": "gpu-check", "total_steps": total, "selection_cpt_fraction": None,
+            "cpt_sweep": [], "seeds": [],
             "deepspeed_config": ds_config, "micro_batch_size": 16, "eval_interval": max(1, total // 8),
             "eval_device": device, "eval_dtype": dtype, "eval_batch_size": 32 if device == "cuda" else 8,
             "threads": 4 if device == "cuda" else 1}
