@@ -99,7 +99,8 @@ def _checked_tensors(family: Family, cfg: ModelConfig, tensors: dict[str, torch.
     """The family's tensors, after checking that they are exactly the ones our model needs."""
     expected = {theirs for _, theirs in family.name_pairs(cfg)}
     if cfg.tie_embeddings and "lm_head.weight" in tensors:  # some releases store the tied head too
-        if not torch.equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
+        embedding = tensors.get("model.embed_tokens.weight")  # a missing one is reported below
+        if embedding is not None and not torch.equal(tensors["lm_head.weight"], embedding):
             raise UserError(f"{hf_dir} ties its embeddings (tie_word_embeddings) but stores a different "
                             f"lm_head.weight")
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}

@@ -7,6 +7,7 @@ cpt_budget.png  gap closed against the CPT share of the budget (with `cpt_sweep`
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from ..checkpoint import read_metrics
@@ -137,18 +138,21 @@ def budget_rows(arms: list[dict], select: str) -> list[tuple[float, list[float]]
     return sorted(rows)
 
 
-def plot_cpt_budget(rows: list[tuple[float, list[float]]], path: Path, select: str, total_steps: int) -> Path:
-    """Gap closed against the CPT share (= 1 - T0 / T): each seed, and the mean with its std."""
+def plot_cpt_budget(arms: list[dict], select: str, path: Path, total_steps: int) -> Path | None:
+    """Gap closed against the CPT share (= 1 - T0 / T) of the arms with rule `select`: each seed,
+    and the mean with its std. Drawn only with three shares or more (a `cpt_sweep`)."""
+    rows = budget_rows(arms, select)
+    if len(rows) < 3:
+        return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     means = []
     for fraction, values in rows:
-        x = 100 * fraction
+        x, mean = 100 * fraction, 100 * statistics.fmean(values)
+        std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
         ax.scatter([x] * len(values), [100 * v for v in values], color="tab:gray", s=16, zorder=2)
-        mean = sum(values) / len(values)
-        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-        ax.errorbar([x], [100 * mean], yerr=[100 * std], fmt="o", color="tab:red", capsize=4, zorder=3)
-        means.append((x, 100 * mean))
+        ax.errorbar([x], [mean], yerr=[std], fmt="o", color="tab:red", capsize=4, zorder=3)
+        means.append((x, mean))
     ax.plot([x for x, _ in means], [y for _, y in means], color="tab:red", alpha=0.5)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axhline(100, color="black", linewidth=0.8, linestyle=":")

@@ -22,7 +22,7 @@ from ..atomic import write_json_atomic, write_text_atomic
 from ..errors import UserError
 from .config import ReproduceConfig
 from .experiment import Experiment
-from .plots import budget_rows, plot_cpt_budget
+from .plots import plot_cpt_budget
 
 
 def seed_dir(out: Path, seed: int) -> Path:
@@ -176,7 +176,6 @@ def write_seed_report(report: dict, results: Path) -> None:
     for name, text in (("summary.md", seed_markdown(report)), ("summary.json", json.dumps(report, indent=2))):
         write_text_atomic(results / name, text)
     plot_seeds(report, results / "seeds.png")
-    select = report["config"]["select"]
-    rows = budget_rows(report["upcycled"], select)
-    if len(rows) >= 3 and report["capacity_gap"]["mean"] > 0:
-        plot_cpt_budget(rows, results / "cpt_budget.png", select, report["total_steps"])
+    if report["capacity_gap"]["mean"] > 0:  # a gap to close
+        plot_cpt_budget(report["upcycled"], report["config"]["select"], results / "cpt_budget.png",
+                        report["total_steps"])
