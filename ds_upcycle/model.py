@@ -11,7 +11,6 @@ V vocabulary, X a projection of all heads (H * Dh or G * Dh).
 from __future__ import annotations
 
 import math
-import re
 import zlib
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .moe.layer import MoEFeedForward, SwiGLU
+from .moe.names import moe_prefix, split_expert_param, with_expert_id
 from .moe.router import LossFreeRouter
 
 
@@ -183,17 +183,12 @@ class Transformer(nn.Module):
 
     def global_param_names(self) -> dict[str, str]:
         """Map each parameter name to its layout-independent name (experts by global id)."""
-        names = {}
-        for block_id, block in enumerate(self.layers):
-            if not block.is_moe:
-                continue
-            for local_id, global_id in enumerate(block.ffn.expert_ids):
-                prefix = f"layers.{block_id}.ffn.moe.deepspeed_moe.experts.deepspeed_experts."
-                names[prefix + f"{local_id}."] = prefix + f"{global_id}."
+        global_ids = {moe_prefix(block_id): block.ffn.expert_ids
+                      for block_id, block in enumerate(self.layers) if block.is_moe}
         mapping = {}
         for name, _ in self.named_parameters():
-            match = re.match(r"(.*deepspeed_experts\.\d+\.)", name)
-            mapping[name] = names[match.group(1)] + name[match.end():] if match else name
+            parts = split_expert_param(name)
+            mapping[name] = name if parts is None else with_expert_id(name, global_ids[parts[0]][parts[1]])
         return mapping
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ import torch
 
 from conftest import ROOT, SMALL_DATA, free_port
 from ds_upcycle.checkpoint import CheckpointState, NonExpertState, ParamState
+from ds_upcycle.moe.names import router_bias, router_weight
 
 
 def load_pt(path: Path):
@@ -99,8 +100,8 @@ def duplicate_experts(state: CheckpointState) -> CheckpointState:
     for layer in state.moe_layers:
         count = layer.num_experts
         experts.update({(layer.index, g): state.experts[(layer.index, g % count)] for g in range(2 * count)})
-        gate = f"{layer.prefix}.deepspeed_moe.gate"
-        params[f"{gate}.wg.weight"] = params[f"{gate}.wg.weight"].map(lambda t: torch.cat([t, t]))
-        buffers[f"{gate}.route_bias"] = torch.cat([buffers[f"{gate}.route_bias"]] * 2)
+        weight, bias = router_weight(layer.prefix), router_bias(layer.prefix)
+        params[weight] = params[weight].map(lambda t: torch.cat([t, t]))
+        buffers[bias] = torch.cat([buffers[bias]] * 2)
     layers = [layer.with_experts(2 * layer.num_experts) for layer in state.moe_layers]
     return CheckpointState(state.meta, layers, NonExpertState(params, buffers), experts)

@@ -7,7 +7,6 @@ averaged over batches by hand.
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from ds_upcycle.data import DataConfig, prepare_data
 from ds_upcycle.errors import UserError
 from ds_upcycle.trained import RunData, load_model
 from ds_upcycle.model import Transformer
+from ds_upcycle.moe.names import GATE, expert_param, split_expert_param
 from ds_upcycle.upcycle.calibration import (calibrate, calibration_data, expert_gradient_stats, router_input_directions,
                                             scores_by_layer)
 from ds_upcycle.upcycle.config import ExpandConfig
@@ -33,7 +33,6 @@ from ds_upcycle.upcycle.expand import expand_checkpoint
 from ds_upcycle.upcycle.operator import allocate_copies
 from ds_upcycle.upcycle.scores import FISHER_EPS, SELECTION_RULES
 
-EXPERT = re.compile(r"^(.+)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.+)$")
 SMALL = ModelConfig(vocab_size=97, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, dense_ffn_dim=48,
                     expert_ffn_dim=24, num_experts=4, top_k=2, moe_layer_freq=2)
 
@@ -55,15 +54,14 @@ def direct_stats(model, batches):
         logits, _ = model(inputs)
         F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)).backward()
         for name, p in model.named_parameters():
-            match = EXPERT.match(name)
-            if match:
-                key = (match[1], int(match[2]), match[3])
+            key = split_expert_param(name)
+            if key is not None:
                 grad = torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
                 g, g2 = sums.get(key, (0, 0))
                 sums[key] = (g + grad, g2 + grad * grad)
     n = len(batches)
     weights = {name: p.detach() for name, p in model.named_parameters()}
-    return {key: (g / n, g2 / n, weights[f"{key[0]}.deepspeed_moe.experts.deepspeed_experts.{key[1]}.{key[2]}"])
+    return {key: (g / n, g2 / n, weights[expert_param(*key)])
             for key, (g, g2) in sums.items()}
 
 
@@ -257,8 +255,8 @@ def routed_inputs(model, batches):
     """{MoE prefix: [(router inputs [S, D], chosen experts [S, K])]}, captured by forward hooks."""
     captured, hooks = {}, []
     for name, module in model.named_modules():
-        if name.endswith(".deepspeed_moe.gate"):
-            def hook(router, args, out, prefix=name.removesuffix(".deepspeed_moe.gate")):
+        if name.endswith(GATE):
+            def hook(router, args, out, prefix=name.removesuffix(GATE)):
                 captured.setdefault(prefix, []).append((args[0].double().clone(), router.route(args[0])[0].clone()))
             hooks.append(module.register_forward_hook(hook))
     with torch.no_grad():

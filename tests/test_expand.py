@@ -19,9 +19,9 @@ from click.testing import CliRunner
 from ckpt_helpers import assert_deepspeed_saves_the_same, check_ok, merged_dump, run_worker, tree_digest
 from conftest import ROOT, bf16_ds_config, free_port, run_train, tiny_run_args, write_ds_config
 from ds_upcycle.cli import main as cli_main
+from ds_upcycle.moe.names import GATE, expert_param, router_weight, split_expert_param, with_expert_id
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-GATE = ".deepspeed_moe.gate"
 
 
 def expand_cli(*args: str) -> subprocess.CompletedProcess:
@@ -43,7 +43,7 @@ def work(tmp_path_factory, data_cache):
 def expected_state(source: dict, manifest: dict, mode: str) -> dict:
     """Each expanded parameter computed from the source's full state and the plan."""
     params = dict(source["params"])
-    out = {n: v for n, v in params.items() if "deepspeed_experts" not in n and GATE not in n}
+    out = {n: v for n, v in params.items() if split_expert_param(n) is None and GATE not in n}
     for layer in manifest["layers"]:
         prefix, sources, counts = layer["prefix"], layer["sources"], layer["counts"]
         first = {s: sources.index(s) for s in set(sources)}
@@ -53,16 +53,15 @@ def expected_state(source: dict, manifest: dict, mode: str) -> dict:
             if mode == "reset":
                 return 1.0 if first[sources[j]] == j else 0.0
             return (1.0 / counts[sources[j]]) ** moment
-        router = params[f"{prefix}{GATE}.wg.weight"]
-        out[f"{prefix}{GATE}.wg.weight"] = {
+        router = params[router_weight(prefix)]
+        out[router_weight(prefix)] = {
             key: torch.stack([router[key][s] * factor(j, m) for j, s in enumerate(sources)])
             for m, key in ((0, "fp32"), (1, "exp_avg"), (2, "exp_avg_sq"))}
         for j, s in enumerate(sources):
             for name, tensors in params.items():
-                marker = f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{s}."
-                if name.startswith(marker):
-                    new_name = f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{j}." + name[len(marker):]
-                    out[new_name] = {"fp32": tensors["fp32"], "exp_avg": tensors["exp_avg"] * factor(j, 1),
+                parts = split_expert_param(name)
+                if parts is not None and parts[:2] == (prefix, s):
+                    out[with_expert_id(name, j)] = {"fp32": tensors["fp32"], "exp_avg": tensors["exp_avg"] * factor(j, 1),
                                      "exp_avg_sq": tensors["exp_avg_sq"] * factor(j, 2)}
     return out
 
@@ -225,11 +224,9 @@ def test_stock_deepspeed_script_checkpoint_expands_and_resumes(tmp_path):
     before, after = merge(tmp_path / "before"), merge(tmp_path / "after")
     for k in range(8):  # uniform doubling: new expert k copies expert k % 4, moments included
         for suffix in ("fc1.weight", "fc2.bias"):
-            new, old = after[f"moe1.deepspeed_moe.experts.deepspeed_experts.{k}.{suffix}"], \
-                before[f"moe1.deepspeed_moe.experts.deepspeed_experts.{k % 4}.{suffix}"]
+            new, old = after[expert_param("moe1", k, suffix)], before[expert_param("moe1", k % 4, suffix)]
             assert new == old
-    router_after = after["moe2.deepspeed_moe.gate.wg.weight"]
-    router_before = before["moe2.deepspeed_moe.gate.wg.weight"]
+    router_after, router_before = after[router_weight("moe2")], before[router_weight("moe2")]
     assert router_after["fp32"][:4] == router_before["fp32"]  # source rows unchanged
     assert router_after["fp32"][4:] != router_before["fp32"]  # replicas: rows plus noise (no bias)
     assert router_after["exp_avg"][4:] == router_before["exp_avg"]

@@ -15,6 +15,7 @@ from deepspeed.checkpoint.constants import CLIP_GRAD, LOSS_SCALER
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
 from ..errors import UserError
+from .ds_config import zero_stage
 from .names import split_expert_param
 from .state import CheckpointMeta, CheckpointState, MoELayer, NonExpertState, ParamGroup, ParamState
 
@@ -47,7 +48,7 @@ def fresh_state(state: dict[str, torch.Tensor], param_names: list[str], shared_p
     buffers = {n: t for n, t in state.items() if n not in params and n not in shared_params}
     layers, experts = _moe_layers(state, param_names)
     hypers = adamw_hypers(ds_config)
-    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    stage = zero_stage(ds_config)
     dense = [n for n in param_names if split_expert_param(n) is None]
     meta = CheckpointMeta(
         global_steps=0, global_samples=0, skipped_steps=0, lr_scheduler=None, client_state=client_state,

@@ -15,6 +15,7 @@ from deepspeed.checkpoint.constants import DS_VERSION
 
 from ..data.tokenizer import find_tokenizer
 from ..errors import UserError
+from .ds_config import zero_stage
 from .files import load_file
 from .names import MODEL_FILE, MODEL_STATES, ZERO3_MODEL_FILE, ZERO_FILE, expert_file, split_expert_param
 from .run_record import RUN_FILE, read_run_info
@@ -27,10 +28,6 @@ RECOMPUTED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "share
 DEEPSPEED_KEYS = RECOMPUTED_KEYS | {"data_sampler", "random_ltd",
                                     "mp_world_size", "checkpoint_parallel_dimensions", "ds_autoep_layers",
                                     "universal_checkpoint_info"}
-
-
-def zero_stage(model: dict) -> int:
-    return int((model.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
 
 
 def open_model_file(tag_dir: Path) -> dict:
@@ -115,7 +112,7 @@ def refuse_unsupported_files(path: Path) -> None:
 def _check_model_file(model: dict, path: Path) -> None:
     if not isinstance(model, dict) or not {"module", DS_VERSION, "dp_world_size"} <= set(model):
         raise UserError(f"{path} is not a DeepSpeed model-states file")
-    stage = zero_stage(model)
+    stage = zero_stage(model.get("ds_config"))
     if stage == 3:
         raise UserError(f"{path.parent} is a ZeRO-3 checkpoint; only ZeRO stage 1 and 2 checkpoints are supported")
     if (stage == 0) != (model.get("param_shapes") is None):

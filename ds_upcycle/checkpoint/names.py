@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 
+# Parameter names inside the module are DeepSpeed's module paths, kept with the MoE layer.
+from ..moe.names import expert_param, split_expert_param
+
 MODEL_STATES = "mp_rank_00_model_states.pt"
-EXPERTS_INFIX = ".deepspeed_moe.experts.deepspeed_experts."
-# <MoE module path>.deepspeed_moe.experts.deepspeed_experts.<expert id>.<parameter inside the expert>
-EXPERT_PARAM = re.compile(r"^(?P<prefix>.+)" + re.escape(EXPERTS_INFIX) + r"(?P<expert>\d+)\.(?P<suffix>.+)$")
 ZERO_FILE = re.compile(r"^(?P<bf16>bf16_)?zero_pp_rank_(?P<rank>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
 ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
 MODEL_FILE = re.compile(r"^mp_rank_(?P<mp>\d+)_model_states\.pt$")
@@ -23,11 +23,5 @@ def expert_file(layer: int, expert: int) -> str:
     return f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
 
 
-def expert_param(prefix: str, expert: int, suffix: str) -> str:
-    return f"{prefix}{EXPERTS_INFIX}{expert}.{suffix}"
-
-
-def split_expert_param(name: str) -> tuple[str, int, str] | None:
-    """(MoE module path, expert id, name inside the expert), or None for a non-expert name."""
-    match = EXPERT_PARAM.match(name)
-    return (match["prefix"], int(match["expert"]), match["suffix"]) if match else None
+__all__ = ["MODEL_FILE", "MODEL_STATES", "ZERO3_MODEL_FILE", "ZERO_FILE", "expert_file", "expert_param",
+           "split_expert_param", "zero_file"]

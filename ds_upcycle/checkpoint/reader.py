@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .model_file import open_model_file, refuse_unsupported_files, zero_stage
+from .ds_config import zero_stage
+from .model_file import open_model_file, refuse_unsupported_files
 from .run_record import find_checkpoint
 from .stage0 import Stage0Reader
 from .state import CheckpointReader
@@ -22,5 +23,5 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointReader:
     refuse_unsupported_files(Path(path))
     tag_dir = find_checkpoint(path).path
     model = open_model_file(tag_dir)
-    reader = Stage0Reader if zero_stage(model) == 0 else ZeroReader
+    reader = Stage0Reader if zero_stage(model.get("ds_config")) == 0 else ZeroReader
     return reader(tag_dir, model)

@@ -26,6 +26,7 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from ..atomic import write_json_atomic, write_text_atomic
 from ..data.tokenizer import copy_tokenizer
 from ..errors import UserError
+from .ds_config import bf16_enabled, zero_stage
 from .files import open_for_filling, save_file, save_skeleton, staging_dir
 from .layout import FlatGroup, Fragment, flat_group, split_moe_group
 from .names import MODEL_STATES, expert_file, zero_file
@@ -72,7 +73,7 @@ def write_checkpoint(state: CheckpointSource, dst_dir: str | os.PathLike, tag: s
             _check_param(name, param, target.shapes[name], with_moments)
         model_file = _model_file_state(state, non_expert, target, ds_config)
         with ExitStack() as stack:
-            if _zero_stage(ds_config) == 0:
+            if zero_stage(ds_config) == 0:
                 fill_expert = prepare_stage0_files(state, non_expert, ep_size, tag_dir, model_file, stack)
             else:
                 save_file(model_file, tag_dir / MODEL_STATES)
@@ -101,7 +102,7 @@ def _check_request(state: CheckpointSource, dst_dir: Path, world_size: int, ep_s
         if layer.num_experts % ep_size:
             raise UserError(f"{layer.prefix}: {layer.num_experts} experts are not divisible by ep_size {ep_size}")
     zero = ds_config.get("zero_optimization", {})
-    stage = _zero_stage(ds_config)
+    stage = zero_stage(ds_config)
     if stage not in (0, 1, 2):
         raise UserError(f"can only write checkpoints without ZeRO or with ZeRO stage 1 or 2, the DeepSpeed config "
                         f"has stage {stage}")
@@ -112,19 +113,15 @@ def _check_request(state: CheckpointSource, dst_dir: Path, world_size: int, ep_s
                         f"converting between no ZeRO and ZeRO 1/2 is not supported")
     if zero.get("round_robin_gradients") or zero.get("elastic_checkpoint"):
         raise UserError("zero_optimization.round_robin_gradients and elastic_checkpoint are not supported")
-    expected = torch.bfloat16 if _bf16(ds_config) else torch.float32
+    expected = torch.bfloat16 if bf16_enabled(ds_config) else torch.float32
     if ds_config.get("fp16", {}).get("enabled") or state.meta.module_dtype != expected:
         raise UserError(f"can write fp32 and bf16 checkpoints whose DeepSpeed config matches the weights "
-                        f"(weights {state.meta.module_dtype}, config {'bf16' if _bf16(ds_config) else 'fp32'})")
+                        f"(weights {state.meta.module_dtype}, config {'bf16' if bf16_enabled(ds_config) else 'fp32'})")
     if dst_dir.exists() and not dst_dir.is_dir():
         raise UserError(f"output {dst_dir} exists and is not a directory")
     source = state.meta.source
     if source is not None and dst_dir.resolve() in (source.resolve(), source.resolve().parent):
         raise UserError(f"refusing to write into the source checkpoint's directory {dst_dir}")
-
-
-def _bf16(ds_config: dict) -> bool:
-    return bool(ds_config.get("bf16", {}).get("enabled"))
 
 
 def _target(state: CheckpointSource, non_expert: NonExpertState, world_size: int, ep_size: int,
@@ -194,7 +191,7 @@ def _prepare_zero_files(state: CheckpointSource, non_expert: NonExpertState, tar
     the non-expert state and one expert, the filled bytes go straight to the page cache.
     """
     with_moments = state.meta.optimizer_step is not None
-    paths = [tag_dir / zero_file(rank, _bf16(ds_config)) for rank in range(target.world_size)]
+    paths = [tag_dir / zero_file(rank, bf16_enabled(ds_config)) for rank in range(target.world_size)]
     for rank, path in enumerate(paths):
         skeleton, holes = _zero_file_skeleton(state, target, rank, ds_config)
         save_skeleton(skeleton, path, holes)
@@ -281,7 +278,7 @@ def _zero_file_skeleton(state: CheckpointSource, target: _Target, rank: int,
         **meta.optimizer_extras,
         BASE_OPTIMIZER_STATE: {"state": adam_state, "param_groups": param_groups},
         SINGLE_PARTITION_OF_FP32_GROUPS: fp32,
-        ZERO_STAGE: ZeroStageEnum(int(ds_config["zero_optimization"]["stage"])),
+        ZERO_STAGE: ZeroStageEnum(zero_stage(ds_config)),
         GROUP_PADDINGS: [layout.group_padding(partition) for layout, partition in layouts],
         PARAM_ALIGNMENT_PADDINGS: [list(layout.paddings) for layout, _ in layouts],
         PARTITION_COUNT: [layout.dp_size for layout, _ in layouts],
@@ -311,7 +308,7 @@ def _model_file_state(state: CheckpointSource, non_expert: NonExpertState, targe
     for alias, holder in meta.shared_params.items():
         module[alias] = module[holder].clone()  # DeepSpeed clones every tensor before saving
     extras = meta.model_extras
-    stage = _zero_stage(ds_config)
+    stage = zero_stage(ds_config)
     # ZeRO-2 records frozen parameters (none here: the reader refuses them), ZeRO-1 does not.
     frozen = OrderedDict() if stage == 2 else None
     checkpoint = {
@@ -342,6 +339,3 @@ def _model_file_state(state: CheckpointSource, non_expert: NonExpertState, targe
     }
     return checkpoint
 
-
-def _zero_stage(ds_config: dict) -> int:
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))

@@ -74,14 +74,12 @@ def write_hf_model(model: Transformer, tokenizer: Path, out_dir: str | Path, dty
         hf_config.dtype = dtype
         hf_config.save_pretrained(str(staging))
         GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos).save_pretrained(str(staging))
-        files = write_weights({k: _cast(k, v, dtype) for k, v in tensors.items()}, staging, max_shard_bytes)
+        # The selection bias stays fp32 (as in training and in the families' own modules).
+        files = write_weights({k: v.float() if family.is_bias(k) else v.to(parse_dtype(dtype))
+                               for k, v in tensors.items()}, staging, max_shard_bytes)
         write_hf_tokenizer(tokenizer, staging)
         swap_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(out, family, dtype, files)
 
-
-def _cast(name: str, tensor: torch.Tensor, dtype: str) -> torch.Tensor:
-    # The selection bias stays fp32 (as in training and in the families' own modules).
-    return tensor.float() if name.endswith("e_score_correction_bias") else tensor.to(parse_dtype(dtype))

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
+from ..moe.names import ROUTER_BIAS, expert_param, moe_prefix, router_bias, router_weight
 
-ROUTER = "ffn.moe.deepspeed_moe.gate"
-EXPERTS = "ffn.moe.deepspeed_moe.experts.deepspeed_experts"
 SWIGLU = ("w_gate", "w_up", "w_down")
 
 
@@ -72,12 +71,12 @@ class Family:
                 hf_names = ("gate_proj", "up_proj", "down_proj")
                 pairs += [(ours + f"ffn.{w}.weight", theirs + f"mlp.{h}.weight") for w, h in zip(SWIGLU, hf_names)]
                 continue
-            moe = theirs + self.moe_block + "."
-            pairs.append((ours + ROUTER + ".wg.weight", moe + "gate.weight"))
+            moe, prefix = theirs + self.moe_block + ".", moe_prefix(i)
+            pairs.append((router_weight(prefix), moe + "gate.weight"))
             if self.bias_name is not None:
-                pairs.append((ours + ROUTER + ".route_bias", moe + self.bias_name))
+                pairs.append((router_bias(prefix), moe + self.bias_name))
             for e in range(cfg.experts_in_block(i)):
-                pairs += [(ours + f"{EXPERTS}.{e}.{w}.weight", moe + f"experts.{e}.{h}.weight")
+                pairs += [(expert_param(prefix, e, f"{w}.weight"), moe + f"experts.{e}.{h}.weight")
                           for w, h in zip(SWIGLU, self.expert_names)]
         return pairs
 
@@ -97,11 +96,15 @@ class Family:
         state = {ours: self._convert(ours, tensors[theirs], cfg, to_hf=False) for ours, theirs in self.name_pairs(cfg)}
         if self.bias_name is None:  # the family has no selection bias: ours starts at zero
             for i in cfg.moe_layer_ids:
-                state[f"layers.{i}.{ROUTER}.route_bias"] = torch.zeros(cfg.experts_in_block(i))
+                state[router_bias(moe_prefix(i))] = torch.zeros(cfg.experts_in_block(i))
         return state
 
+    def is_bias(self, theirs: str) -> bool:
+        """Whether the family's tensor `theirs` is a router's selection bias (kept in fp32 on export)."""
+        return self.bias_name is not None and theirs.endswith("." + self.bias_name)
+
     def _convert(self, ours: str, tensor: torch.Tensor, cfg: ModelConfig, to_hf: bool) -> torch.Tensor:
-        if ours.endswith("route_bias") and self.bias_rows:
+        if ours.endswith(ROUTER_BIAS) and self.bias_rows:
             return tensor.reshape(1, -1) if to_hf else tensor.reshape(-1)
         # q/k norm weights ([Dh] or [H * Dh]) follow the rows of the projections they scale.
         if self.interleaved_rope and ours.endswith(("attn.wq.weight", "attn.wk.weight", "attn.q_norm.weight",

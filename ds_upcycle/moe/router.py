@@ -20,11 +20,26 @@ contains the word "expert" as an expert tensor.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..comm import agree_capacity
+
+
+class SparseRoutes(NamedTuple):
+    """What DeepSpeed's MOELayer unpacks from its gate with sparse routes, in its order
+    (deepspeed/moe/sharded_moe.py); a forward hook on the router reads the fields by name."""
+
+    aux_loss: torch.Tensor
+    capacity: torch.Tensor      # tokens per expert buffer, agreed over the expert-parallel group
+    num_experts: int
+    experts_KS: torch.Tensor    # int32 expert ids of each token's K choices
+    locations_KS: torch.Tensor  # int32 slot of each choice in its expert's buffer
+    weights_KS: torch.Tensor    # combine weights
+    counts_E: torch.Tensor      # tokens routed to each expert
 
 
 class LossFreeRouter(nn.Module):
@@ -91,7 +106,7 @@ class LossFreeRouter(nn.Module):
         return torch.stack(members, dim=-1)
 
     def forward(self, x_SD: torch.Tensor, used_token=None, sparse_routes: bool = True,
-                use_tutel: bool = False):
+                use_tutel: bool = False) -> SparseRoutes:
         if used_token is not None:
             raise NotImplementedError("LossFreeRouter does not support used_token masks")
         if not sparse_routes or use_tutel:
@@ -117,5 +132,6 @@ class LossFreeRouter(nn.Module):
             route_share_E = counts_E.float() / (num_tokens * self.k)
             aux_loss = self.aux_loss_coef * self.num_experts * (route_share_E * probs_SE.mean(0)).sum()
 
-        return (aux_loss, capacity, self.num_experts, experts_SK.t().to(torch.int32).contiguous(),
-                locations_SK.t().to(torch.int32).contiguous(), weights_SK.t().contiguous(), counts_E.detach())
+        return SparseRoutes(aux_loss, capacity, self.num_experts, experts_SK.t().to(torch.int32).contiguous(),
+                            locations_SK.t().to(torch.int32).contiguous(), weights_SK.t().contiguous(),
+                            counts_E.detach())

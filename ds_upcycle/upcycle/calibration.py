@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import CheckpointReader
-from ..checkpoint.names import split_expert_param
 from ..data.sources import resolve_source
 from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
+from ..moe.names import GATE, split_expert_param
 from ..trained import RunData, load_master_model
 from .scores import GradientStats, expert_score
 
@@ -104,9 +104,6 @@ def expert_gradient_stats(model: torch.nn.Module, batches: Iterable[Batch]) -> d
     return stats
 
 
-ROUTER_SUFFIX = ".deepspeed_moe.gate"  # the router module inside a DeepSpeed MoE module
-
-
 @dataclass(frozen=True)
 class SplitDirections:
     """Per source expert of one MoE layer: the direction along which its tokens vary most, made
@@ -131,7 +128,7 @@ def router_input_directions(model: torch.nn.Module, batches: Iterable[Batch]) ->
 
     def record(prefix):
         def hook(router, args, out):
-            x_SD, experts_KS = args[0].double(), out[3].long()
+            x_SD, experts_KS = args[0].double(), out.experts_KS.long()
             num_experts = router.num_experts
             chosen_SE = torch.zeros(x_SD.shape[0], num_experts, dtype=torch.float64)
             chosen_SE.scatter_(1, experts_KS.t(), 1.0)
@@ -145,8 +142,8 @@ def router_input_directions(model: torch.nn.Module, batches: Iterable[Batch]) ->
         return hook
 
     for name, module in model.named_modules():
-        if name.endswith(ROUTER_SUFFIX):
-            hooks.append(module.register_forward_hook(record(name.removesuffix(ROUTER_SUFFIX))))
+        if name.endswith(GATE):
+            hooks.append(module.register_forward_hook(record(name.removesuffix(GATE))))
     was_training = model.training
     model.eval()
     try:

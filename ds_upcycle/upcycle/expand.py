@@ -33,6 +33,7 @@ from ..checkpoint import (CheckpointReader, CheckpointSource, MoELayer, NonExper
                           write_checkpoint)
 from ..config import ModelConfig
 from ..errors import UserError
+from ..moe.names import router_bias, router_weight
 from ..trained import RunData, load_master_model
 from .calibration import (Calibration, SplitDirections, calibrate, calibration_data, check_calibration_source,
                           router_input_directions)
@@ -43,8 +44,6 @@ from .scores import GradientStats, expert_score
 from .warmstart import WarmStart, warm_start
 
 MANIFEST = "upcycle_manifest.json"
-ROUTER_WEIGHT = ".deepspeed_moe.gate.wg.weight"
-ROUTER_BIAS = ".deepspeed_moe.gate.route_bias"
 
 
 def layer_scores(source: CheckpointSource, layer: MoELayer, rule: str,
@@ -135,7 +134,7 @@ class ExpandedSource:
         gen = torch.Generator().manual_seed(self.cfg.seed)
         for layer in self.source.moe_layers:
             plan = self.plans[layer.index]
-            weight_name, bias_name = layer.prefix + ROUTER_WEIGHT, layer.prefix + ROUTER_BIAS
+            weight_name, bias_name = router_weight(layer.prefix), router_bias(layer.prefix)
             if weight_name not in params:
                 raise UserError(f"{layer.prefix}: no router weight {weight_name} in the checkpoint")
             params[weight_name] = _expand_param(params[weight_name], plan, self.cfg.optimizer_state)
@@ -172,7 +171,7 @@ class ExpandedSource:
 
 def router_noise_target(source: CheckpointSource, layer: MoELayer, noise: float) -> str:
     """Where a layer's router noise goes: the routing bias if the model has one, else the router rows."""
-    if layer.prefix + ROUTER_BIAS in source.meta.buffer_names:
+    if router_bias(layer.prefix) in source.meta.buffer_names:
         return "routing bias"
     return "router weight rows (no routing bias)" if noise > 0 else "none"
 

@@ -1,0 +1,54 @@
+"""Where DeepSpeed's MoE module keeps its parts, by state-dict name (deepspeed.moe.layer.MoE, 0.19.x).
+
+Every name of an MoE parameter in a model, a DeepSpeed checkpoint or a Hugging Face mapping is
+built here. A decoder layer's MoE block (layer.py) holds DeepSpeed's module as `ffn.moe`, so:
+
+    layers.{i}.ffn.moe                                                  the MoE module (its "prefix")
+    layers.{i}.ffn.moe.deepspeed_moe.gate.wg.weight                     router rows [E, D]
+    layers.{i}.ffn.moe.deepspeed_moe.gate.route_bias                    selection bias [E] (our router)
+    layers.{i}.ffn.moe.deepspeed_moe.experts.deepspeed_experts.{e}.*    expert e's weights
+
+DeepSpeed names experts by the id local to their rank; checkpoints and ds-upcycle's layout-free
+state use global ids in the same place.
+"""
+
+from __future__ import annotations
+
+import re
+
+MOE_MODULE = "ffn.moe"                   # DeepSpeed's MoE module inside one of our decoder layers
+GATE = ".deepspeed_moe.gate"             # the router module inside an MoE module
+ROUTER_WEIGHT = GATE + ".wg.weight"
+ROUTER_BIAS = GATE + ".route_bias"
+EXPERTS_INFIX = ".deepspeed_moe.experts.deepspeed_experts."
+# <MoE module path>.deepspeed_moe.experts.deepspeed_experts.<expert id>.<parameter inside the expert>
+EXPERT_PARAM = re.compile(r"^(?P<prefix>.+)" + re.escape(EXPERTS_INFIX) + r"(?P<expert>\d+)\.(?P<suffix>.+)$")
+
+
+def moe_prefix(layer_id: int) -> str:
+    """The MoE module of decoder layer `layer_id` of our model."""
+    return f"layers.{layer_id}.{MOE_MODULE}"
+
+
+def router_weight(prefix: str) -> str:
+    return prefix + ROUTER_WEIGHT
+
+
+def router_bias(prefix: str) -> str:
+    return prefix + ROUTER_BIAS
+
+
+def expert_param(prefix: str, expert: int, suffix: str) -> str:
+    return f"{prefix}{EXPERTS_INFIX}{expert}.{suffix}"
+
+
+def split_expert_param(name: str) -> tuple[str, int, str] | None:
+    """(MoE module path, expert id, name inside the expert), or None for a non-expert name."""
+    match = EXPERT_PARAM.match(name)
+    return (match["prefix"], int(match["expert"]), match["suffix"]) if match else None
+
+
+def with_expert_id(name: str, expert: int) -> str:
+    """An expert parameter's name with another expert id (local <-> global)."""
+    prefix, _, suffix = split_expert_param(name)
+    return expert_param(prefix, expert, suffix)
