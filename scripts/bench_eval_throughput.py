@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
 
-    source = find_checkpoint(args.checkpoint).run_info.get("data", {}).get("source", "")
+    source = (find_checkpoint(args.checkpoint).run_record.data_source or "")
     spec = spec_from_source(source) if source.startswith("synthetic") else SyntheticSpec()
     prompts = [row["prompt"] for row in record_rows(spec)][:args.requests]
     generation = [Request(prompt, {"until": [], "max_gen_toks": args.max_gen_toks}) for prompt in prompts]

@@ -75,6 +75,7 @@ def synthetic_state(cfg):
         NonExpertState,
         ParamGroup,
         ParamState,
+        RunRecord,
     )
     from ds_upcycle.checkpoint.names import split_expert_param
     from ds_upcycle.model import Transformer
@@ -109,7 +110,7 @@ def synthetic_state(cfg):
         dense_groups=[ParamGroup({"name": "dense-params", **hypers}, list(dense))],
         expert_hypers={"name": "ep_size_2", "moe": True, **hypers}, optimizer_extras={"clip_grad": 1.0},
         module_keys=module_keys, buffer_names=list(buffers), shared_params={}, model_extras={},
-        run_info={"model": cfg.to_dict()})
+        run_record=RunRecord(cfg))
     return CheckpointState(meta, layers, NonExpertState(dense, buffers), experts)
 
 

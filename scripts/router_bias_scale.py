@@ -12,7 +12,7 @@ import json
 import ds_upcycle.upcycle.expand as expand_module
 from ds_upcycle.upcycle.config import ExpandConfig
 from ds_upcycle.upcycle.expand import expand_checkpoint
-from ds_upcycle.upcycle.operator import softmax_bias_scale
+from ds_upcycle.upcycle.operator import route_bias_scale
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     for select in ("uniform", "grad_sq"):
         for distinct in (False, True):
             for scaled in (True, False):
-                expand_module.softmax_bias_scale = softmax_bias_scale if scaled else (lambda plan: 1.0)
+                expand_module.route_bias_scale = route_bias_scale if scaled else (lambda plan, score_func: 1.0)
                 name = f"{select}-{'distinct' if distinct else 'plain'}-{'scaled' if scaled else 'unscaled'}"
                 cfg = ExpandConfig(args.source, f"{args.out}/{name}", multiplier=2, select=select,
                                    distinct_copies=distinct, router_noise=0.0 if distinct else 0.01, check_data=True,

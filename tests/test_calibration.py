@@ -26,12 +26,12 @@ from ds_upcycle.errors import UserError
 from ds_upcycle.trained import RunData, load_model
 from ds_upcycle.model import Transformer
 from ds_upcycle.moe.names import GATE, expert_param, split_expert_param
-from ds_upcycle.upcycle.calibration import (calibrate, calibration_data, expert_gradient_stats, router_input_directions,
-                                            scores_by_layer)
+from ds_upcycle.upcycle.calibration import calibrate, calibration_data, expert_gradient_stats, scores_by_layer
 from ds_upcycle.upcycle.config import ExpandConfig
 from ds_upcycle.upcycle.expand import expand_checkpoint
 from ds_upcycle.upcycle.operator import allocate_copies
 from ds_upcycle.upcycle.scores import FISHER_EPS, SELECTION_RULES
+from ds_upcycle.upcycle.split import router_input_directions
 
 SMALL = ModelConfig(vocab_size=97, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, dense_ffn_dim=48,
                     expert_ffn_dim=24, num_experts=4, top_k=2, moe_layer_freq=2)

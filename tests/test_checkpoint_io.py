@@ -20,7 +20,7 @@ from ckpt_helpers import (assert_deepspeed_saves_the_same, assert_same_params, c
                           merged_dump, run_worker, train_command, tree_digest)
 from conftest import run_train, write_ds_config
 from ds_upcycle.checkpoint import (CheckpointMeta, CheckpointState, MoELayer, NonExpertState, ParamGroup, ParamState,
-                                   load_state, named_param_states, read_checkpoint, write_checkpoint)
+                                   RunRecord, load_state, named_param_states, read_checkpoint, write_checkpoint)
 from ds_upcycle.checkpoint.layout import FlatGroup, alignment_paddings, flat_group, split_moe_group
 from ds_upcycle.checkpoint.names import split_expert_param, zero_file
 from ds_upcycle.config import ModelConfig
@@ -120,7 +120,7 @@ def test_reader_matches_stock_load(name, sources, oracle):
     assert meta.lr_scheduler == dump["lr_scheduler"]
     assert meta.client_state["ds_upcycle"] == dump["client"]
     assert [float(meta.optimizer_step)] * 2 == dump["step"]
-    assert meta.run_info["model"]["num_experts"] == 4 and meta.tokenizer.is_file()
+    assert meta.run_record.model.num_experts == 4 and meta.tokenizer.is_file()
     if dp > 1:  # the widths make DeepSpeed pad the last partition: the padding rules are exercised
         last = load_pt(sources[name] / TAG / zero_file(dp - 1))["optimizer_state_dict"]
         assert any(last["group_paddings"])
@@ -216,7 +216,7 @@ def synthetic_state(tokenizer: Path | None = None) -> CheckpointState:
         dense_groups=[ParamGroup({"name": "dense-params", **hypers}, list(dense))],
         expert_hypers={"name": "ep_size_1", "moe": True, **hypers}, optimizer_extras={"clip_grad": 1.0},
         module_keys=[k for k in model.state_dict() if split_expert_param(k) is None], buffer_names=list(buffers),
-        shared_params={}, model_extras={}, run_info={"model": SYNTH.to_dict()}, tokenizer=tokenizer)
+        shared_params={}, model_extras={}, run_record=RunRecord(SYNTH), tokenizer=tokenizer)
     return CheckpointState(meta, layers, NonExpertState(dense, buffers), experts)
 
 

@@ -107,7 +107,7 @@ def test_import_computes_the_family_forward_and_exports_back_bit_for_bit(model_t
     ids = tokens()
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids)[0], hf_model(ids).logits, atol=1e-5, rtol=1e-5)
-    assert loaded.run_info["optimizer_state"] is False
+    assert loaded.record.optimizer_state is False
     assert load_tokenizer(loaded.tokenizer).encode("Alice met Bob.") == load_tokenizer(sp_model).encode("Alice met Bob.")
 
     export_checkpoint(tmp_path / "ckpt", tmp_path / "again")

@@ -11,13 +11,13 @@ from .fresh import fresh_state
 from .metrics import MetricsLog, read_metrics
 from .model_file import read_module_weights
 from .reader import read_checkpoint
-from .run_record import (IMPORTED_KEY, OPTIMIZER_STATE_KEY, RUN_FILE, CheckpointRef, find_checkpoint,
-                         latest_checkpoint, write_run_files)
+from .run_record import (RUN_FILE, CheckpointRef, ImportOrigin, RunRecord, find_checkpoint, latest_checkpoint,
+                         write_run_files)
 from .state import (CheckpointMeta, CheckpointReader, CheckpointSource, CheckpointState, MoELayer, NonExpertState,
                     ParamGroup, ParamState, load_state, named_param_states)
 from .writer import write_checkpoint
 
-__all__ = ["IMPORTED_KEY", "OPTIMIZER_STATE_KEY", "RUN_FILE", "CheckpointMeta", "CheckpointReader", "CheckpointRef",
-           "CheckpointSource", "CheckpointState", "MetricsLog", "MoELayer", "NonExpertState", "ParamGroup", "ParamState",
+__all__ = ["RUN_FILE", "CheckpointMeta", "CheckpointReader", "CheckpointRef", "CheckpointSource", "CheckpointState",
+           "ImportOrigin", "MetricsLog", "MoELayer", "NonExpertState", "ParamGroup", "ParamState", "RunRecord",
            "find_checkpoint", "fresh_state", "latest_checkpoint", "load_state", "named_param_states", "read_checkpoint",
            "read_metrics", "read_module_weights", "write_checkpoint", "write_run_files"]

@@ -17,6 +17,7 @@ from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from ..errors import UserError
 from .ds_config import zero_stage
 from .names import split_expert_param
+from .run_record import RunRecord
 from .state import CheckpointMeta, CheckpointState, MoELayer, NonExpertState, ParamGroup, ParamState
 
 _ADAM_ONLY_KEYS = ("torch_adam", "adam_w_mode")  # DeepSpeed's switches, not torch hyperparameters
@@ -36,7 +37,7 @@ def adamw_hypers(ds_config: dict) -> dict:
 
 
 def fresh_state(state: dict[str, torch.Tensor], param_names: list[str], shared_params: dict[str, str],
-                ds_config: dict, client_state: dict, run_info: dict | None = None,
+                ds_config: dict, client_state: dict, run_record: RunRecord | None = None,
                 tokenizer=None) -> CheckpointState:
     """The checkpoint state of a model before its first optimizer step, on one process (ep_size 1).
 
@@ -62,7 +63,7 @@ def fresh_state(state: dict[str, torch.Tensor], param_names: list[str], shared_p
         shared_params=dict(shared_params),
         model_extras={"data_sampler": None, "random_ltd": None, "mp_world_size": 1, "ds_autoep_layers": None,
                       "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": 1}},
-        run_info=run_info, tokenizer=tokenizer)
+        run_record=run_record, tokenizer=tokenizer)
     non_expert = NonExpertState({n: ParamState(state[n].float()) for n in dense}, buffers)
     return CheckpointState(meta, layers, non_expert, experts)
 

@@ -18,7 +18,7 @@ from ..errors import UserError
 from .ds_config import zero_stage
 from .files import load_file
 from .names import MODEL_FILE, MODEL_STATES, ZERO3_MODEL_FILE, ZERO_FILE, expert_file, split_expert_param
-from .run_record import RUN_FILE, read_run_info
+from .run_record import RUN_FILE, read_run_record
 
 # Model-file entries the writer recomputes for the target layout or takes from CheckpointMeta.
 RECOMPUTED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "shared_params", "lr_scheduler",
@@ -46,7 +46,7 @@ def common_meta(model: dict, tag_dir: Path) -> dict:
         client_state={k: v for k, v in model.items() if k not in DEEPSPEED_KEYS},
         ds_config=model["ds_config"], ds_version=model[DS_VERSION],
         model_extras={k: model[k] for k in DEEPSPEED_KEYS - RECOMPUTED_KEYS if k in model},
-        run_info=read_run_info(tag_dir / RUN_FILE), tokenizer=tokenizer,
+        run_record=read_run_record(tag_dir / RUN_FILE), tokenizer=tokenizer,
         source=tag_dir)
 
 

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import UserError
 from .names import expert_param
+from .run_record import RunRecord
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # the Adam state kept per parameter (besides the shared step)
 
@@ -85,7 +86,7 @@ class CheckpointMeta:
     buffer_names: list[str]
     shared_params: dict[str, str]   # tied parameter name -> the name that holds the tensor
     model_extras: dict              # other DeepSpeed model-file entries, copied verbatim
-    run_info: dict | None = None    # ds_upcycle.json (model config, run metadata)
+    run_record: RunRecord | None = None   # ds_upcycle.json (model config, run metadata)
     tokenizer: Path | None = None   # tokenizer file of the tag directory
     source: Path | None = None      # tag directory it was read from
 

@@ -23,14 +23,14 @@ from deepspeed.checkpoint.constants import (BASE_OPTIMIZER_STATE, DS_VERSION, GR
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from ..atomic import write_json_atomic, write_text_atomic
+from ..atomic import write_text_atomic
 from ..data.tokenizer import copy_tokenizer
 from ..errors import UserError
 from .ds_config import bf16_enabled, zero_stage
 from .files import open_for_filling, save_file, save_skeleton, staging_dir
 from .layout import FlatGroup, Fragment, flat_group, split_moe_group
 from .names import MODEL_STATES, expert_file, zero_file
-from .run_record import RUN_FILE
+from .run_record import write_run_record
 from .stage0 import prepare_stage0_files
 from .state import MOMENTS, CheckpointSource, MoELayer, NonExpertState, ParamState
 
@@ -51,12 +51,12 @@ class _Target:
 
 
 def write_checkpoint(state: CheckpointSource, dst_dir: str | os.PathLike, tag: str, world_size: int, ep_size: int,
-                     ds_config: dict | None = None, run_info: dict | None = None) -> Path:
+                     ds_config: dict | None = None) -> Path:
     """Write `state` as DeepSpeed checkpoint `dst_dir/tag` for `world_size` ranks and `ep_size`.
 
     ds_config (default: the source's) is stored in the checkpoint and decides zero stage and
-    parameter_alignment. run_info (default: the source's ds_upcycle.json) is written with
-    model.num_experts set to the state's expert count. `latest` is set to `tag`. Returns the tag dir.
+    parameter_alignment. The source's run record, if it has one, is written with the state's expert
+    counts. `latest` is set to `tag`. Returns the tag dir.
     """
     meta = state.meta
     ds_config = copy.deepcopy(ds_config if ds_config is not None else meta.ds_config)
@@ -64,7 +64,9 @@ def write_checkpoint(state: CheckpointSource, dst_dir: str | os.PathLike, tag: s
     _check_request(state, dst_dir, world_size, ep_size, ds_config)
     non_expert = state.non_expert_state()
     target = _target(state, non_expert, world_size, ep_size, ds_config)
-    info = _run_info(run_info if run_info is not None else meta.run_info, state.moe_layers)
+    record = meta.run_record
+    if record is not None and state.moe_layers:
+        record = record.with_experts([layer.num_experts for layer in state.moe_layers])
 
     def write_tag(tag_dir: Path) -> None:
         tag_dir.mkdir(parents=True, exist_ok=True)
@@ -79,8 +81,8 @@ def write_checkpoint(state: CheckpointSource, dst_dir: str | os.PathLike, tag: s
                 save_file(model_file, tag_dir / MODEL_STATES)
                 fill_expert = _prepare_zero_files(state, non_expert, target, ds_config, tag_dir, stack)
             _walk_experts(state, ep_size, tag_dir, fill_expert)
-        if info is not None:
-            write_json_atomic(tag_dir / RUN_FILE, info)
+        if record is not None:
+            write_run_record(tag_dir, record)
         if meta.tokenizer is not None:
             copy_tokenizer(meta.tokenizer, tag_dir)
 
@@ -152,19 +154,6 @@ def _target(state: CheckpointSource, non_expert: NonExpertState, world_size: int
     expert = [flat_group(names[c.start:c.stop], numels[c.start:c.stop], world_size // ep_size, element_size, aligned)
               for c in split_moe_group(numels)]
     return _Target(world_size, ep_size, dense, expert, shapes)
-
-
-def _run_info(info: dict | None, layers: list[MoELayer]) -> dict | None:
-    """ds_upcycle.json with the state's expert counts (layer_experts where the layers differ)."""
-    if info is None or "model" not in info or not layers:
-        return info
-    info = copy.deepcopy(info)
-    counts = [layer.num_experts for layer in layers]
-    if len(set(counts)) == 1:
-        info["model"]["num_experts"], info["model"]["layer_experts"] = counts[0], None
-    else:
-        info["model"]["layer_experts"] = counts
-    return info
 
 
 def _check_param(name: str, state: ParamState, shape: torch.Size, with_moments: bool) -> None:

@@ -98,7 +98,7 @@ def _validation_loss(ref: CheckpointRef, step: int | None) -> float | None:
 
 def _loss_data(ref: CheckpointRef, cfg: EvalConfig) -> PackedSequences | None:
     """The split to measure the loss on, prepared before the (long) evaluation; None to skip."""
-    if not cfg.val_samples or not ref.run_info.get("data", {}).get("source"):
+    if not cfg.val_samples or not ref.run_record.data_source:
         return None  # no data of its own (an imported model): no loss to measure
     return RunData(ref, cfg.data_cache).split(cfg.val_split)
 
@@ -119,21 +119,25 @@ def headline(task_results: dict, metric: str | None) -> tuple[str | None, float 
     return metric, (float(value) if isinstance(value, (int, float)) and not math.isnan(value) else None)
 
 
+def checkpoint_summary(ref: CheckpointRef, tasks: dict, val_loss: float | None) -> dict:
+    """The `ds_upcycle` section of a results file: which checkpoint, its shape, task scores and their average."""
+    record = ref.run_record
+    values = [t["value"] for t in tasks.values() if t["value"] is not None]
+    return {
+        "checkpoint": str(ref.path), "tag": ref.tag, "global_step": record.global_step,
+        "tokens_seen": record.tokens_seen, "val_loss": val_loss,
+        "num_experts": record.model.num_experts, "top_k": record.model.top_k,
+        "tasks": tasks, "average": sum(values) / len(values) if len(values) == len(tasks) and values else None,
+    }
+
+
 def summarize(results: dict, specs: list[TaskSpec], ref: CheckpointRef) -> dict:
-    info = ref.run_info
-    model = info.get("model", {})
     tasks = {}
     for spec in specs:
         task_results = {**results.get("groups", {}).get(spec.task, {}), **results["results"].get(spec.task, {})}
         metric, value = headline(task_results, spec.metric)
         tasks[spec.task] = {"metric": metric, "value": value, "num_fewshot": spec.num_fewshot}
-    values = [t["value"] for t in tasks.values() if t["value"] is not None]
-    return {
-        "checkpoint": str(ref.path), "tag": ref.tag, "global_step": info.get("global_step"),
-        "tokens_seen": info.get("tokens_seen"), "val_loss": _validation_loss(ref, info.get("global_step")),
-        "num_experts": model.get("num_experts"), "top_k": model.get("top_k"),
-        "tasks": tasks, "average": sum(values) / len(values) if len(values) == len(tasks) and values else None,
-    }
+    return checkpoint_summary(ref, tasks, _validation_loss(ref, ref.run_record.global_step))
 
 
 def run_eval(cfg: EvalConfig) -> EvalReport:
@@ -145,7 +149,7 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
     output = Path(cfg.output) if cfg.output else ref.path / RESULTS_FILE
     # Tasks first: a missing dataset should fail before minutes of model loading.
     manager = UpcycleTaskManager(cfg.include_paths, cfg.data_dir,
-                                 metadata={"synthetic_source": ref.run_info.get("data", {}).get("source")},
+                                 metadata={"synthetic_source": ref.run_record.data_source},
                                  needed=[spec.task for spec in specs])
     objects = load_tasks(manager, specs)
     loss_data = _loss_data(ref, cfg)

@@ -16,7 +16,6 @@ import torch
 from transformers import AutoConfig, GenerationConfig
 
 from ..atomic import check_destination, swap_into_place
-from ..checkpoint import IMPORTED_KEY
 from ..dtypes import EXPORT_DTYPES, parse_dtype
 from ..errors import UserError
 from ..model import Transformer
@@ -41,10 +40,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
     """Write `checkpoint` (save dir or tag dir, any layout) as a transformers model directory `out_dir`."""
     check_destination(Path(out_dir), force)
     loaded = load_model(checkpoint, "cpu", torch.float32)
-    imported = loaded.run_info.get(IMPORTED_KEY, {})
+    imported = loaded.record.imported_from
     return write_hf_model(loaded.model, loaded.tokenizer, out_dir, dtype,
-                          seq_len=imported.get("max_position_embeddings") or loaded.seq_len,
-                          prefer=imported.get("model_type"), force=force, max_shard_bytes=max_shard_bytes)
+                          seq_len=imported.max_position_embeddings if imported else loaded.record.seq_len,
+                          prefer=imported.model_type if imported else None, force=force,
+                          max_shard_bytes=max_shard_bytes)
 
 
 def write_hf_model(model: Transformer, tokenizer: Path, out_dir: str | Path, dtype: str = "float32",

@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from .. import __version__
 from ..atomic import check_destination, swap_into_place
-from ..checkpoint import IMPORTED_KEY, OPTIMIZER_STATE_KEY, CheckpointState, fresh_state, write_checkpoint
+from ..checkpoint import CheckpointState, ImportOrigin, RunRecord, fresh_state, write_checkpoint
 from ..config import ModelConfig
 from ..data.tokenizer import load_tokenizer, tokenizer_file
 from ..errors import UserError
@@ -78,15 +77,13 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, force: bool = Fal
     check_destination(out, force)
     state = family.from_hf(cfg, _checked_tensors(family, cfg, read_weights(hf_dir), hf_dir))
     positions = int(hf.get("max_position_embeddings") or CONTEXT_CAP)
-    run_info = {"model": cfg.to_dict(), "global_step": 0, "tokens_seen": 0, OPTIMIZER_STATE_KEY: False,
-                "data": {"seq_len": min(positions, CONTEXT_CAP)},
-                IMPORTED_KEY: {"model_type": family.model_type, "architecture": family.architecture,
-                               "max_position_embeddings": positions, "directory": hf_dir.resolve().name},
-                "ds_upcycle_version": __version__}
+    record = RunRecord(cfg, optimizer_state=False, context=min(positions, CONTEXT_CAP),
+                       imported_from=ImportOrigin(family.model_type, family.architecture, positions,
+                                                  hf_dir.resolve().name))
     staging = out.with_name(f".{out.name}.{os.getpid()}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        write_checkpoint(_checkpoint_state(cfg, state, tokenizer, run_info), staging, IMPORT_TAG, world_size=1,
+        write_checkpoint(_checkpoint_state(cfg, state, tokenizer, record), staging, IMPORT_TAG, world_size=1,
                          ep_size=1)
         swap_into_place(staging, out)
     finally:
@@ -117,7 +114,7 @@ def _checked_tensors(family: Family, cfg: ModelConfig, tensors: dict[str, torch.
 
 
 def _checkpoint_state(cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer: Path,
-                      run_info: dict) -> CheckpointState:
+                      record: RunRecord) -> CheckpointState:
     """The imported weights as the checkpoint DeepSpeed would save before a first step."""
     with torch.device("meta"):  # only the names and their order are read from it
         model = Transformer(cfg)
@@ -127,4 +124,4 @@ def _checkpoint_state(cfg: ModelConfig, state: dict[str, torch.Tensor], tokenize
     shared = {"output.weight": "tok_embeddings.weight"} if cfg.tie_embeddings else {}
     return fresh_state(ordered, [n for n, _ in model.named_parameters()], shared, SAVE_CONFIG,
                        {"ds_upcycle": {"position": {"split": "pretrain", "samples": 0, "tokens": 0}}},
-                       run_info, tokenizer)
+                       record, tokenizer)

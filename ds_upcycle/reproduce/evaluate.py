@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..atomic import write_json_atomic
 from ..checkpoint import find_checkpoint
-from ..evaluation.run import EvalConfig, run_eval
+from ..evaluation.run import EvalConfig, checkpoint_summary, run_eval
 from ..trained import RunData, checkpoint_loss
 from .experiment import Experiment
 
@@ -21,13 +21,8 @@ def _loss_only(exp: Experiment, checkpoint: Path) -> dict:
     ref = find_checkpoint(checkpoint)
     data = RunData(ref, exp.data_cache).split("val")
     count = min(cfg.final_val_samples, data.num_samples)
-    info, model = ref.run_info, ref.run_info.get("model", {})
-    return {"ds_upcycle": {
-        "checkpoint": str(ref.path), "tag": ref.tag, "global_step": info.get("global_step"),
-        "tokens_seen": info.get("tokens_seen"), "num_experts": model.get("num_experts"),
-        "top_k": model.get("top_k"), "tasks": {}, "average": None,
-        "val_loss": checkpoint_loss(ref.path, data, count),
-        "val_loss_measured_on": {"split": "val", "sequences": count}}}
+    return {"ds_upcycle": {**checkpoint_summary(ref, {}, checkpoint_loss(ref.path, data, count)),
+                           "val_loss_measured_on": {"split": "val", "sequences": count}}}
 
 
 def evaluate_arm(exp: Experiment, checkpoint: Path, output: Path) -> Path:

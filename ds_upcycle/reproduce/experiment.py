@@ -17,6 +17,3 @@ class Experiment:
     out: Path
     data_cache: str | None = None
     say: Callable[[str], None] = print
-
-    def arm_dir(self, arm: str) -> Path:
-        return self.out / arm

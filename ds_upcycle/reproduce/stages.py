@@ -53,10 +53,6 @@ def mark_complete(arm_dir: Path, record: dict) -> None:
     write_json_atomic(arm_dir / MARKER, record)
 
 
-def read_marker(arm_dir: Path) -> dict:
-    return json.loads((arm_dir / MARKER).read_text())
-
-
 def data_args(exp: Experiment) -> list[str]:
     cfg, data_cache = exp.cfg, exp.data_cache
     args = ["--data", str(cfg.data), "--text-field", cfg.text_field, "--seq-len", str(cfg.seq_len),

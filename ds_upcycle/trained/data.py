@@ -8,13 +8,13 @@ small files) and the data is tokenized, with the checkpoint's own tokenizer, onl
 from __future__ import annotations
 
 import os
-from dataclasses import fields
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import IMPORTED_KEY, RUN_FILE, CheckpointRef, find_checkpoint
+from ..checkpoint import RUN_FILE, CheckpointRef, find_checkpoint
 from ..data import DataConfig, PackedSequences, PreparedData, prepare_data
 from ..errors import UserError
 
@@ -24,26 +24,21 @@ class RunData:
 
     def __init__(self, checkpoint: str | os.PathLike | CheckpointRef, cache_dir: str | None = None) -> None:
         self.ref = checkpoint if isinstance(checkpoint, CheckpointRef) else find_checkpoint(checkpoint)
-        record = self.ref.path / RUN_FILE
-        if not self.ref.has_run_info:
+        if not self.ref.has_run_record:
             raise UserError(f"{self.ref.path} has no {RUN_FILE}: its training data settings are unknown "
                             f"(not written by train.py)")
-        info = self.ref.run_info
-        data = info.get("data")
+        record = self.ref.run_record
         # An imported model records its context length but has no training data of its own.
-        self.imported_from = (info.get(IMPORTED_KEY) or {}).get("architecture")
-        if not isinstance(data, dict) or "seq_len" not in data or ("source" not in data and not self.imported_from):
-            raise UserError(f"{record} records no data settings (source, seq_len)")
-        self.has_source = "source" in data
-        if "model" not in info:
-            raise UserError(f"{record} records no model config")
+        self.imported_from = record.imported_from.architecture if record.imported_from else None
+        if record.data is None and (record.context is None or not self.imported_from):
+            raise UserError(f"{self.ref.path / RUN_FILE} records no data settings (source, seq_len)")
+        self.has_source = record.data is not None
         if self.ref.tokenizer is None:
             raise UserError(f"{self.ref.path} has no tokenizer to turn its text into token ids")
-        known = {f.name for f in fields(DataConfig)}
-        settings = {k: v for k, v in data.items() if k in known and k not in ("cache_dir", "tokenizer")}
-        self.config = DataConfig(**settings, cache_dir=cache_dir)
+        settings = record.data if record.data is not None else DataConfig(seq_len=record.context)
+        self.config = replace(settings, tokenizer=None, cache_dir=cache_dir)
         self.tokenizer: Path = self.ref.tokenizer
-        self.vocab_size = int(info["model"]["vocab_size"])
+        self.vocab_size = record.model.vocab_size
         self._splits: dict[str, PackedSequences] = {}
 
     @property

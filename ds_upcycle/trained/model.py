@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointReader, CheckpointRef, find_checkpoint, named_param_states, read_module_weights
+from ..checkpoint import (CheckpointReader, CheckpointRef, RunRecord, find_checkpoint, named_param_states,
+                          read_module_weights)
 from ..errors import UserError
 from ..model import Transformer
 
@@ -25,19 +26,19 @@ class LoadedModel:
     model: Transformer
     ref: CheckpointRef
     tokenizer: Path
-    run_info: dict
+    record: RunRecord
 
     @property
     def seq_len(self) -> int | None:
         """The training sequence length: the context the model has learnt to use."""
-        return self.run_info.get("data", {}).get("seq_len")
+        return self.record.seq_len
 
 
 def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Rebuild the model of a ds-upcycle checkpoint (save dir or tag dir) in eval mode."""
     ref = path if isinstance(path, CheckpointRef) else find_checkpoint(path)
-    info = ref.run_info
-    cfg = ref.model_config
+    record = ref.run_record
+    cfg = record.model
     if ref.tokenizer is None:
         raise UserError(f"{ref.path} has no tokenizer: cannot turn text into its token ids")
     state = read_module_weights(ref.path)
@@ -62,7 +63,7 @@ def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype = to
         model.output.weight = model.tok_embeddings.weight
     # The router keeps its bias in fp32 whatever the dtype (LossFreeRouter._apply).
     model = model.to(device=device, dtype=dtype).eval()
-    return LoadedModel(model, ref, ref.tokenizer, info)
+    return LoadedModel(model, ref, ref.tokenizer, record)
 
 
 def load_master_model(reader: CheckpointReader) -> Transformer:

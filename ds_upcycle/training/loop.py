@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import __version__, comm
-from ..checkpoint import CheckpointRef, MetricsLog, find_checkpoint, latest_checkpoint, write_run_files
+from .. import comm
+from ..checkpoint import CheckpointRef, MetricsLog, RunRecord, find_checkpoint, latest_checkpoint, write_run_files
 from ..config import ModelConfig, parse_overrides, resolve_model_config
 from ..data import BatchOrder, DataConfig, PackedSequences, PreparedData, prepare_data
 from ..data.tokenizer import tokenizer_digest
@@ -94,8 +94,8 @@ def _check_tokenizer(data_cfg: DataConfig, vocab_size: int | None, start: Checkp
     if data_cfg.tokenizer and tokenizer_digest(data_cfg.tokenizer) != tokenizer_digest(start.tokenizer):
         raise UserError(f"--tokenizer {data_cfg.tokenizer} is not the tokenizer of checkpoint {start.path}, "
                         f"whose token ids the model was trained on; drop --tokenizer")
-    recorded = start.run_info.get("data", {}).get("vocab_size")
-    if vocab_size is not None and vocab_size != recorded:
+    data = start.run_record.data
+    if vocab_size is not None and vocab_size != (data.vocab_size if data is not None else None):
         note(f"--vocab-size {vocab_size} ignored: the model keeps the tokenizer of checkpoint {start.path}")
 
 
@@ -128,7 +128,7 @@ def _stage_settings(cfg: TrainConfig, peak_lrs: list[float]) -> dict:
 
 
 def _run_settings(cfg: TrainConfig, data_cfg: DataConfig, global_batch: int) -> dict:
-    """What a resumed run compares with its record (ds_upcycle.json's "run")."""
+    """What a resumed run compares with its record (RunRecord.run)."""
     return {"seed": cfg.seed, "global_batch": global_batch, "source": data_cfg.source,
             "seq_len": data_cfg.seq_len, "val_fraction": data_cfg.val_fraction,
             "cpt_fraction": data_cfg.cpt_fraction, "text_field": data_cfg.text_field}
@@ -167,7 +167,7 @@ def _restore(engine, schedule: WSDSchedule, start: CheckpointRef, resuming: bool
         schedule.update(**wanted_schedule)
     if resuming:
         current = _run_settings(cfg, data_cfg, engine.train_batch_size())
-        changes += run_changes(start.run_info.get("run", {}), current, RUN_FLAGS, engine.global_steps + 1)
+        changes += run_changes(start.run_record.run, current, RUN_FLAGS, engine.global_steps + 1)
         if saved.split != cfg.split:
             changes.append(f"--split {cfg.split} applies from step {engine.global_steps + 1}, from its first "
                            f"sample (the run was saved on {saved.split})")
@@ -203,11 +203,10 @@ class Trainer:
     def save(self, step: int) -> None:
         tag = f"global_step{step}"
         if self.is_main:
-            data = {k: v for k, v in asdict(self.data_cfg).items() if k != "cache_dir"}
-            write_run_files(Path(self.cfg.save_dir) / tag, self.model.cfg, self.prepared.tokenizer_path, {
-                "global_step": step, "tokens_seen": self.position.tokens, "split": self.position.split,
-                "data": data, "run": _run_settings(self.cfg, self.data_cfg, self.engine.train_batch_size()),
-                "ds_upcycle_version": __version__})
+            record = RunRecord(self.model.cfg, global_step=step, tokens_seen=self.position.tokens,
+                               split=self.position.split, data=replace(self.data_cfg, cache_dir=None),
+                               run=_run_settings(self.cfg, self.data_cfg, self.engine.train_batch_size()))
+            write_run_files(Path(self.cfg.save_dir) / tag, record, self.prepared.tokenizer_path)
         self.engine.save_checkpoint(self.cfg.save_dir, tag=tag,
                                     client_state={"ds_upcycle": {"position": asdict(self.position)}})
 

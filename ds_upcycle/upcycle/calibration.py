@@ -33,7 +33,7 @@ from ..checkpoint import CheckpointReader
 from ..data.sources import resolve_source
 from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
-from ..moe.names import GATE, split_expert_param
+from ..moe.names import split_expert_param
 from ..trained import RunData, load_master_model
 from .scores import GradientStats, expert_score
 
@@ -104,79 +104,6 @@ def expert_gradient_stats(model: torch.nn.Module, batches: Iterable[Batch]) -> d
     return stats
 
 
-@dataclass(frozen=True)
-class SplitDirections:
-    """Per source expert of one MoE layer: the direction along which its tokens vary most, made
-    orthogonal to their mean (so that d . x changes sign near the middle of the expert's tokens),
-    and the standard deviation of d . x over those tokens."""
-
-    directions_ED: torch.Tensor
-    spread_E: torch.Tensor
-    tokens_E: torch.Tensor
-
-
-@torch.no_grad()
-def router_input_directions(model: torch.nn.Module, batches: Iterable[Batch]) -> dict[str, SplitDirections]:
-    """For every MoE layer (by module prefix), SplitDirections of the router inputs each expert is chosen for.
-
-    The inputs routed to expert i (as one of a token's top-K) have mean mu_i and covariance C_i;
-    d_i is C_i's top eigenvector with its mu_i component removed, normalised. An expert that got
-    fewer than two tokens keeps a zero direction (its copies are not split).
-    """
-    moments: dict[str, list[torch.Tensor]] = {}
-    hooks = []
-
-    def record(prefix):
-        def hook(router, args, out):
-            x_SD, experts_KS = args[0].double(), out.experts_KS.long()
-            num_experts = router.num_experts
-            chosen_SE = torch.zeros(x_SD.shape[0], num_experts, dtype=torch.float64)
-            chosen_SE.scatter_(1, experts_KS.t(), 1.0)
-            count_E = chosen_SE.sum(0)
-            sum_ED = chosen_SE.t() @ x_SD
-            outer_EDD = torch.einsum("se,sd,sf->edf", chosen_SE, x_SD, x_SD)
-            totals = moments.setdefault(prefix, [torch.zeros_like(count_E), torch.zeros_like(sum_ED),
-                                                 torch.zeros_like(outer_EDD)])
-            for total, part in zip(totals, (count_E, sum_ED, outer_EDD)):
-                total += part
-        return hook
-
-    for name, module in model.named_modules():
-        if name.endswith(GATE):
-            hooks.append(module.register_forward_hook(record(name.removesuffix(GATE))))
-    was_training = model.training
-    model.eval()
-    try:
-        for inputs_BT, _ in batches:
-            model(inputs_BT)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    return {prefix: _directions(*totals) for prefix, totals in moments.items()}
-
-
-def _directions(count_E: torch.Tensor, sum_ED: torch.Tensor, outer_EDD: torch.Tensor) -> SplitDirections:
-    E, D = sum_ED.shape
-    directions, spreads = torch.zeros(E, D, dtype=torch.float64), torch.zeros(E, dtype=torch.float64)
-    for i in range(E):
-        n = float(count_E[i])
-        if n < 2:
-            continue
-        mean = sum_ED[i] / n
-        cov = outer_EDD[i] / n - torch.outer(mean, mean)
-        _, vectors = torch.linalg.eigh(cov)
-        d = vectors[:, -1]
-        if mean.norm() > 0:
-            unit = mean / mean.norm()
-            d = d - (d @ unit) * unit
-        if d.norm() == 0:
-            continue
-        d = d / d.norm()
-        directions[i], spreads[i] = d, (d @ cov @ d).clamp_min(0).sqrt()
-    return SplitDirections(directions.float(), spreads.float(), count_E.float())
-
-
 def scores_by_layer(stats: dict[str, list[GradientStats]], rule: str) -> dict[str, list[float]]:
     return {prefix: [expert_score(rule, s) for s in experts] for prefix, experts in stats.items()}
 
@@ -193,7 +120,7 @@ class CalibrationData:
         return [(chunk[:, :-1], chunk[:, 1:]) for chunk in rows.split(batch_size)]
 
 
-def check_calibration_source(run: RunData, spec: str) -> None:
+def check_calibration_source(spec: str) -> None:
     """Fail early (before anything is read in bulk or written) if the calibration data cannot be had."""
     if spec != SOURCE_DATA:
         resolve_source(spec)  # a missing path is refused here; a hub name is only tried when read

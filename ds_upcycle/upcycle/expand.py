@@ -29,18 +29,16 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..atomic import check_destination, swap_into_place, write_json_atomic
-from ..checkpoint import (CheckpointReader, CheckpointSource, MoELayer, NonExpertState, ParamState, read_checkpoint,
-                          write_checkpoint)
-from ..config import ModelConfig
+from ..checkpoint import (CheckpointReader, CheckpointSource, MoELayer, NonExpertState, ParamState, RunRecord,
+                          read_checkpoint, write_checkpoint)
 from ..errors import UserError
 from ..moe.names import router_bias, router_weight
-from ..trained import RunData, load_master_model
-from .calibration import (Calibration, SplitDirections, calibrate, calibration_data, check_calibration_source,
-                          router_input_directions)
+from ..trained import RunData
+from .calibration import Calibration, calibrate, check_calibration_source
 from .config import ExpandConfig
-from .operator import (LayerPlan, expand_router_bias, expand_rows, moment_factor, plan_layer, softmax_bias_scale,
-                       split_router_rows)
+from .operator import LayerExpansion, LayerPlan, copy_expert, copy_groups, expand_router, plan_layer, route_bias_scale
 from .scores import GradientStats, expert_score
+from .split import measure_splits
 from .warmstart import WarmStart, warm_start
 
 MANIFEST = "upcycle_manifest.json"
@@ -91,41 +89,17 @@ def score_origin(cfg: ExpandConfig, calibration: Calibration | None) -> dict:
     return dict(calibration.info) if calibration is not None else {"from": "adam state"}
 
 
-def _expand_param(state: ParamState, plan: LayerPlan, mode: str) -> ParamState:
-    """A per-expert-row parameter (router weight) for the new experts."""
-    moments = [None if t is None else expand_rows(t, plan, moment, mode)
-               for moment, t in ((1, state.exp_avg), (2, state.exp_avg_sq))]
-    return ParamState(expand_rows(state.fp32, plan), *moments)
-
-
-def with_route_groups(run_info: dict | None, layers: list[MoELayer], plans: dict[int, LayerPlan]) -> dict:
-    """The model config with every new expert grouped with the other copies of its source expert.
-
-    An expert of an already grouped source keeps its group, so expanding twice groups all copies
-    of one original expert together.
-    """
-    if not run_info or "model" not in run_info:
-        raise UserError("--distinct-copies records the copies' groups in the model config of the source's "
-                        "ds_upcycle.json, which this checkpoint lacks (not written by train.py)")
-    old = run_info["model"].get("route_groups")
-    groups = []
-    for position, layer in enumerate(layers):
-        before = old[position] if old else list(range(layer.num_experts))
-        groups.append([before[source] for source in plans[layer.index].sources])
-    return {**run_info, "model": {**run_info["model"], "route_groups": groups}}
-
-
 class ExpandedSource:
-    """The expanded checkpoint, computed on demand from the source (implements CheckpointSource)."""
+    """The expanded checkpoint, computed on demand from the source (implements CheckpointSource).
+
+    Plumbing only: each tensor comes from the source and goes through the operator as the plan says.
+    """
 
     def __init__(self, plan: ExpansionPlan, cfg: ExpandConfig) -> None:
-        source, plans = plan.source, plan.layers
-        self.source, self.plans, self.cfg, self.splits = source, plans, cfg, plan.splits
-        self.bias_scale = plan.bias_scale
-        self.meta = source.meta
-        if cfg.distinct_copies:
-            self.meta = replace(source.meta, run_info=with_route_groups(source.meta.run_info, source.moe_layers, plans))
-        self.moe_layers = [layer.with_experts(plans[layer.index].num_target) for layer in source.moe_layers]
+        self.source, self.layers, self.cfg = plan.source, plan.layers, cfg
+        self.moe_layers = [layer.with_experts(plan.layers[layer.index].plan.num_target)
+                           for layer in self.source.moe_layers]
+        self.meta = replace(self.source.meta, run_record=_expanded_record(plan, cfg))
 
     def non_expert_state(self) -> NonExpertState:
         state = self.source.non_expert_state()
@@ -133,40 +107,33 @@ class ExpandedSource:
         # One generator walked in layer order: the same seed gives the same noise.
         gen = torch.Generator().manual_seed(self.cfg.seed)
         for layer in self.source.moe_layers:
-            plan = self.plans[layer.index]
             weight_name, bias_name = router_weight(layer.prefix), router_bias(layer.prefix)
             if weight_name not in params:
                 raise UserError(f"{layer.prefix}: no router weight {weight_name} in the checkpoint")
-            params[weight_name] = _expand_param(params[weight_name], plan, self.cfg.optimizer_state)
-            split = self.splits.get(layer.index)
-            if split is not None:
-                weight = params[weight_name]
-                offsets_E = torch.where(split.spread_E > 0, self.cfg.split_scale / split.spread_E.clamp_min(1e-12), 0.0)
-                weight.fp32 = split_router_rows(weight.fp32, plan, split.directions_ED, offsets_E)
-            if bias_name in buffers:
-                buffers[bias_name] = expand_router_bias(buffers[bias_name], plan, self.cfg.router_noise, gen,
-                                                        self.bias_scale[layer.index])
-            elif self.cfg.router_noise > 0:
-                # DeepSpeed's stock gate has no routing bias: the noise goes on the replicas' router
-                # rows instead, which breaks the ties token by token rather than expert by expert.
-                weight = params[weight_name]
-                noise = torch.randn(weight.fp32.shape, generator=gen, dtype=torch.float64) * self.cfg.router_noise
-                noise[~plan.replicas] = 0
-                weight.fp32 = weight.fp32 + noise.to(weight.fp32.dtype)
+            params[weight_name], bias = expand_router(params[weight_name], buffers.get(bias_name),
+                                                      self.layers[layer.index], self.cfg.router_noise, gen,
+                                                      self.cfg.optimizer_state, self.cfg.split_scale)
+            if bias is not None:
+                buffers[bias_name] = bias
         return NonExpertState(params, buffers)
 
     def expert_state(self, layer: int, expert: int) -> dict[str, ParamState]:
-        plan = self.plans[layer]
-        params = self.source.expert_state(layer, plan.sources[expert])
+        plan = self.layers[layer].plan
         # The reader assembles new tensors on every call, so they can be handed on without copying.
-        out = {}
-        for suffix, state in params.items():
-            moments = []
-            for moment, tensor in ((1, state.exp_avg), (2, state.exp_avg_sq)):
-                factor = moment_factor(plan, expert, moment, self.cfg.optimizer_state)
-                moments.append(tensor if tensor is None or factor == 1.0 else tensor * factor)
-            out[suffix] = ParamState(state.fp32, *moments)
-        return out
+        return copy_expert(self.source.expert_state(layer, plan.sources[expert]), plan, expert,
+                           self.cfg.optimizer_state)
+
+
+def _expanded_record(plan: ExpansionPlan, cfg: ExpandConfig) -> RunRecord | None:
+    """The source's run record with the new expert counts and, with distinct copies, every new
+    expert grouped with the other copies of its source expert."""
+    record = plan.source.meta.run_record
+    if record is None:
+        return None
+    layers = [plan.layers[layer.index].plan for layer in plan.source.moe_layers]
+    old_groups = record.model.route_groups or [None] * len(layers)
+    groups = [copy_groups(old, layer) for old, layer in zip(old_groups, layers)] if cfg.distinct_copies else None
+    return record.with_experts([layer.num_target for layer in layers], groups)
 
 
 def router_noise_target(source: CheckpointSource, layer: MoELayer, noise: float) -> str:
@@ -185,19 +152,16 @@ class ExpansionPlan:
     tag: str
     world_size: int              # target layout
     ep_size: int
-    layers: dict[int, LayerPlan]
+    layers: dict[int, LayerExpansion]   # by MoE layer index
     scores: dict                 # where the utility scores came from
-    router_noise_on: dict[int, str]
-    bias_scale: dict[int, float]        # per MoE layer index: what the routing bias is multiplied by
-    splits: dict[int, SplitDirections]  # per MoE layer index, with split_copies
-    split_info: dict | None = None
+    split_info: dict | None = None      # with split_copies: the data the directions were measured on
 
 
 @dataclass
 class ExpandResult:
     destination: Path
     tag: str
-    plans: dict[int, LayerPlan]
+    plans: dict[int, LayerPlan]     # by MoE layer index
     manifest: dict
     warm_start: WarmStart | None = None
 
@@ -219,6 +183,7 @@ def open_source(cfg: ExpandConfig) -> tuple[CheckpointReader, RunData | None]:
     if not source.moe_layers:
         raise UserError(f"{source.path} has no MoE layers to expand")
     cfg.check_layers(len(source.moe_layers))
+    _check_groups(cfg, source)
     run = None
     needs = (("--check-data", cfg.check_data), ("--calibration-data", cfg.calibration_data is not None),
              ("--split-copies", cfg.split_copies))
@@ -228,8 +193,22 @@ def open_source(cfg: ExpandConfig) -> tuple[CheckpointReader, RunData | None]:
                 run = RunData(source.path, cfg.data_cache)
     if cfg.calibration_data is not None:
         with _blamed_on("--calibration-data"):
-            check_calibration_source(run, cfg.calibration_data)
+            check_calibration_source(cfg.calibration_data)
     return source, run
+
+
+def _check_groups(cfg: ExpandConfig, source: CheckpointReader) -> None:
+    """Routing groups live in the run record, and a grouped model's groups must cover its new experts."""
+    record = source.meta.run_record
+    if cfg.distinct_copies and record is None:
+        raise UserError("--distinct-copies records the copies' groups in the model config of the source's "
+                        "ds_upcycle.json, which this checkpoint lacks (not written by train.py)")
+    grows = any(cfg.target_experts_of(layer.index, layer.num_experts) > layer.num_experts
+                for layer in source.moe_layers)
+    if record is not None and record.model.route_groups is not None and grows and not cfg.distinct_copies:
+        raise UserError(f"{source.path} routes its experts in groups (an expansion with --distinct-copies): "
+                        f"expand it with --distinct-copies again, or lift the groups first "
+                        f"(train.py --set route_groups=none)")
 
 
 def target_layout(cfg: ExpandConfig, source: CheckpointReader) -> tuple[int, int]:
@@ -250,28 +229,14 @@ def plan_expansion(cfg: ExpandConfig, source: CheckpointReader, run: RunData | N
     if cfg.split_copies:
         with _blamed_on("--split-copies"):
             splits, split_info = measure_splits(cfg, source, run)
-    noise_on = {layer.index: router_noise_target(source, layer, cfg.router_noise) for layer in source.moe_layers}
-    plans = make_plans(source, cfg, ep, calibration)
-    softmax = _score_func(source) == "softmax"
-    bias_scale = {i: softmax_bias_scale(p) if softmax else 1.0 for i, p in plans.items()}
-    return ExpansionPlan(source, run, Path(source.path).name, world, ep, plans, score_origin(cfg, calibration),
-                         noise_on, bias_scale, splits, split_info)
-
-
-def _score_func(source: CheckpointReader) -> str | None:
-    """The router's score function, from the run record (None for a checkpoint of another script)."""
-    model = (source.meta.run_info or {}).get("model")
-    return None if model is None else ModelConfig.from_dict(model).score_func
-
-
-def measure_splits(cfg: ExpandConfig, source: CheckpointReader, run: RunData) -> tuple[dict, dict]:
-    """Split directions of every MoE layer's experts, from the source model on the split data."""
-    data = calibration_data(run, cfg.split_data, cfg.calibration_batches * cfg.calibration_batch_size)
-    by_prefix = router_input_directions(load_master_model(source), data.batches(cfg.calibration_batch_size))
-    splits = {layer.index: by_prefix[layer.prefix] for layer in source.moe_layers if layer.prefix in by_prefix}
-    info = {"data": cfg.split_data, "description": data.description, "scale": cfg.split_scale,
-            "sequences": int(data.windows.shape[0])}
-    return splits, info
+    record = source.meta.run_record
+    score_func = record.model.score_func if record is not None else None
+    layers = {index: LayerExpansion(plan, route_bias_scale(plan, score_func),
+                                    router_noise_target(source, source.moe_layers[index], cfg.router_noise),
+                                    splits.get(index))
+              for index, plan in make_plans(source, cfg, ep, calibration).items()}
+    return ExpansionPlan(source, run, Path(source.path).name, world, ep, layers, score_origin(cfg, calibration),
+                         split_info)
 
 
 def manifest(cfg: ExpandConfig, plan: ExpansionPlan) -> dict:
@@ -291,13 +256,9 @@ def manifest(cfg: ExpandConfig, plan: ExpansionPlan) -> dict:
 
 
 def _layer_record(plan: ExpansionPlan, layer: MoELayer) -> dict:
-    layer_plan = plan.layers[layer.index]
-    record = {"index": layer.index, "prefix": layer.prefix, **layer_plan.to_dict(),
-              "rank_loads": layer_plan.rank_loads(plan.ep_size), "router_noise_on": plan.router_noise_on[layer.index],
-              "route_bias_scale": plan.bias_scale[layer.index]}
-    split = plan.splits.get(layer.index)
-    if split is not None:
-        record.update(split_tokens=split.tokens_E.tolist(), split_spread=split.spread_E.tolist())
+    expansion = plan.layers[layer.index]
+    record = {"index": layer.index, "prefix": layer.prefix, **expansion.to_dict(),
+              "rank_loads": expansion.plan.rank_loads(plan.ep_size)}
     return record
 
 
@@ -337,15 +298,16 @@ def expand_checkpoint(cfg: ExpandConfig, dry_run: bool = False, progress: bool =
     check_destination(Path(cfg.destination), cfg.force)
     plan = plan_expansion(cfg, source, run)
     record = manifest(cfg, plan)
+    plans = {index: layer.plan for index, layer in plan.layers.items()}
     if dry_run:
-        return ExpandResult(Path(cfg.destination), plan.tag, plan.layers, record)
+        return ExpandResult(Path(cfg.destination), plan.tag, plans, record)
     if cfg.check_data:
         plan.run.split("val")  # prepared before writing: a data problem then costs no output
     written = write_expansion(cfg, plan, record, started, progress)
     if not cfg.check_data:
-        return ExpandResult(Path(cfg.destination), plan.tag, plan.layers, written)
+        return ExpandResult(Path(cfg.destination), plan.tag, plans, written)
     check = check_warm_start(cfg, plan)
-    return ExpandResult(Path(cfg.destination), plan.tag, plan.layers, {**written, "warm_start": check.to_dict()}, check)
+    return ExpandResult(Path(cfg.destination), plan.tag, plans, {**written, "warm_start": check.to_dict()}, check)
 
 
 def _sha256(path: Path) -> str:

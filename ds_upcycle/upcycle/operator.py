@@ -7,10 +7,17 @@ For one MoE layer with E source experts and a target of N > E experts:
 2. `place_copies` orders the N new experts so that expected load is balanced over the target's
    expert-parallel ranks (with one rank, new ids 0..E-1 are the source experts themselves);
 3. `expand_rows` builds any per-expert tensor (expert weights, router rows, their optimizer
-   moments) for the new experts; `expand_router_bias` adds N(0, sigma^2) noise to the replicas'
-   routing bias only, so that the source experts' routing is unchanged.
+   moments) for the new experts; `copy_expert` one new expert's parameters; `expand_router` a
+   layer's router: its rows, and its routing bias with N(0, sigma^2) noise on the replicas only,
+   so that the source experts' routing is unchanged (a router without a bias gets the noise on the
+   replicas' rows);
+4. the symmetry-breaking variants: routing groups for distinct copies (`copy_groups`) and copies
+   pulled apart along their tokens' main direction (`split_directions`, `split_router_rows`).
 
-It knows nothing of files, DeepSpeed or ranks.
+It knows nothing of files, DeepSpeed or ranks: tensors (a parameter with its Adam moments is a
+ParamState) and plans in, tensors out.
+
+Shape suffixes: E source experts, N new experts, D router input size.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from ..checkpoint import ParamState
 from ..errors import UserError
 
 
@@ -214,3 +222,117 @@ def split_router_rows(rows_ND: torch.Tensor, plan: LayerPlan, directions_ED: tor
         shift = position * offsets_E[src].double() * directions_ED[src].double()
         out[new_id] = (out[new_id].double() + shift).to(out.dtype)
     return out
+
+
+def split_offsets(split: SplitDirections, scale: float) -> torch.Tensor:
+    """How far along its direction each expert's copies move apart: `scale` router-logit units
+    between neighbouring copies for a token one spread from the middle (0 where the spread is 0)."""
+    return torch.where(split.spread_E > 0, scale / split.spread_E.clamp_min(1e-12), 0.0)
+
+
+@dataclass(frozen=True)
+class SplitDirections:
+    """Per source expert of one MoE layer: the direction along which its tokens vary most, made
+    orthogonal to their mean (so that d . x changes sign near the middle of the expert's tokens),
+    and the standard deviation of d . x over those tokens."""
+
+    directions_ED: torch.Tensor
+    spread_E: torch.Tensor
+    tokens_E: torch.Tensor
+
+
+def split_directions(count_E: torch.Tensor, sum_ED: torch.Tensor, outer_EDD: torch.Tensor) -> SplitDirections:
+    """SplitDirections from the moments of the router inputs each expert was chosen for.
+
+    count_E tokens, sum_ED their sum and outer_EDD the sum of their outer products give expert i's
+    mean mu_i and covariance C_i; d_i is C_i's top eigenvector with its mu_i component removed,
+    normalised. An expert with fewer than two tokens keeps a zero direction (its copies are not split).
+    """
+    E, D = sum_ED.shape
+    directions, spreads = torch.zeros(E, D, dtype=torch.float64), torch.zeros(E, dtype=torch.float64)
+    for i in range(E):
+        n = float(count_E[i])
+        if n < 2:
+            continue
+        mean = sum_ED[i] / n
+        cov = outer_EDD[i] / n - torch.outer(mean, mean)
+        _, vectors = torch.linalg.eigh(cov)
+        d = vectors[:, -1]
+        if mean.norm() > 0:
+            unit = mean / mean.norm()
+            d = d - (d @ unit) * unit
+        if d.norm() == 0:
+            continue
+        d = d / d.norm()
+        directions[i], spreads[i] = d, (d @ cov @ d).clamp_min(0).sqrt()
+    return SplitDirections(directions.float(), spreads.float(), count_E.float())
+
+
+def copy_groups(groups_E: Sequence[int] | None, plan: LayerPlan) -> list[int]:
+    """The routing group of every new expert: its source expert's (a source that routes without
+    groups has one group per expert), so all copies of one original expert share a group, also
+    after a second expansion."""
+    before = list(groups_E) if groups_E is not None else list(range(plan.num_source))
+    return [before[source] for source in plan.sources]
+
+
+def route_bias_scale(plan: LayerPlan, score_func: str | None) -> float:
+    """What a router's selection bias is multiplied by: softmax scores shrink as the layer grows
+    (softmax_bias_scale), sigmoid scores (and a router of unknown kind) keep their scale."""
+    return softmax_bias_scale(plan) if score_func == "softmax" else 1.0
+
+
+@dataclass(frozen=True)
+class LayerExpansion:
+    """Everything decided for one MoE layer before a byte is written."""
+
+    plan: LayerPlan
+    bias_scale: float = 1.0               # route_bias_scale
+    noise_on: str = "routing bias"        # where the router noise goes (reported in the manifest)
+    split: SplitDirections | None = None  # with split copies: the directions the copies move along
+
+    def to_dict(self) -> dict:
+        record = {**self.plan.to_dict(), "router_noise_on": self.noise_on, "route_bias_scale": self.bias_scale}
+        if self.split is not None:
+            record.update(split_tokens=self.split.tokens_E.tolist(), split_spread=self.split.spread_E.tolist())
+        return record
+
+
+def copy_expert(params: dict[str, ParamState], plan: LayerPlan, slot: int, mode: str) -> dict[str, ParamState]:
+    """New expert `slot`'s parameters from its source expert's: weights copied, Adam moments as `mode` says.
+
+    The tensors are handed on, not copied, where a moment keeps its value (the caller's are fresh).
+    """
+    out = {}
+    for name, state in params.items():
+        moments = []
+        for moment, tensor in ((1, state.exp_avg), (2, state.exp_avg_sq)):
+            factor = moment_factor(plan, slot, moment, mode)
+            moments.append(tensor if tensor is None or factor == 1.0 else tensor * factor)
+        out[name] = ParamState(state.fp32, *moments)
+    return out
+
+
+def expand_router(weight: ParamState, bias_E: torch.Tensor | None, layer: LayerExpansion, noise_std: float,
+                  generator: torch.Generator, mode: str = "copy",
+                  split_scale: float = 0.0) -> tuple[ParamState, torch.Tensor | None]:
+    """One layer's router for the new experts: (rows [N, D] with their Adam moments, routing bias [N]).
+
+    Rows and moments follow the plan (moments as `mode` says); with split directions the copies'
+    rows move apart (split_router_rows). The bias is scaled and noised by expand_router_bias. A
+    router without a bias (DeepSpeed's stock gate) gets the noise on its replicas' rows instead,
+    which breaks the ties token by token rather than expert by expert.
+    """
+    plan = layer.plan
+    moments = [None if t is None else expand_rows(t, plan, moment, mode)
+               for moment, t in ((1, weight.exp_avg), (2, weight.exp_avg_sq))]
+    rows_ND = expand_rows(weight.fp32, plan)
+    if layer.split is not None:
+        rows_ND = split_router_rows(rows_ND, plan, layer.split.directions_ED, split_offsets(layer.split, split_scale))
+    if bias_E is not None:
+        return ParamState(rows_ND, *moments), expand_router_bias(bias_E, plan, noise_std, generator, layer.bias_scale)
+    if noise_std > 0:
+        noise_ND = torch.randn(rows_ND.shape, generator=generator, dtype=torch.float64) * noise_std
+        noise_ND[~plan.replicas] = 0
+        rows_ND = rows_ND + noise_ND.to(rows_ND.dtype)
+    return ParamState(rows_ND, *moments), None
