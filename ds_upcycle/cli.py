@@ -36,7 +36,7 @@ def main() -> None:
 @click.argument("destination", type=click.Path())
 @click.option("--num-experts", type=int, default=None, help="target experts per MoE layer (N)")
 @click.option("--multiplier", "-m", type=int, default=None, help="target = m x source experts; 1 reshards")
-@click.option("--select", default="grad_sq", show_default=True,
+@click.option("--select", default=ExpandConfig.select, show_default=True,
               type=click.Choice(SELECTION_RULES),
               help="how copies are allocated: uniformly, or by a utility score (from the Adam state, "
                    "or from gradients on --calibration-data)")
@@ -50,22 +50,23 @@ def main() -> None:
               help="with --distinct-copies: pull each expert's copies apart along the direction in which its "
                    "tokens' router inputs vary most (measured on --calibration-data, default the source's cpt "
                    "split), so each copy starts with the tokens on its side")
-@click.option("--split-scale", type=float, default=0.5, show_default=True,
+@click.option("--split-scale", type=float, default=ExpandConfig.split_scale, show_default=True,
               help="difference of two copies' router logits one standard deviation from the middle of the split")
 @click.option("--max-copies", type=int, default=None, help="cap on the copies of one expert")
-@click.option("--router-noise", type=float, default=0.01, show_default=True,
+@click.option("--router-noise", type=float, default=ExpandConfig.router_noise, show_default=True,
               help="std of the N(0, sigma^2) noise on the replicas' routing bias")
-@click.option("--optimizer-state", default="copy", show_default=True, type=click.Choice(OPTIMIZER_STATE_MODES),
+@click.option("--optimizer-state", default=ExpandConfig.optimizer_state, show_default=True,
+              type=click.Choice(OPTIMIZER_STATE_MODES),
               help="replicas' Adam moments: the source's, zeros, or the source's scaled by 1/copies")
 @click.option("--world-size", type=int, default=None, help="target data-parallel world size (default: source's)")
 @click.option("--ep-size", type=int, default=None, help="target expert-parallel size (default: source's)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=ExpandConfig.seed, show_default=True)
 @click.option("--dry-run", is_flag=True, help="print the allocation plan per layer, write nothing")
 @click.option("--force", is_flag=True, help="replace a non-empty destination")
 @click.option("--check-data", is_flag=True,
               help="after writing, print the validation loss of the source and the expanded model on the "
                    "source's own validation data (the warm-start jump) and record it in the manifest")
-@click.option("--check-samples", type=int, default=64, show_default=True,
+@click.option("--check-samples", type=int, default=ExpandConfig.check_samples, show_default=True,
               help="validation sequences for --check-data")
 @click.option("--data-cache", default=None,
               help="where --check-data and --calibration-data find the tokenized data "
@@ -74,9 +75,9 @@ def main() -> None:
               help="score experts by exact gradients on this data instead of the Adam state: 'source' (the "
                    "cpt split of the source's training data) or 'synthetic[:...]', a .txt/.jsonl/.parquet "
                    "file or directory, tokenized with the source's tokenizer")
-@click.option("--calibration-batches", type=int, default=8, show_default=True,
+@click.option("--calibration-batches", type=int, default=ExpandConfig.calibration_batches, show_default=True,
               help="batches of --calibration-data (the first ones, in order)")
-@click.option("--calibration-batch-size", type=int, default=8, show_default=True,
+@click.option("--calibration-batch-size", type=int, default=ExpandConfig.calibration_batch_size, show_default=True,
               help="sequences per calibration batch (of the source's seq_len)")
 @user_errors
 def expand(source, destination, num_experts, multiplier, select, layers, distinct_copies, split_copies, split_scale,
@@ -179,15 +180,15 @@ def presets(vocab_size: int) -> None:
 
 
 @main.command("prepare-data")
-@click.option("--data", default="synthetic", show_default=True,
+@click.option("--data", default=DataConfig.source, show_default=True,
               help="'synthetic[:docs=N,seed=S]', a .txt/.jsonl/.parquet file or directory, or a hub dataset")
-@click.option("--text-field", default="text", show_default=True)
-@click.option("--vocab-size", type=int, default=2048, show_default=True)
+@click.option("--text-field", default=DataConfig.text_field, show_default=True)
+@click.option("--vocab-size", type=int, default=DataConfig.vocab_size, show_default=True)
 @click.option("--tokenizer", default=None,
               help="existing tokenizer to use instead of training one: a SentencePiece .model, a Hugging Face "
                    "tokenizer.json, or a model directory holding one")
-@click.option("--val-fraction", type=float, default=0.05, show_default=True)
-@click.option("--cpt-fraction", type=float, default=0.35, show_default=True)
+@click.option("--val-fraction", type=float, default=DataConfig.val_fraction, show_default=True)
+@click.option("--cpt-fraction", type=float, default=DataConfig.cpt_fraction, show_default=True)
 @click.option("--data-cache", default=None, help="cache directory (default $DS_UPCYCLE_CACHE or ~/.cache/ds_upcycle)")
 @user_errors
 def prepare_data_cmd(data, text_field, vocab_size, tokenizer, val_fraction, cpt_fraction, data_cache) -> None:

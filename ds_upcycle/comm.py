@@ -26,14 +26,18 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free now: the rendezvous port of a new process group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def single_process_env() -> None:
     """Let a script that calls deepspeed.init_distributed() run as one process, without a launcher."""
     if "RANK" in os.environ:
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def init_distributed(**kwargs) -> None:

@@ -8,11 +8,10 @@ the same model can be trained or evaluated on any layout.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 SCORE_FUNCTIONS = ("sigmoid", "softmax")
 QK_NORMS = ("head", "proj")
@@ -194,34 +193,66 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def check_expert_parallel(ep_size: int, expert_counts: Sequence[int], world_size: int | None = None,
+                          ep_name: str = "ep_size", world_name: str = "world size") -> None:
+    """What DeepSpeed's expert parallelism needs: whole expert-parallel groups of ranks, and every MoE
+    layer's experts split evenly over the group (ep_name and world_name: how the caller's user knows them)."""
+    if ep_size < 1 or (world_size is not None and (world_size < 1 or world_size % ep_size)):
+        raise UserError(f"{world_name} {world_size} is not divisible by {ep_name} {ep_size}")
+    counts = sorted(set(expert_counts))
+    if any(count % ep_size for count in counts):
+        what = f"num_experts {counts[0]} is" if len(counts) == 1 else f"experts per MoE layer {list(expert_counts)} are"
+        raise UserError(f"{what} not divisible by {ep_name} {ep_size}")
+
+
 def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UserError(f"unknown model preset {name!r}{hint}; choose from {', '.join(PRESETS)}")
+        raise UserError(f"unknown model preset {name!r}{did_you_mean(name, PRESETS)}; choose from {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
-def _coerce(field: dataclasses.Field, text: str) -> Any:
-    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-    if "None" in kind and text.lower() == "none":
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_SCALARS = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def field_value(field: dataclasses.Field, value: Any) -> Any:
+    """`value` as the config field's declared type (scalars, `X | None`, `tuple[X, ...]`).
+
+    Text that stands for a scalar (from a command line: "16", "true", "none", "auto" for an
+    optional bool) is read as the type; a value from a JSON or YAML file must already be of it (a
+    list for a tuple, of that item type). Raises ValueError saying what the field takes.
+    """
+    kind = field.type if isinstance(field.type, str) else str(field.type)
+    optional, base = "None" in kind, kind.split(" | ")[0].strip()
+    text = value.strip().lower() if isinstance(value, str) else None
+    if optional and (value is None or text == "none" or (base == "bool" and text == "auto")):
         return None
-    if "tuple" in kind:
-        raise ValueError(text)  # set by the tools that own them (expand), or cleared with "none"
-    if "bool" in kind:
-        lowered = text.lower()
-        if lowered in ("none", "auto") and "None" in kind:
-            return None
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(text)
-    if kind == "int":
-        return int(text)
-    if kind == "float":
-        return float(text)
-    return text
+    if base.startswith("tuple["):
+        item = base.removeprefix("tuple[").split(",")[0].strip()
+        if item not in _SCALARS or isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ValueError("a list" if item in _SCALARS else "set by the tool that owns it, or none")
+        return tuple(_scalar(item, v, f"a list of {_NOUNS[item]}") for v in value)
+    if text is not None and base != "str":
+        try:
+            return {"int": int, "float": float, "bool": _read_bool}[base](text)
+        except (KeyError, ValueError):
+            raise ValueError(base) from None
+    return _scalar(base, value, base)
+
+
+_NOUNS = {"int": "integers", "float": "numbers", "str": "strings", "bool": "booleans"}
+
+
+def _scalar(kind: str, value: Any, expected: str) -> Any:
+    if not isinstance(value, _SCALARS[kind]) or (isinstance(value, bool) and kind != "bool"):
+        raise ValueError(expected)
+    return float(value) if kind == "float" else value
+
+
+def _read_bool(text: str) -> bool:
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(text)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -234,11 +265,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep:
             raise UserError(f"model override {item!r} is not of the form field=value")
         if name not in fields:
-            close = difflib.get_close_matches(name, fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(f"unknown model field {name!r}{hint}")
+            raise UserError(f"unknown model field {name!r}{did_you_mean(name, fields)}")
         try:
-            values[name] = _coerce(fields[name], text.strip())
+            values[name] = field_value(fields[name], text.strip())
         except ValueError:
             raise UserError(f"model override {item!r}: cannot read {text!r} as {fields[name].type}") from None
     return values

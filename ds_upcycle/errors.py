@@ -1,7 +1,9 @@
 """The one exception type that reaches a user as a single line instead of a traceback."""
 
+import difflib
 import functools
 import sys
+from collections.abc import Iterable
 
 
 class UserError(Exception):
@@ -18,3 +20,9 @@ def user_errors(fn):
             print(f"ds-upcycle: error: {err}", file=sys.stderr)
             sys.exit(2)
     return wrapper
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest of `choices`, or '' when none is close: for refusals of unknown names."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

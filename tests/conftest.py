@@ -1,22 +1,17 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is first imported
+
+from ds_upcycle.comm import free_port  # noqa: E402  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_DATA = "synthetic:docs=1500,seed=0,entities=40"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_ds_config(path: Path, stage: int = 2, micro_batch: int = 4, grad_accum: int = 1, lr: float = 3e-3) -> Path:

@@ -66,7 +66,8 @@ def direct_stats(model, batches):
 
 
 def direct_score(rule, entries):
-    """Score of one expert from its [(g, g2, w)] by the formulas of DESIGN.md."""
+    """Score of one expert from its [(g, g2, w)], written out from the paper's definitions:
+    sum g2, |sum w g|, ||w||, sum g^2 / (g2 + eps)."""
     if rule == "grad_sq":
         return sum(float(g2.double().sum()) for g, g2, w in entries)
     if rule == "saliency":

@@ -179,7 +179,7 @@ def test_same_seed_same_bytes_and_dry_run(work):
     (["{root}", "{dst}", "-m", "2"], "not a DeepSpeed checkpoint"),
     (["{src}", "{dst}", "--num-experts", "4"], "must be larger than the source's 4 experts"),
     (["{src}", "{dst}", "--num-experts", "5"], "not divisible by the target ep_size 2"),
-    (["{src}", "{dst}", "-m", "2", "--world-size", "3"], "world size 3 is not divisible by ep_size 2"),
+    (["{src}", "{dst}", "-m", "2", "--world-size", "3"], "world size 3 is not divisible by the target ep_size 2"),
     (["{src}", "{existing}", "-m", "2"], "is not empty; pass --force"),
     (["{src}", "{dst}"], "exactly one of --num-experts and --multiplier"),
     (["{src}", "{dst}", "-m", "2", "--layers", "4"], "--layers 4: the source has 4 MoE layers (0 to 3)"),

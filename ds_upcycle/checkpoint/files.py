@@ -1,10 +1,8 @@
-"""Loading checkpoint files with errors a user can act on, writing large files in place, atomic directories."""
+"""Loading checkpoint files with errors a user can act on, and writing large files in place."""
 
 from __future__ import annotations
 
 import mmap
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from collections.abc import Iterator
@@ -82,18 +80,3 @@ def _tensors(obj) -> Iterator[torch.Tensor]:
             yield from _tensors(value)
     elif hasattr(obj, "__dict__") and not isinstance(obj, type):
         yield from _tensors(vars(obj))
-
-
-@contextmanager
-def staging_dir(final: Path) -> Iterator[Path]:
-    """A temporary directory next to `final`, renamed to `final` only if the block completes."""
-    if final.exists():
-        raise UserError(f"output already exists: {final}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    try:
-        yield tmp
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

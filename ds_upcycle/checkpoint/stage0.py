@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import check_expert_parallel
 from ..errors import UserError
 from .files import load_file, open_for_filling, save_skeleton
 from .layout import split_moe_group
@@ -125,10 +126,12 @@ def _moe_layers(path: Path, num_experts: list[int] | None, ep_size: int) -> list
     """MoE layers from the per-expert files of expert 0 (names and shapes of one expert's parameters)."""
     if not isinstance(num_experts, list) or not num_experts:
         raise UserError(f"{path} has no MoE layers (num_experts {num_experts})")
+    try:
+        check_expert_parallel(ep_size, num_experts)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
     layers = []
     for index, count in enumerate(num_experts):
-        if count % ep_size:
-            raise UserError(f"{path}: MoE layer {index} has {count} experts, not divisible by ep_size {ep_size}")
         file = path / expert_file(index, 0)
         saved = load_file(file, mmap=True)
         split = [split_expert_param(name) for name in saved]

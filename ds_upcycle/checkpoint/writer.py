@@ -23,11 +23,12 @@ from deepspeed.checkpoint.constants import (BASE_OPTIMIZER_STATE, DS_VERSION, GR
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from ..atomic import write_text_atomic
+from ..atomic import staged_dir, write_text_atomic
+from ..config import check_expert_parallel
 from ..data.tokenizer import copy_tokenizer
 from ..errors import UserError
 from .ds_config import bf16_enabled, zero_stage
-from .files import open_for_filling, save_file, save_skeleton, staging_dir
+from .files import open_for_filling, save_file, save_skeleton
 from .layout import FlatGroup, Fragment, flat_group, split_moe_group
 from .names import MODEL_STATES, expert_file, zero_file
 from .run_record import write_run_record
@@ -51,12 +52,17 @@ class _Target:
 
 
 def write_checkpoint(state: CheckpointSource, dst_dir: str | os.PathLike, tag: str, world_size: int, ep_size: int,
-                     ds_config: dict | None = None) -> Path:
+                     ds_config: dict | None = None, replace: bool = False,
+                     finish: Callable[[Path], None] | None = None) -> Path:
     """Write `state` as DeepSpeed checkpoint `dst_dir/tag` for `world_size` ranks and `ep_size`.
 
     ds_config (default: the source's) is stored in the checkpoint and decides zero stage and
     parameter_alignment. The source's run record, if it has one, is written with the state's expert
     counts. `latest` is set to `tag`. Returns the tag dir.
+
+    A new (or empty) dst_dir appears whole, `latest` included; so does a replaced one (`replace`); into
+    an existing save directory the new tag appears whole, then `latest` names it. `finish(tag_dir)`
+    adds files to the tag before it appears (a manifest, say).
     """
     meta = state.meta
     ds_config = copy.deepcopy(ds_config if ds_config is not None else meta.ds_config)
@@ -86,23 +92,24 @@ def write_checkpoint(state: CheckpointSource, dst_dir: str | os.PathLike, tag: s
         if meta.tokenizer is not None:
             copy_tokenizer(meta.tokenizer, tag_dir)
 
-    if dst_dir.exists():
-        with staging_dir(dst_dir / tag) as tmp:
-            write_tag(tmp)
+    def write_finished_tag(tag_dir: Path) -> None:
+        write_tag(tag_dir)
+        if finish is not None:
+            finish(tag_dir)
+
+    if dst_dir.is_dir() and any(dst_dir.iterdir()) and not replace:
+        with staged_dir(dst_dir / tag) as tmp:
+            write_finished_tag(tmp)
         write_text_atomic(dst_dir / "latest", tag)
     else:
-        with staging_dir(dst_dir) as tmp:
-            write_tag(tmp / tag)
+        with staged_dir(dst_dir, "replace") as tmp:
+            write_finished_tag(tmp / tag)
             (tmp / "latest").write_text(tag)
     return dst_dir / tag
 
 
 def _check_request(state: CheckpointSource, dst_dir: Path, world_size: int, ep_size: int, ds_config: dict) -> None:
-    if world_size < 1 or ep_size < 1 or world_size % ep_size:
-        raise UserError(f"world size {world_size} must be a positive multiple of ep_size {ep_size}")
-    for layer in state.moe_layers:
-        if layer.num_experts % ep_size:
-            raise UserError(f"{layer.prefix}: {layer.num_experts} experts are not divisible by ep_size {ep_size}")
+    check_expert_parallel(ep_size, [layer.num_experts for layer in state.moe_layers], world_size)
     zero = ds_config.get("zero_optimization", {})
     stage = zero_stage(ds_config)
     if stage not in (0, 1, 2):

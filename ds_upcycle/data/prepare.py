@@ -14,13 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import staged_dir
 from ..errors import UserError
 from .sources import TextSource, resolve_source
 from .tokenizer import (TRAINING_SETTINGS, Tokenizer, copy_tokenizer, find_tokenizer, load_tokenizer, tokenizer_digest,
@@ -46,7 +45,8 @@ class DataConfig:
         tokenizer: an existing tokenizer to use instead of training one (a SentencePiece .model,
             a Hugging Face tokenizer.json, or a directory holding one).
         val_fraction, cpt_fraction: share of documents in the validation and continued
-            pre-training splits; the rest is pre-training.
+            pre-training splits; the rest is pre-training (a data share: reproduce's cpt_fraction
+            is a share of steps).
         split_seed: salt of the document hash that assigns splits.
         cache_dir: where prepared data is kept (default $DS_UPCYCLE_CACHE or ~/.cache/ds_upcycle).
     """
@@ -106,18 +106,6 @@ class PreparedData:
         return np.memmap(self.path / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
 
 
-def _atomic_dir(final: Path):
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    try:
-        tmp.rename(final)
-    except OSError:  # another process published the same content first
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _pretrain_documents(source: TextSource, cfg: DataConfig):
     for doc in source.documents():
         if split_of(doc, cfg.val_fraction, cfg.cpt_fraction, cfg.split_seed) == "pretrain":
@@ -127,9 +115,9 @@ def _pretrain_documents(source: TextSource, cfg: DataConfig):
 def _trained_tokenizer(source: TextSource, cfg: DataConfig, cache: Path) -> Path:
     final = cache / f"tokenizer-{_key(source.identity, cfg.split_params(), cfg.vocab_size, TRAINING_SETTINGS)}"
     if not (final / "tokenizer.model").is_file():
-        tmp = _atomic_dir(final)
-        train_tokenizer(_pretrain_documents(source, cfg), cfg.vocab_size, tmp / "tokenizer.model")
-        _publish(tmp, final)
+        # Cache entries are named by their content: one published meanwhile by another process is kept.
+        with staged_dir(final, "keep") as tmp:
+            train_tokenizer(_pretrain_documents(source, cfg), cfg.vocab_size, tmp / "tokenizer.model")
     return final / "tokenizer.model"
 
 
@@ -173,16 +161,14 @@ def prepare_data(cfg: DataConfig, tokenizer: str | Path | None = None) -> Prepar
     load_tokenizer(tokenizer_path)  # fail early on a bad file
     final = cache / f"data-{_key(source.identity, cfg.split_params(), tokenizer_digest(tokenizer_path))}"
     if not (final / "meta.json").is_file():
-        tmp = _atomic_dir(final)
-        meta = _tokenize(source, cfg, load_tokenizer(copy_tokenizer(tokenizer_path, tmp)), tmp)
-        meta.update(source=source.description, split_params=cfg.split_params(),
-                    data_config=asdict(cfg))
-        empty = [s for s in SPLITS if meta["splits"][s]["tokens"] == 0]
-        if empty:
-            shutil.rmtree(tmp, ignore_errors=True)
-            total = sum(meta["splits"][s]["documents"] for s in SPLITS)
-            raise UserError(f"split(s) {', '.join(empty)} of {source.description} are empty "
-                            f"({total} documents in all): give more documents (each .txt file is one)")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        _publish(tmp, final)
+        with staged_dir(final, "keep") as tmp:
+            meta = _tokenize(source, cfg, load_tokenizer(copy_tokenizer(tokenizer_path, tmp)), tmp)
+            meta.update(source=source.description, split_params=cfg.split_params(),
+                        data_config=asdict(cfg))
+            empty = [s for s in SPLITS if meta["splits"][s]["tokens"] == 0]
+            if empty:
+                total = sum(meta["splits"][s]["documents"] for s in SPLITS)
+                raise UserError(f"split(s) {', '.join(empty)} of {source.description} are empty "
+                                f"({total} documents in all): give more documents (each .txt file is one)")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return PreparedData(final)

@@ -34,7 +34,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._factory import TaskFactory
 from lm_eval.tasks._index import TaskIndex
 
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 from .suites import TaskSpec, eval_dir
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -220,14 +220,10 @@ class UpcycleTaskManager(TaskManager):
 
 def load_tasks(manager: TaskManager, specs: list[TaskSpec]) -> list:
     """Build the top-level Task or Group of every spec, its few-shot count applied to its tasks."""
-    import difflib
-
     built = []
     for spec in specs:
         if spec.task not in manager.all_tasks:
-            close = difflib.get_close_matches(spec.task, manager.all_tasks, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(f"unknown task {spec.task!r}{hint}")
+            raise UserError(f"unknown task {spec.task!r}{did_you_mean(spec.task, manager.all_tasks)}")
         loaded = manager.load_spec(spec)
         top = loaded.get("groups", {}).get(spec.task) or loaded["tasks"].get(spec.task)
         items = [top] if top is not None else list(loaded["tasks"].values())  # a tag: its tasks

@@ -7,15 +7,13 @@ and the checkpoint's tokenizer, into a directory that appears whole or not at al
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, GenerationConfig
 
-from ..atomic import check_destination, swap_into_place
+from ..atomic import check_destination, staged_dir
 from ..dtypes import EXPORT_DTYPES, parse_dtype
 from ..errors import UserError
 from ..model import Transformer
@@ -57,16 +55,12 @@ def write_hf_model(model: Transformer, tokenizer: Path, out_dir: str | Path, dty
     """
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"export writes {' or '.join(EXPORT_DTYPES)} weights, not {dtype!r}")
-    out = Path(out_dir)
-    check_destination(out, force)
     cfg = model.cfg
     has_bias = any(bool(router.route_bias.any()) for router in model.routers)
     family = export_family(cfg, has_bias, prefer)
     tensors = family.to_hf(cfg, model.state_dict())
     bos, eos = special_token_ids(tokenizer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with staged_dir(out_dir, "replace" if force else "refuse") as staging:
         hf_config = AutoConfig.for_model(family.model_type, **family.config_to_hf(cfg))
         hf_config.architectures = [family.architecture]
         hf_config.max_position_embeddings = seq_len or hf_config.max_position_embeddings
@@ -78,8 +72,5 @@ def write_hf_model(model: Transformer, tokenizer: Path, out_dir: str | Path, dty
         files = write_weights({k: v.float() if family.is_bias(k) else v.to(parse_dtype(dtype))
                                for k, v in tensors.items()}, staging, max_shard_bytes)
         write_hf_tokenizer(tokenizer, staging)
-        swap_into_place(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return ExportResult(out, family, dtype, files)
+    return ExportResult(Path(out_dir), family, dtype, files)
 

@@ -10,15 +10,13 @@ layout and precision; `ds-upcycle expand` reads it like any checkpoint.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig
 
-from ..atomic import check_destination, swap_into_place
+from ..atomic import check_destination
 from ..checkpoint import CheckpointState, ImportOrigin, RunRecord, fresh_state, write_checkpoint
 from ..config import ModelConfig
 from ..data.tokenizer import load_tokenizer, tokenizer_file
@@ -80,14 +78,8 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, force: bool = Fal
     record = RunRecord(cfg, optimizer_state=False, context=min(positions, CONTEXT_CAP),
                        imported_from=ImportOrigin(family.model_type, family.architecture, positions,
                                                   hf_dir.resolve().name))
-    staging = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        write_checkpoint(_checkpoint_state(cfg, state, tokenizer, record), staging, IMPORT_TAG, world_size=1,
-                         ep_size=1)
-        swap_into_place(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    write_checkpoint(_checkpoint_state(cfg, state, tokenizer, record), out, IMPORT_TAG, world_size=1, ep_size=1,
+                     replace=force)
     return ImportResult(out, family, cfg)
 
 

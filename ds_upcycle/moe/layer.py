@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from torch import nn
 
+from ..config import check_expert_parallel
 from .router import LossFreeRouter
 
 
@@ -33,8 +34,7 @@ class MoEFeedForward(nn.Module):
     def __init__(self, dim: int, expert_ffn_dim: int, num_experts: int, top_k: int,
                  router: LossFreeRouter, ep_size: int = 1, ep_rank: int = 0) -> None:
         super().__init__()
-        if num_experts % ep_size:
-            raise ValueError(f"num_experts {num_experts} is not divisible by ep_size {ep_size}")
+        check_expert_parallel(ep_size, [num_experts])
         self.moe = MoE(hidden_size=dim, expert=SwiGLU(dim, expert_ffn_dim), num_experts=num_experts,
                        ep_size=ep_size, k=top_k, drop_tokens=False, use_rts=False)
         self.moe.deepspeed_moe.gate = router

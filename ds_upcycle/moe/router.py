@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..comm import agree_capacity
+from ..config import SCORE_FUNCTIONS
 
 
 class SparseRoutes(NamedTuple):
@@ -46,6 +47,8 @@ class LossFreeRouter(nn.Module):
     def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str = "softmax",
                  normalize: bool = True, aux_loss_coef: float = 0.0, groups: tuple[int, ...] | None = None) -> None:
         super().__init__()
+        if score_func not in SCORE_FUNCTIONS:  # the model config refuses it in one line first
+            raise ValueError(f"score_func must be one of {SCORE_FUNCTIONS}, got {score_func!r}")
         # Named `wg` like DeepSpeed's gate so checkpoints of either gate share the router's key.
         self.wg = nn.Linear(dim, num_experts, bias=False)
         self.num_experts = num_experts

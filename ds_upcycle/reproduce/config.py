@@ -7,14 +7,14 @@ Upcycled and Fixed-mE differ only in what the experiment varies: the expert coun
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import PRESETS
+from ..config import PRESETS, check_expert_parallel, field_value
+from ..data import DataConfig
 from ..dtypes import DTYPES
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 from ..upcycle.scores import SELECTION_RULES
 
 
@@ -31,7 +31,9 @@ class ReproduceConfig:
             items applied to every arm (the expert count is set per arm from `num_experts`).
         num_experts, multiplier: E and m; the big model has m * E experts at the same top-K.
         total_steps: T, optimizer steps of every arm (same global batch, so the same tokens).
-        cpt_fraction: share of T spent in continued pre-training by the main upcycled arm.
+        cpt_fraction: share of T's steps spent in continued pre-training by the main upcycled arm,
+            (T - T0) / T (a step share; the share of documents in the cpt data split is
+            cpt_split_fraction, train.py's --cpt-fraction).
         selection_cpt_fraction: a shorter CPT budget at which uniform and grad_sq selection are
             compared (None: skip that comparison).
         cpt_sweep: further CPT shares at which the main selection rule runs too: gap closure
@@ -50,7 +52,8 @@ class ReproduceConfig:
             Fixed-E's own checkpoint at T0, taken in its stable phase, and CPT continues at the
             peak learning rate without warmup, ending with an anneal as long as Fixed-E's).
         data, text_field, seq_len, vocab_size, val_fraction, cpt_split_fraction: training data
-            (train.py --data ... --cpt-fraction); splits are assigned per document by a hash.
+            (train.py --data, --text-field, --seq-len, --vocab-size, --val-fraction, --cpt-fraction;
+            defaults as train.py's); splits are assigned per document by a hash.
         deepspeed_config: a DeepSpeed JSON file (a path, or a name in the repository's ds_configs/).
         num_procs, ep_size: processes per training stage and expert-parallel size.
         micro_batch_size, grad_accum_steps: per process; the global batch is their product times
@@ -85,12 +88,12 @@ class ReproduceConfig:
     distinct_copies: bool = False
     split_copies: bool = False
     transition: str = "annealed"
-    data: str | None = "synthetic"
-    text_field: str = "text"
-    seq_len: int = 128
-    vocab_size: int = 2048
-    val_fraction: float = 0.05
-    cpt_split_fraction: float = 0.35
+    data: str | None = DataConfig.source
+    text_field: str = DataConfig.text_field
+    seq_len: int = DataConfig.seq_len
+    vocab_size: int = DataConfig.vocab_size
+    val_fraction: float = DataConfig.val_fraction
+    cpt_split_fraction: float = DataConfig.cpt_fraction
     deepspeed_config: str = "zero2_fp32.json"
     num_procs: int = 1
     ep_size: int = 1
@@ -112,8 +115,7 @@ class ReproduceConfig:
 
     def __post_init__(self) -> None:
         if self.model not in PRESETS:
-            close = difflib.get_close_matches(self.model, PRESETS, n=1)
-            raise UserError(f"unknown model preset {self.model!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise UserError(f"unknown model preset {self.model!r}{did_you_mean(self.model, PRESETS)}")
         if self.num_experts < 1 or self.multiplier < 2:
             raise UserError(f"need num_experts >= 1 and multiplier >= 2, got {self.num_experts} and {self.multiplier}")
         if self.total_steps < 8:
@@ -147,10 +149,7 @@ class ReproduceConfig:
             raise UserError(f"router_noise must be >= 0, got {self.router_noise}")
         if self.data is not None and not self.data.strip():
             raise UserError("data must name a data source")
-        if self.num_procs < 1 or self.ep_size < 1 or self.num_procs % self.ep_size:
-            raise UserError(f"num_procs {self.num_procs} must be a positive multiple of ep_size {self.ep_size}")
-        if self.num_experts % self.ep_size:
-            raise UserError(f"num_experts {self.num_experts} is not divisible by ep_size {self.ep_size}")
+        check_expert_parallel(self.ep_size, [self.num_experts], self.num_procs, world_name="num_procs")
         for name in ("micro_batch_size", "grad_accum_steps", "seq_len", "eval_samples", "final_val_samples",
                      "eval_batch_size", "threads"):
             if getattr(self, name) < 1:
@@ -253,30 +252,6 @@ def _read_file(path: Path) -> dict:
     return data
 
 
-def _typed(name: str, value):
-    """Lists from a file become the tuples the dataclass declares; everything else is checked later."""
-    kind = str(_FIELDS[name].type)
-    if "tuple" in kind:
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise UserError(f"config field {name} must be a list")
-        if "int" in kind:
-            if any(not isinstance(v, int) or isinstance(v, bool) for v in value):
-                raise UserError(f"config field {name} must be a list of integers, got {value!r}")
-            return tuple(value)
-        if "float" in kind:
-            if any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in value):
-                raise UserError(f"config field {name} must be a list of numbers, got {value!r}")
-            return tuple(float(v) for v in value)
-        return tuple(str(v) for v in value)
-    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}
-    base = kind.split("|")[0].strip()
-    if value is None and "None" in kind:
-        return None
-    if base in expected and (not isinstance(value, expected[base]) or (isinstance(value, bool) and base != "bool")):
-        raise UserError(f"config field {name} must be {base}, got {value!r}")
-    return float(value) if base == "float" else value
-
-
 def config_from_dict(data: dict, origin: str) -> ReproduceConfig:
     """A config from a mapping; `base: NAME` starts from a named config and changes some fields."""
     data = dict(data)
@@ -286,9 +261,11 @@ def config_from_dict(data: dict, origin: str) -> ReproduceConfig:
     values = dataclasses.asdict(NAMED_CONFIGS[base]) if base else {}
     for key, value in data.items():
         if key not in _FIELDS:
-            close = difflib.get_close_matches(str(key), _FIELDS, n=1)
-            raise UserError(f"{origin}: unknown field {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        values[key] = _typed(key, value)
+            raise UserError(f"{origin}: unknown field {key!r}{did_you_mean(key, _FIELDS)}")
+        try:
+            values[key] = field_value(_FIELDS[key], value)
+        except ValueError as err:
+            raise UserError(f"config field {key} must be {err}, got {value!r}") from None
     values.setdefault("name", Path(origin).stem)
     try:
         return ReproduceConfig(**values)
@@ -306,9 +283,8 @@ def load_config(name_or_file: str, **changes) -> ReproduceConfig:
         return ReproduceConfig(**data)
     path = Path(name_or_file)
     if path.suffix not in (".yaml", ".yml", ".json"):
-        close = difflib.get_close_matches(name_or_file, NAMED_CONFIGS, n=1)
-        raise UserError(f"unknown config {name_or_file!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                        + f"; choose from {', '.join(NAMED_CONFIGS)} or give a .yaml/.json file")
+        raise UserError(f"unknown config {name_or_file!r}{did_you_mean(name_or_file, NAMED_CONFIGS)}; choose from "
+                        f"{', '.join(NAMED_CONFIGS)} or give a .yaml/.json file")
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     return config_from_dict({**_read_file(path), **changes}, str(path))

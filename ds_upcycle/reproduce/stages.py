@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,8 @@ from pathlib import Path
 
 import ds_upcycle
 
-from ..atomic import write_json_atomic
+from ..atomic import staged_dir, write_json_atomic
+from ..comm import free_port
 from ..errors import UserError
 from ..upcycle.config import ExpandConfig
 from ..upcycle.expand import expand_checkpoint
@@ -88,18 +88,12 @@ def _warmup(cfg: ReproduceConfig, stage: TrainStage) -> int:
     return cfg.stage_warmup(stage.steps if stage.load else cfg.total_steps)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch_command(cfg: ReproduceConfig, args: list[str]) -> list[str]:
     train = str(repo_root() / "train.py")
     if cfg.num_procs == 1:
         return [sys.executable, train, *args]
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.num_procs),
-            "--master_port", str(_free_port()), train, *args]
+            "--master_port", str(free_port()), train, *args]
 
 
 def _env(cfg: ReproduceConfig) -> dict[str, str]:
@@ -114,16 +108,14 @@ def branch_checkpoint(src_dir: Path, step: int, dst_dir: Path) -> None:
     tag = f"global_step{step}"
     if not (src_dir / tag).is_dir():
         raise UserError(f"{src_dir} has no checkpoint {tag} to continue from; remove {src_dir} to retrain it")
-    staging = dst_dir.with_name(f".{dst_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(src_dir / tag, staging / tag)
-    (staging / "latest").write_text(tag)
     records = [line for line in (src_dir / "metrics.jsonl").read_text().splitlines()
                if line.strip() and json.loads(line)["step"] <= step]
-    (staging / "metrics.jsonl").write_text("".join(line + "\n" for line in records))
-    (staging / "BRANCHED_FROM.json").write_text(json.dumps({"arm": src_dir.name, "step": step}) + "\n")
-    shutil.rmtree(dst_dir, ignore_errors=True)
-    staging.rename(dst_dir)
+    # What an interrupted earlier attempt left in dst_dir (it has no checkpoint yet) is replaced.
+    with staged_dir(dst_dir, "replace") as staging:
+        shutil.copytree(src_dir / tag, staging / tag)
+        (staging / "latest").write_text(tag)
+        (staging / "metrics.jsonl").write_text("".join(line + "\n" for line in records))
+        (staging / "BRANCHED_FROM.json").write_text(json.dumps({"arm": src_dir.name, "step": step}) + "\n")
 
 
 def run_train_stage(exp: Experiment, stage: TrainStage) -> dict:

@@ -24,35 +24,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a model field, e.g. --set num_experts=16 (repeatable)")
 
     d = p.add_argument_group("data")
-    d.add_argument("--data", default="synthetic", help="'synthetic[:docs=N,seed=S]', a .txt/.jsonl/.parquet "
-                   "file or directory, or a hub dataset name (default: synthetic)")
-    d.add_argument("--text-field", default="text")
-    d.add_argument("--split", default="pretrain", choices=["pretrain", "cpt"])
-    d.add_argument("--seq-len", type=int, default=128)
+    d.add_argument("--data", default=DataConfig.source, help="'synthetic[:docs=N,seed=S]', a .txt/.jsonl/.parquet "
+                   f"file or directory, or a hub dataset name (default: {DataConfig.source})")
+    d.add_argument("--text-field", default=DataConfig.text_field)
+    d.add_argument("--split", default=TrainConfig.split, choices=["pretrain", "cpt"])
+    d.add_argument("--seq-len", type=int, default=DataConfig.seq_len)
     d.add_argument("--vocab-size", type=int, default=None, help="size of the tokenizer trained on the data "
                    f"(default {DataConfig.vocab_size}; a run started from a checkpoint keeps its tokenizer)")
     d.add_argument("--tokenizer", default=None, help="existing tokenizer to use instead of training one "
                    "(SentencePiece .model, tokenizer.json, or a directory holding one)")
-    d.add_argument("--val-fraction", type=float, default=0.05)
-    d.add_argument("--cpt-fraction", type=float, default=0.35)
+    d.add_argument("--val-fraction", type=float, default=DataConfig.val_fraction)
+    d.add_argument("--cpt-fraction", type=float, default=DataConfig.cpt_fraction,
+                   help="share of documents in the continued pre-training split")
     d.add_argument("--data-cache", default=None, help="prepared-data cache (default $DS_UPCYCLE_CACHE "
                    "or ~/.cache/ds_upcycle)")
 
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, required=True, help="optimizer steps in this stage")
     t.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
-    t.add_argument("--decay-fraction", type=float, default=0.1, help="final LR decay share of the stage")
-    t.add_argument("--min-lr-ratio", type=float, default=0.0)
+    t.add_argument("--decay-fraction", type=float, default=TrainConfig.decay_fraction, help="final LR decay share of the stage")
+    t.add_argument("--min-lr-ratio", type=float, default=TrainConfig.min_lr_ratio)
     t.add_argument("--fresh-schedule", action="store_true",
                    help="start a new LR stage from --load, keeping its optimizer state (CPT)")
     t.add_argument("--micro-batch-size", type=int, default=None, help="overrides the DeepSpeed config")
     t.add_argument("--grad-accum-steps", type=int, default=None, help="overrides the DeepSpeed config")
-    t.add_argument("--ep-size", type=int, default=1, help="expert-parallel size")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--eval-interval", type=int, default=50)
-    t.add_argument("--eval-samples", type=int, default=256)
+    t.add_argument("--ep-size", type=int, default=TrainConfig.ep_size, help="expert-parallel size")
+    t.add_argument("--seed", type=int, default=TrainConfig.seed)
+    t.add_argument("--eval-interval", type=int, default=TrainConfig.eval_interval)
+    t.add_argument("--eval-samples", type=int, default=TrainConfig.eval_samples)
     t.add_argument("--save", dest="save_dir", default=None, help="checkpoint directory (resumes if it has one)")
-    t.add_argument("--save-interval", type=int, default=0)
+    t.add_argument("--save-interval", type=int, default=TrainConfig.save_interval)
     t.add_argument("--load", dest="load_dir", default=None, help="checkpoint to start from")
     t.add_argument("--exit-at", type=int, default=None, metavar="STEP",
                    help="stop after this global step with a checkpoint; run again without it (or with a later step) to go on")

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .. import comm
 from ..checkpoint import CheckpointRef, MetricsLog, RunRecord, find_checkpoint, latest_checkpoint, write_run_files
-from ..config import ModelConfig, parse_overrides, resolve_model_config
+from ..config import ModelConfig, check_expert_parallel, parse_overrides, resolve_model_config
 from ..data import BatchOrder, DataConfig, PackedSequences, PreparedData, prepare_data
 from ..data.tokenizer import tokenizer_digest
 from ..errors import UserError
@@ -257,14 +257,10 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict, 
     checkpoint's own model and tokenizer take their place where they must.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % train_cfg.ep_size:
-        raise UserError(f"world size {world} is not divisible by --ep-size {train_cfg.ep_size}")
+    check_expert_parallel(train_cfg.ep_size, [], world, "--ep-size")
     start, resuming = _start_checkpoint(train_cfg)
     model_cfg = _model_config(preset, overrides or [], start)
-    counts = sorted(set(model_cfg.experts_per_layer))
-    if any(count % train_cfg.ep_size for count in counts):
-        what = f"num_experts {counts[0]} is" if len(counts) == 1 else f"experts per MoE layer {counts} are"
-        raise UserError(f"{what} not divisible by --ep-size {train_cfg.ep_size}")
+    check_expert_parallel(train_cfg.ep_size, model_cfg.experts_per_layer, ep_name="--ep-size")
 
     if start is not None:
         _check_tokenizer(data_cfg, vocab_size, start)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import check_expert_parallel
 from ..errors import UserError
 from .operator import OPTIMIZER_STATE_MODES
 from .scores import GRADIENT_FREE_RULES, SELECTION_RULES
@@ -136,10 +137,7 @@ class ExpandConfig:
     def target_layout(self, source_world: int, source_ep: int, target_experts: int) -> tuple[int, int]:
         world = self.world_size or source_world
         ep = self.ep_size or source_ep
-        if world % ep:
-            raise UserError(f"target world size {world} is not divisible by ep_size {ep}")
-        if target_experts % ep:
-            raise UserError(f"{target_experts} experts are not divisible by the target ep_size {ep}")
+        check_expert_parallel(ep, [target_experts], world, "the target ep_size", "target world size")
         return world, ep
 
 

@@ -14,8 +14,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..atomic import check_destination, swap_into_place, write_json_atomic
+from ..atomic import check_destination, write_json_atomic
 from ..checkpoint import (CheckpointReader, CheckpointSource, MoELayer, NonExpertState, ParamState, RunRecord,
                           read_checkpoint, write_checkpoint)
 from ..errors import UserError
@@ -36,7 +34,8 @@ from ..moe.names import router_bias, router_weight
 from ..trained import RunData
 from .calibration import Calibration, calibrate, check_calibration_source
 from .config import ExpandConfig
-from .operator import LayerExpansion, LayerPlan, copy_expert, copy_groups, expand_router, plan_layer, route_bias_scale
+from .operator import (LayerExpansion, LayerPlan, copy_groups, copy_moment, expand_router, expand_rows, plan_layer,
+                       route_bias_scale)
 from .scores import GradientStats, expert_score
 from .split import measure_splits
 from .warmstart import WarmStart, warm_start
@@ -103,25 +102,32 @@ class ExpandedSource:
 
     def non_expert_state(self) -> NonExpertState:
         state = self.source.non_expert_state()
-        params, buffers = dict(state.params), dict(state.buffers)
+        params, buffers, mode = dict(state.params), dict(state.buffers), self.cfg.optimizer_state
         # One generator walked in layer order: the same seed gives the same noise.
         gen = torch.Generator().manual_seed(self.cfg.seed)
         for layer in self.source.moe_layers:
             weight_name, bias_name = router_weight(layer.prefix), router_bias(layer.prefix)
             if weight_name not in params:
                 raise UserError(f"{layer.prefix}: no router weight {weight_name} in the checkpoint")
-            params[weight_name], bias = expand_router(params[weight_name], buffers.get(bias_name),
-                                                      self.layers[layer.index], self.cfg.router_noise, gen,
-                                                      self.cfg.optimizer_state, self.cfg.split_scale)
+            weight, expansion = params[weight_name], self.layers[layer.index]
+            rows, bias = expand_router(weight.fp32, buffers.get(bias_name), expansion, self.cfg.router_noise, gen,
+                                       self.cfg.split_scale)
+            params[weight_name] = ParamState(rows, *(None if t is None else expand_rows(t, expansion.plan, m, mode)
+                                                     for m, t in _moments(weight)))
             if bias is not None:
                 buffers[bias_name] = bias
         return NonExpertState(params, buffers)
 
     def expert_state(self, layer: int, expert: int) -> dict[str, ParamState]:
-        plan = self.layers[layer].plan
+        plan, mode = self.layers[layer].plan, self.cfg.optimizer_state
         # The reader assembles new tensors on every call, so they can be handed on without copying.
-        return copy_expert(self.source.expert_state(layer, plan.sources[expert]), plan, expert,
-                           self.cfg.optimizer_state)
+        return {name: ParamState(state.fp32, *(copy_moment(t, plan, expert, m, mode) for m, t in _moments(state)))
+                for name, state in self.source.expert_state(layer, plan.sources[expert]).items()}
+
+
+def _moments(state: ParamState):
+    """(moment, tensor) of a parameter's Adam moments, in ParamState's order."""
+    return (1, state.exp_avg), (2, state.exp_avg_sq)
 
 
 def _expanded_record(plan: ExpansionPlan, cfg: ExpandConfig) -> RunRecord | None:
@@ -265,20 +271,16 @@ def _layer_record(plan: ExpansionPlan, layer: MoELayer) -> dict:
 def write_expansion(cfg: ExpandConfig, plan: ExpansionPlan, record: dict, started: float, progress: bool) -> dict:
     """Write the expanded checkpoint and its manifest to cfg.destination atomically; returns the
     manifest as written (`record` plus the seconds since `started` and the files' checksums)."""
-    dst = Path(cfg.destination)
     expanded = ExpandedSource(plan, cfg)
     to_write = ProgressSource(expanded) if progress else expanded
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
-    try:
-        out_dir = staging / "out"
-        write_checkpoint(to_write, out_dir, plan.tag, plan.world_size, plan.ep_size)
-        written = {**record, "seconds": round(time.perf_counter() - started, 3),
-                   "checksums": _checksums(out_dir / plan.tag)}
-        write_json_atomic(out_dir / plan.tag / MANIFEST, written)
-        swap_into_place(out_dir, dst)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    written = {}
+
+    def add_manifest(tag_dir: Path) -> None:
+        written.update(record, seconds=round(time.perf_counter() - started, 3), checksums=_checksums(tag_dir))
+        write_json_atomic(tag_dir / MANIFEST, written)
+
+    write_checkpoint(to_write, cfg.destination, plan.tag, plan.world_size, plan.ep_size, replace=cfg.force,
+                     finish=add_manifest)
     return written
 
 

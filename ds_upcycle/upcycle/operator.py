@@ -7,15 +7,14 @@ For one MoE layer with E source experts and a target of N > E experts:
 2. `place_copies` orders the N new experts so that expected load is balanced over the target's
    expert-parallel ranks (with one rank, new ids 0..E-1 are the source experts themselves);
 3. `expand_rows` builds any per-expert tensor (expert weights, router rows, their optimizer
-   moments) for the new experts; `copy_expert` one new expert's parameters; `expand_router` a
+   moments) for the new experts, `copy_moment` one new expert's Adam moment; `expand_router` a
    layer's router: its rows, and its routing bias with N(0, sigma^2) noise on the replicas only,
    so that the source experts' routing is unchanged (a router without a bias gets the noise on the
    replicas' rows);
 4. the symmetry-breaking variants: routing groups for distinct copies (`copy_groups`) and copies
    pulled apart along their tokens' main direction (`split_directions`, `split_router_rows`).
 
-It knows nothing of files, DeepSpeed or ranks: tensors (a parameter with its Adam moments is a
-ParamState) and plans in, tensors out.
+It knows nothing of files, DeepSpeed or ranks: tensors and plans in, tensors out.
 
 Shape suffixes: E source experts, N new experts, D router input size.
 """
@@ -27,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from ..checkpoint import ParamState
+from ..config import check_expert_parallel
 from ..errors import UserError
 
 
@@ -73,8 +72,7 @@ def place_copies(counts: Sequence[int], ep_size: int = 1, loads: Sequence[float]
     this makes new ids 0..E-1 the source experts themselves.
     """
     num_target = sum(counts)
-    if num_target % ep_size:
-        raise UserError(f"{num_target} experts are not divisible by ep_size {ep_size}")
+    check_expert_parallel(ep_size, [num_target])
     loads = list(loads) if loads is not None else [1.0] * len(counts)
     slots_per_rank = num_target // ep_size
     copies = sorted(((loads[i] / c, i, k) for i, c in enumerate(counts) for k in range(c)),
@@ -298,41 +296,30 @@ class LayerExpansion:
         return record
 
 
-def copy_expert(params: dict[str, ParamState], plan: LayerPlan, slot: int, mode: str) -> dict[str, ParamState]:
-    """New expert `slot`'s parameters from its source expert's: weights copied, Adam moments as `mode` says.
-
-    The tensors are handed on, not copied, where a moment keeps its value (the caller's are fresh).
-    """
-    out = {}
-    for name, state in params.items():
-        moments = []
-        for moment, tensor in ((1, state.exp_avg), (2, state.exp_avg_sq)):
-            factor = moment_factor(plan, slot, moment, mode)
-            moments.append(tensor if tensor is None or factor == 1.0 else tensor * factor)
-        out[name] = ParamState(state.fp32, *moments)
-    return out
+def copy_moment(tensor: torch.Tensor | None, plan: LayerPlan, slot: int, moment: int, mode: str) -> torch.Tensor | None:
+    """New expert `slot`'s Adam moment (1: exp_avg, 2: exp_avg_sq) from its source expert's, as
+    `mode` says (moment_factor); the tensor itself is handed on where it keeps its value."""
+    factor = moment_factor(plan, slot, moment, mode)
+    return tensor if tensor is None or factor == 1.0 else tensor * factor
 
 
-def expand_router(weight: ParamState, bias_E: torch.Tensor | None, layer: LayerExpansion, noise_std: float,
-                  generator: torch.Generator, mode: str = "copy",
-                  split_scale: float = 0.0) -> tuple[ParamState, torch.Tensor | None]:
-    """One layer's router for the new experts: (rows [N, D] with their Adam moments, routing bias [N]).
+def expand_router(rows_ED: torch.Tensor, bias_E: torch.Tensor | None, layer: LayerExpansion, noise_std: float,
+                  generator: torch.Generator, split_scale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One layer's router for the new experts: (rows [N, D], routing bias [N] or None).
 
-    Rows and moments follow the plan (moments as `mode` says); with split directions the copies'
-    rows move apart (split_router_rows). The bias is scaled and noised by expand_router_bias. A
-    router without a bias (DeepSpeed's stock gate) gets the noise on its replicas' rows instead,
-    which breaks the ties token by token rather than expert by expert.
+    Rows follow the plan; with split directions the copies' rows move apart (split_router_rows).
+    The bias is scaled and noised by expand_router_bias. A router without a bias (DeepSpeed's stock
+    gate) gets the noise on its replicas' rows instead, which breaks the ties token by token rather
+    than expert by expert. The rows' Adam moments follow expand_rows.
     """
     plan = layer.plan
-    moments = [None if t is None else expand_rows(t, plan, moment, mode)
-               for moment, t in ((1, weight.exp_avg), (2, weight.exp_avg_sq))]
-    rows_ND = expand_rows(weight.fp32, plan)
+    rows_ND = expand_rows(rows_ED, plan)
     if layer.split is not None:
         rows_ND = split_router_rows(rows_ND, plan, layer.split.directions_ED, split_offsets(layer.split, split_scale))
     if bias_E is not None:
-        return ParamState(rows_ND, *moments), expand_router_bias(bias_E, plan, noise_std, generator, layer.bias_scale)
+        return rows_ND, expand_router_bias(bias_E, plan, noise_std, generator, layer.bias_scale)
     if noise_std > 0:
         noise_ND = torch.randn(rows_ND.shape, generator=generator, dtype=torch.float64) * noise_std
         noise_ND[~plan.replicas] = 0
         rows_ND = rows_ND + noise_ND.to(rows_ND.dtype)
-    return ParamState(rows_ND, *moments), None
+    return rows_ND, None

@@ -49,7 +49,10 @@ def report(engine, num_local, ep_rank, path):
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     opt = engine.optimizer
-    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # relink expert groups' state (DESIGN.md)
+    # deepspeed 0.19.8 links the optimizer-state fragments of every group after the first step, while
+    # only the first group has state: safe_get_full_optimizer_state then fails on expert parameters
+    # ("exp_avg not found") until they are linked again.
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
         opt._hp_optimizer_states_linked = False
         opt._lazy_init_hp_params_optimizer_state()
     out = {}
