@@ -1,6 +1,5 @@
 """Helpers shared by the checkpoint tests: the stock-DeepSpeed oracle worker, comparisons, file digests."""
 
-import hashlib
 import json
 import os
 import subprocess
@@ -9,17 +8,13 @@ from pathlib import Path
 
 import torch
 
-from conftest import ROOT, SMALL_DATA, free_port
+from conftest import ROOT, SMALL_DATA, check_ok, free_port
 from ds_upcycle.checkpoint import CheckpointState, NonExpertState, ParamState
 from ds_upcycle.moe.names import router_bias, router_weight
 
 
 def load_pt(path: Path):
     return torch.load(path, weights_only=False)
-
-
-def check_ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def run_worker(jobs: list[dict], world: int, ep_size: int, jobs_file: Path) -> None:
@@ -43,11 +38,6 @@ def merged_dump(prefix: Path, world: int) -> dict:
                 assert all(torch.equal(params[name][k], tensors[k]) for k in tensors), name
             params[name] = tensors
     return {**dumps[0], "params": params}
-
-
-def tree_digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def train_command(data_cache: Path, ds_config: Path, *extra: str) -> list[str]:

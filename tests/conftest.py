@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import subprocess
@@ -61,3 +62,48 @@ def train_args(data_cache):
     def make(ds_config: Path, steps: int, *extra: str) -> list[str]:
         return tiny_run_args(ds_config, steps, data_cache, *extra)
     return make
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def expand_cli(*args: str) -> subprocess.CompletedProcess:
+    """`ds-upcycle expand ARGS` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "ds_upcycle.cli", "expand", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+
+
+# The trained source of the expansion tests: what its training run was given besides tiny_run_args.
+SOURCE_MODEL = ("--set", "expert_ffn_dim=48")
+SOURCE_STEPS = 12
+
+
+@pytest.fixture(scope="session")
+def trained_source(tmp_path_factory, data_cache) -> dict:
+    """One checkpoint that test_expand, test_calibration and test_warmstart all read (never write):
+    the tiny model narrowed (4 experts per MoE layer, top-2), trained 12 ZeRO-2 steps on 2 processes
+    with ep_size 2, and the digest of its files."""
+    root = tmp_path_factory.mktemp("trained-source")
+    cfg = write_ds_config(root / "z2.json", stage=2, micro_batch=4)
+    src = root / "src"
+    check_ok(run_train(tiny_run_args(cfg, SOURCE_STEPS, data_cache, *SOURCE_MODEL, "--eval-samples", "8",
+                                     "--ep-size", "2", "--save", str(src)), num_procs=2))
+    return {"cfg": cfg, "src": src, "tag": src / (src / "latest").read_text().strip(), "cache": str(data_cache),
+            "digest": tree_digest(src)}
+
+
+@pytest.fixture(scope="session")
+def bf16_source(tmp_path_factory, data_cache) -> dict:
+    """A bf16 ZeRO-2 checkpoint (bf16_zero_pp_rank_* files) of the trained source's model, 3 steps on one
+    process, and its DeepSpeed config; shared by the bf16 expansion and calibration tests (which only read it)."""
+    root = tmp_path_factory.mktemp("bf16-source")
+    cfg, src = bf16_ds_config(root / "bf16.json"), root / "src"
+    check_ok(run_train(tiny_run_args(cfg, 3, data_cache, *SOURCE_MODEL, "--eval-samples", "8", "--save", str(src))))
+    return {"cfg": cfg, "src": src}

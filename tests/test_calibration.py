@@ -6,18 +6,14 @@ averaged over batches by hand.
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ckpt_helpers import check_ok, tree_digest
-from conftest import ROOT, bf16_ds_config, run_train, tiny_run_args, write_ds_config
+from conftest import expand_cli, tree_digest
 
 from ds_upcycle.checkpoint import read_checkpoint
 from ds_upcycle.config import ModelConfig
@@ -122,23 +118,14 @@ def test_config_validation(kwargs, message):
 # ---- a trained source checkpoint ----
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory, data_cache):
+def source(tmp_path_factory, trained_source):
+    """conftest's trained source, a folder for this module's outputs, and a small text to calibrate on."""
     root = tmp_path_factory.mktemp("calibration")
-    cfg = write_ds_config(root / "z2.json", stage=2, micro_batch=4)
-    src = root / "src"
-    check_ok(run_train(tiny_run_args(cfg, 12, data_cache, "--set", "num_experts=4", "--set", "top_k=2",
-                                     "--eval-samples", "8", "--save", str(src))))
     text = root / "calib.jsonl"
     text.write_text("".join(json.dumps({"text": f"Document {i}: the quick brown fox {i * 7} jumps over "
                                                 f"the lazy dog {i * 3} times.\n" * 3}) + "\n"
                             for i in range(40)))
-    return {"root": root, "src": src, "tag": src / (src / "latest").read_text().strip(),
-            "cache": str(data_cache), "text": text, "digest": tree_digest(src)}
-
-
-def expand_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ds_upcycle.cli", "expand", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    return {**trained_source, "root": root, "text": text}
 
 
 @pytest.mark.slow
@@ -232,12 +219,9 @@ def test_checkpoint_without_run_file_refused_before_writing(source):
 
 
 @pytest.mark.slow
-def test_bf16_checkpoint_calibrates_at_the_fp32_master_weights(tmp_path, data_cache):
+def test_bf16_checkpoint_calibrates_at_the_fp32_master_weights(bf16_source, data_cache):
     """A bf16 run's module weights are its fp32 masters rounded; calibration uses the masters."""
-    cfg = bf16_ds_config(tmp_path / "bf16.json")
-    src = tmp_path / "src"
-    check_ok(run_train(tiny_run_args(cfg, 3, data_cache, "--set", "num_experts=4", "--eval-samples", "8",
-                                     "--save", str(src))))
+    src = bf16_source["src"]
     reader = read_checkpoint(src)
     cal = calibrate(reader, RunData(src, str(data_cache)), "synthetic:docs=20,seed=5", 1, 2)
     rounded = 0
@@ -292,12 +276,13 @@ def test_split_directions_match_a_direct_computation_and_split_each_experts_toke
     def copy_shares(split: bool) -> list[float]:
         dst = tmp_path / f"split-{split}"
         expand_checkpoint(ExpandConfig(source=str(source["src"]), destination=str(dst), multiplier=2,
-                                       select="uniform", distinct_copies=True, split_copies=split,
+                                       world_size=1, ep_size=1, select="uniform", distinct_copies=True,
+                                       split_copies=split,
                                        calibration_batches=4, calibration_batch_size=4, data_cache=source["cache"]),
                           progress=False)
         routes = routed_inputs(load_model(dst).model, batches)
         shares = []
-        for prefix, i in busy:  # uniform, 4 -> 8 on one rank: expert i's copies are i and i + 4
+        for prefix, i in busy:  # uniform, 4 -> 8 on one rank (world 1, ep 1): expert i's copies are i and i + 4
             experts = routes[prefix][1]
             first, second = int((experts == i).sum()), int((experts == i + 4).sum())
             shares.append(second / (first + second))

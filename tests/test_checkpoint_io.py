@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_helpers import (assert_deepspeed_saves_the_same, assert_same_params, check_ok, duplicate_experts, load_pt,
-                          merged_dump, run_worker, train_command, tree_digest)
-from conftest import run_train, write_ds_config
+from ckpt_helpers import (assert_deepspeed_saves_the_same, assert_same_params, duplicate_experts, load_pt, merged_dump,
+                          run_worker, train_command)
+from conftest import check_ok, run_train, tree_digest, write_ds_config
 from ds_upcycle.checkpoint import (CheckpointMeta, CheckpointState, MoELayer, NonExpertState, ParamGroup, ParamState,
                                    RunRecord, load_state, named_param_states, read_checkpoint, write_checkpoint)
 from ds_upcycle.checkpoint.layout import FlatGroup, alignment_paddings, flat_group, split_moe_group

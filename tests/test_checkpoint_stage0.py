@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_helpers import (assert_deepspeed_saves_the_same, assert_same_params, check_ok, duplicate_experts, merged_dump,
-                          run_worker, train_command, tree_digest)
-from conftest import ROOT, bf16_ds_config, run_train, write_ds_config
+from ckpt_helpers import (assert_deepspeed_saves_the_same, assert_same_params, duplicate_experts, merged_dump, run_worker,
+                          train_command)
+from conftest import ROOT, bf16_ds_config, check_ok, run_train, tree_digest, write_ds_config
 from ds_upcycle.checkpoint import load_state, named_param_states, read_checkpoint, write_checkpoint
 from ds_upcycle.checkpoint.stage0 import Stage0Reader
 from ds_upcycle.errors import UserError

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import run_train, tiny_run_args, write_ds_config
+from conftest import check_ok, run_train, tiny_run_args, write_ds_config
 from ds_upcycle.data.tokenizer import train_tokenizer
 from ds_upcycle.checkpoint import read_metrics
 
@@ -25,11 +25,6 @@ def wsd(step_in_stage: int, total: int, warmup: int, decay_fraction: float, min_
         return (step_in_stage + 1) / warmup
     into_decay = step_in_stage - (total - decay_steps) + 1
     return 1.0 if into_decay <= 0 else 1.0 - (1.0 - min_ratio) * into_decay / decay_steps
-
-
-def check_ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def notes(proc) -> list[str]:

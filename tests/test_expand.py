@@ -16,28 +16,19 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ckpt_helpers import assert_deepspeed_saves_the_same, check_ok, merged_dump, run_worker, tree_digest
-from conftest import ROOT, bf16_ds_config, free_port, run_train, tiny_run_args, write_ds_config
+from ckpt_helpers import assert_deepspeed_saves_the_same, merged_dump, run_worker
+from conftest import (ROOT, SOURCE_MODEL, check_ok, expand_cli, free_port, run_train, tiny_run_args, tree_digest,
+                      write_ds_config)
 from ds_upcycle.cli import main as cli_main
 from ds_upcycle.moe.names import GATE, expert_param, router_weight, split_expert_param, with_expert_id
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-def expand_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ds_upcycle.cli", "expand", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-
-
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, data_cache):
-    """A (dp 2, ep 2) ZeRO-2 source of 4 experts, trained a few steps, and DeepSpeed's view of it."""
-    root = tmp_path_factory.mktemp("expand")
-    cfg = write_ds_config(root / "z2.json", stage=2, micro_batch=4)
-    src = root / "src"
-    check_ok(run_train(tiny_run_args(cfg, 4, data_cache, "--set", "expert_ffn_dim=48", "--eval-samples", "8",
-                                     "--ep-size", "2", "--save", str(src)), num_procs=2))
-    return {"root": root, "cfg": cfg, "src": src, "digest": tree_digest(src)}
+def work(tmp_path_factory, trained_source):
+    """conftest's trained source (dp 2, ep 2, ZeRO-2, 4 experts) and a folder for this module's outputs."""
+    return {**trained_source, "root": tmp_path_factory.mktemp("expand")}
 
 
 def expected_state(source: dict, manifest: dict, mode: str) -> dict:
@@ -139,7 +130,7 @@ def test_expand_chosen_layers_only_then_train(work, source_dump, data_cache):
     cont = work["root"] / "layer-1-only-cpt"
     check_ok(run_train(tiny_run_args(work["cfg"], 2, data_cache, "--ep-size", "2", "--load", str(dst), "--save",
                                      str(cont), "--split", "cpt", "--fresh-schedule", "--eval-samples", "8",
-                                     "--set", "expert_ffn_dim=48"),
+                                     *SOURCE_MODEL),
                        num_procs=2))
     cont_tag = cont / (cont / "latest").read_text().strip()
     assert json.loads((cont_tag / "ds_upcycle.json").read_text())["model"]["layer_experts"] == [4, 8, 4, 4]
@@ -238,13 +229,10 @@ def test_stock_deepspeed_script_checkpoint_expands_and_resumes(tmp_path):
     assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "hf").exists()
 
 
-def test_bf16_zero2_checkpoint_expands_and_loads(tmp_path, data_cache):
+def test_bf16_zero2_checkpoint_expands_and_loads(tmp_path, bf16_source):
     """bf16 runs write bf16_zero_pp_rank_* files; module weights are the fp32 master cast to bf16."""
-    cfg = bf16_ds_config(tmp_path / "bf16.json")
-    src = tmp_path / "src"
-    check_ok(run_train(tiny_run_args(cfg, 3, data_cache, "--set", "expert_ffn_dim=48", "--eval-samples", "8",
-                                     "--save", str(src))))
-    work = {"root": tmp_path, "cfg": cfg}
+    src = bf16_source["src"]
+    work = {"root": tmp_path, "cfg": bf16_source["cfg"]}
     source = load_with_deepspeed(work, "bf16-source", src, 1, 1)
     dst = tmp_path / "dst"
     proc = expand_cli(str(src), str(dst), "-m", "2", "--select", "uniform")

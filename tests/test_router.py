@@ -207,3 +207,8 @@ def test_distinct_groups_preserve_the_source_layer_exactly(score):
     with torch.no_grad():
         plain.wg.weight.copy_(doubled.wg.weight)
     assert torch.equal(plain.route(x)[0] % 3, plain.route(x)[0][:, :1].expand(-1, 2) % 3)
+
+
+def test_an_unknown_score_function_is_refused():
+    with pytest.raises(ValueError, match="score_func must be one of"):
+        LossFreeRouter(8, 4, 2, score_func="relu")

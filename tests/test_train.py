@@ -6,15 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, bf16_ds_config, free_port, run_train, write_ds_config
+from conftest import ROOT, bf16_ds_config, check_ok, free_port, run_train, write_ds_config
 from ds_upcycle.checkpoint import read_metrics
+from ds_upcycle.moe.names import moe_prefix, router_bias
 
 pytestmark = pytest.mark.slow
-
-
-def check_ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def test_loss_falls_and_metrics_are_recorded(tmp_path, train_args):
@@ -143,7 +139,7 @@ def test_bf16_run_keeps_routing_bias_in_fp32(tmp_path, train_args):
     check_ok(run_train(train_args(cfg, 4, "--save", str(tmp_path / "run"))))
     module = torch.load(tmp_path / "run" / "global_step4" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert module["tok_embeddings.weight"].dtype == torch.bfloat16
-    bias = module["layers.0.ffn.moe.deepspeed_moe.gate.route_bias"]
+    bias = module[router_bias(moe_prefix(0))]
     # sums of +-1e-3 steps stay exact multiples of 1e-3 only because the bias is kept in fp32
     assert bias.dtype == torch.float32 and bias.abs().max() > 0
     assert ((bias * 1000).round() - bias * 1000).abs().max() < 1e-3

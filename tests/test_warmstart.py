@@ -1,22 +1,18 @@
 """`ds-upcycle expand --check-data`: the warm-start jump, measured on the source's validation data.
 
-A small 1-process source (4 experts, top-2) is trained a few steps; everything else runs in this
-process or one `ds-upcycle` subprocess.
+The source is conftest's trained_source (4 experts, top-2, trained a few steps on 2 processes);
+everything else runs in this process or one `ds-upcycle` subprocess.
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ckpt_helpers import check_ok
-from conftest import ROOT, run_train, tiny_run_args, write_ds_config
+from conftest import expand_cli
 
 from ds_upcycle.data import DataConfig, prepare_data
 from ds_upcycle.errors import UserError
@@ -30,23 +26,14 @@ SAMPLES = 24
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory, data_cache):
-    root = tmp_path_factory.mktemp("warmstart")
-    cfg = write_ds_config(root / "z2.json", stage=2, micro_batch=4)
-    src = root / "src"
-    check_ok(run_train(tiny_run_args(cfg, 6, data_cache, "--set", "num_experts=4", "--set", "top_k=2",
-                                     "--save", str(src))))
-    return {"root": root, "src": src, "tag": src / (src / "latest").read_text().strip(),
-            "cache": str(data_cache)}
+def source(tmp_path_factory, trained_source):
+    return {**trained_source, "root": tmp_path_factory.mktemp("warmstart")}
 
 
 def test_check_data_cli_uniform_copy_is_close_to_source(source):
     dst = source["root"] / "e8"
-    proc = subprocess.run([sys.executable, "-m", "ds_upcycle.cli", "expand", str(source["src"]), str(dst),
-                           "--multiplier", "2", "--select", "uniform", "--router-noise", "0", "--check-data",
-                           "--check-samples", str(SAMPLES), "--data-cache", source["cache"]],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    proc = expand_cli(str(source["src"]), str(dst), "--multiplier", "2", "--select", "uniform", "--router-noise", "0",
+                      "--check-data", "--check-samples", str(SAMPLES), "--data-cache", source["cache"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     tag_dir = dst / (dst / "latest").read_text().strip()
     manifest = json.loads((tag_dir / "upcycle_manifest.json").read_text())
@@ -61,11 +48,12 @@ def test_check_data_cli_uniform_copy_is_close_to_source(source):
     # top-2 was {a, b} now gets {a, a'}: the renormalised weights are 1/2 each and the output is
     # f_a alone, i.e. the source run with top-1 (weight 1). Masking the replicas in the router gives
     # back the source exactly. How far the jump goes depends on how much the trained model relies
-    # on its second expert (little after 6 steps; about +1.3 nats after 30 steps on this data).
+    # on its second expert (little after a few steps; about +1.3 nats after 30 steps on this data).
     data = RunData(source["src"], source["cache"]).split("val")
     expanded = load_model(dst).model
-    for router in expanded.routers:
-        router.route_bias.data[4:] -= 1e4  # new ids 4..7 are the copies (uniform, one rank)
+    for router, layer in zip(expanded.routers, manifest["layers"]):
+        sources = layer["sources"]
+        router.route_bias.data[[j for j, s in enumerate(sources) if sources.index(s) != j]] -= 1e4
     assert validation_loss(expanded, data, SAMPLES, BATCH_SIZE) == pytest.approx(ws["source_loss"], rel=1e-6)
     top1 = load_model(source["src"]).model
     for router in top1.routers:
@@ -99,7 +87,7 @@ def test_source_loss_equals_direct_computation(source):
 
 
 def test_check_data_refuses_plain_deepspeed_checkpoint_before_writing(source):
-    plain = source["root"] / "plain" / "global_step6"
+    plain = source["root"] / "plain" / source["tag"].name
     shutil.copytree(source["tag"], plain)
     (plain / "ds_upcycle.json").unlink()
     dst = source["root"] / "never-written"
@@ -134,3 +122,11 @@ def test_distinct_copies_compute_exactly_what_the_source_computed(source):
     tag_dir = source["root"] / "e12-distinct" / tag_dir.name
     regrouped = json.loads((tag_dir / "ds_upcycle.json").read_text())["model"]["route_groups"]
     assert regrouped == [[groups[i][s] for s in layer["sources"]] for i, layer in enumerate(twice.manifest["layers"])]
+    # a grouped source grows only with its groups (or after they are lifted), refused before any work
+    never = source["root"] / "e16-plain"
+    with pytest.raises(UserError, match="routes its experts in groups.*--distinct-copies"):
+        expand_checkpoint(ExpandConfig(str(dst), str(never), multiplier=2, select="uniform"), progress=False)
+    assert not never.exists()
+    resharded = expand_checkpoint(ExpandConfig(str(dst), str(source["root"] / "e8-reshard"), multiplier=1),
+                                  progress=False)  # keeping the expert counts keeps the groups
+    assert resharded.plans[0].sources == tuple(range(8))
