@@ -45,7 +45,8 @@ def main() -> None:
                    "their experts (default: every MoE layer)")
 @click.option("--distinct-copies", is_flag=True,
               help="route each token to at most one copy of an expert (the copies form a group in the "
-                   "model config): the expanded model computes exactly what the source computed")
+                   "model config): the expanded model computes what the source computed (exactly when every "
+                   "expert gets the same number of copies)")
 @click.option("--split-copies", is_flag=True,
               help="with --distinct-copies: pull each expert's copies apart along the direction in which its "
                    "tokens' router inputs vary most (measured on --calibration-data, default the source's cpt "

@@ -110,7 +110,7 @@ def test_distinct_copies_compute_exactly_what_the_source_computed(source):
     # Noise 0: within a group the copies tie and the lowest id, the source expert, takes the token.
     # On one rank new ids 0..3 are the source experts in their order, so the softmax sums its terms
     # in the source's order too (placed over two ranks, a permuted sum flips a few near-ties: 2e-5).
-    result = expand_checkpoint(ExpandConfig(str(source["src"]), str(dst), multiplier=2, select="grad_sq",
+    result = expand_checkpoint(ExpandConfig(str(source["src"]), str(dst), multiplier=2, select="uniform",
                                             world_size=1, ep_size=1, distinct_copies=True, router_noise=0.0,
                                             check_data=True,
                                             check_samples=SAMPLES, data_cache=source["cache"]), progress=False)
