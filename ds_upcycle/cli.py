@@ -158,6 +158,7 @@ def import_cmd(hf_dir, out_checkpoint, force) -> None:
     cfg = result.config
     click.echo(f"wrote {result.checkpoint} from {result.family.architecture}: {cfg.n_layers} layers, "
                f"{cfg.num_experts} experts, top-{cfg.top_k}")
+    click.echo(result.balancing)
 
 
 def _require_transformers(command: str) -> None:

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from ckpt_helpers import assert_deepspeed_saves_the_same, run_worker
-from conftest import SMALL_DATA, run_train, write_ds_config
+from conftest import SMALL_DATA, check_ok, run_train, write_ds_config
 from ds_upcycle.cli import main
 from ds_upcycle.config import PRESETS, ModelConfig
 from ds_upcycle.data import DataConfig, prepare_data
@@ -28,7 +28,7 @@ from ds_upcycle.errors import UserError
 from ds_upcycle.hf.export import export_checkpoint, write_hf_model
 from ds_upcycle.hf.files import read_weights
 from ds_upcycle.hf.importer import SAVE_CONFIG, import_checkpoint
-from ds_upcycle.hf.registry import export_family
+from ds_upcycle.hf.registry import FAMILIES, export_family
 from ds_upcycle.hf.tokenizer import write_hf_tokenizer
 from ds_upcycle.model import Transformer
 from ds_upcycle.trained import load_model
@@ -239,8 +239,9 @@ def test_import_expand_export_loads_in_transformers(tmp_path, sp_model, data_cac
                                    calibration_data=SMALL_DATA, calibration_batches=2, calibration_batch_size=2,
                                    data_cache=str(data_cache)), progress=False)
     result = export_checkpoint(tmp_path / "e8", tmp_path / "hf8")
-    # The replicas' routing biases carry noise: a class with the selection bias takes the model.
-    assert result.family.model_type == "ernie4_5_moe"
+    # Mixtral has no selection bias, so the import does not train one and expand put the replicas'
+    # noise on their router rows: the bias stays zero and Mixtral's own class takes the model.
+    assert result.family.model_type == "mixtral"
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf8", dtype=torch.float32).eval()
     assert theirs.config.num_experts == 8
     ids = tokens(seed=6)
@@ -273,3 +274,31 @@ def test_a_tied_head_stored_anyway_is_accepted_only_when_equal(tmp_path, sp_mode
     save_file({**weights, "lm_head.weight": weights["model.embed_tokens.weight"] + 1},
               str(hf_dir / "model.safetensors"))
     assert "different lm_head.weight" in refusal(import_checkpoint, hf_dir, tmp_path / "other")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", list(FAMILY_CONFIGS))
+def test_every_family_upcycles_trains_and_exports_as_itself(model_type, tmp_path, sp_model, data_cache):
+    """The README's path for each family that imports: import, expand -m 2 (default router noise),
+    continue training with the balancing the import chose, export: the release's own class, computing
+    what our model computes."""
+    hf_dir, _ = hf_model_dir(model_type, tmp_path, sp_model)
+    imported = import_checkpoint(hf_dir, tmp_path / "ckpt")
+    has_bias = FAMILIES[model_type].bias_name is not None  # ERNIE 4.5 and GLM-4 MoE train theirs loss-free
+    assert (imported.config.route_bias_update > 0, imported.config.aux_loss_coef > 0) == (has_bias, not has_bias)
+    assert imported.balancing.startswith("balancing: loss-free" if has_bias else "balancing: auxiliary loss")
+    expand_checkpoint(ExpandConfig(str(tmp_path / "ckpt"), str(tmp_path / "e2x"), multiplier=2, select="uniform"),
+                      progress=False)
+    ds_config = write_ds_config(tmp_path / "ds.json", micro_batch=2)
+    check_ok(run_train(["--deepspeed_config", str(ds_config), "--load", str(tmp_path / "e2x"), "--steps", "3",
+                        "--data", SMALL_DATA, "--seq-len", "32", "--data-cache", str(data_cache),
+                        "--eval-samples", "4", "--save", str(tmp_path / "cpt")]))
+    trained = load_model(tmp_path / "cpt").model
+    assert trained.cfg.num_experts == 2 * imported.config.num_experts
+    assert any(bool(router.route_bias.any()) for router in trained.routers) == has_bias
+    result = export_checkpoint(tmp_path / "cpt", tmp_path / "hf")
+    assert result.family.model_type == model_type
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = tokens(seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(trained(ids)[0], theirs(ids).logits, atol=1e-5, rtol=1e-5)

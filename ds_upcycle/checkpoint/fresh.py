@@ -9,6 +9,9 @@ save.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import deepspeed
 import torch
 from deepspeed.checkpoint.constants import CLIP_GRAD, LOSS_SCALER
@@ -18,7 +21,7 @@ from ..errors import UserError
 from .ds_config import zero_stage
 from .names import split_expert_param
 from .run_record import RunRecord
-from .state import CheckpointMeta, CheckpointState, MoELayer, NonExpertState, ParamGroup, ParamState
+from .state import CheckpointMeta, MoELayer, NonExpertState, ParamGroup, ParamState
 
 _ADAM_ONLY_KEYS = ("torch_adam", "adam_w_mode")  # DeepSpeed's switches, not torch hyperparameters
 
@@ -36,18 +39,38 @@ def adamw_hypers(ds_config: dict) -> dict:
     return {k: v for k, v in group.items() if k != "params"}
 
 
-def fresh_state(state: dict[str, torch.Tensor], param_names: list[str], shared_params: dict[str, str],
+@dataclass
+class FreshSource:
+    """A model's state before its first step, as a CheckpointSource: non-expert parameters in memory
+    (fp32), each expert read from `state` only when the writer asks for it."""
+
+    meta: CheckpointMeta
+    moe_layers: list[MoELayer]
+    non_expert: NonExpertState
+    state: Mapping[str, torch.Tensor]
+
+    def non_expert_state(self) -> NonExpertState:
+        return self.non_expert
+
+    def expert_state(self, layer: int, expert: int) -> dict[str, ParamState]:
+        moe = self.moe_layers[layer]
+        moe.check_expert(expert)
+        return {suffix: ParamState(self.state[moe.param_name(expert, suffix)].float()) for suffix in moe.param_shapes}
+
+
+def fresh_state(state: Mapping[str, torch.Tensor], param_names: list[str], shared_params: dict[str, str],
                 ds_config: dict, client_state: dict, run_record: RunRecord | None = None,
-                tokenizer=None) -> CheckpointState:
+                tokenizer=None) -> FreshSource:
     """The checkpoint state of a model before its first optimizer step, on one process (ep_size 1).
 
-    state: the module's state dict, in module order; param_names: its parameters in
-    `named_parameters()` order (the optimizer's order); shared_params: tied names -> the name
-    that holds the tensor. Every other state entry is a persistent buffer.
+    state: the module's state dict, in module order (a Mapping that reads each tensor on access is
+    read one expert at a time); param_names: its parameters in `named_parameters()` order (the
+    optimizer's order); shared_params: tied names -> the name that holds the tensor. Every other
+    state entry is a persistent buffer.
     """
     params = set(param_names)
-    buffers = {n: t for n, t in state.items() if n not in params and n not in shared_params}
-    layers, experts = _moe_layers(state, param_names)
+    buffers = {n: state[n] for n in state if n not in params and n not in shared_params}
+    layers = _moe_layers(state, param_names)
     hypers = adamw_hypers(ds_config)
     stage = zero_stage(ds_config)
     dense = [n for n in param_names if split_expert_param(n) is None]
@@ -65,20 +88,18 @@ def fresh_state(state: dict[str, torch.Tensor], param_names: list[str], shared_p
                       "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": 1}},
         run_record=run_record, tokenizer=tokenizer)
     non_expert = NonExpertState({n: ParamState(state[n].float()) for n in dense}, buffers)
-    return CheckpointState(meta, layers, non_expert, experts)
+    return FreshSource(meta, layers, non_expert, state)
 
 
-def _moe_layers(state: dict[str, torch.Tensor], param_names: list[str]):
-    """MoE layers in module order, and every expert's parameters by (layer, global expert id)."""
+def _moe_layers(state: Mapping[str, torch.Tensor], param_names: list[str]) -> list[MoELayer]:
+    """MoE layers in module order, with the names and shapes of one expert's parameters (expert 0's)."""
     by_prefix: dict[str, list[tuple[int, str, str]]] = {}
     for name in param_names:
         parts = split_expert_param(name)
         if parts is not None:
             by_prefix.setdefault(parts[0], []).append((parts[1], parts[2], name))
-    layers, experts = [], {}
+    layers = []
     for index, (prefix, entries) in enumerate(by_prefix.items()):
         shapes = {suffix: state[name].shape for expert, suffix, name in entries if expert == 0}
         layers.append(MoELayer(index, prefix, max(e for e, _, _ in entries) + 1, shapes))
-        for expert, suffix, name in entries:
-            experts.setdefault((index, expert), {})[suffix] = ParamState(state[name].float())
-    return layers, experts
+    return layers

@@ -37,7 +37,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
                       max_shard_bytes: int = MAX_SHARD_BYTES) -> ExportResult:
     """Write `checkpoint` (save dir or tag dir, any layout) as a transformers model directory `out_dir`."""
     check_destination(Path(out_dir), force)
-    loaded = load_model(checkpoint, "cpu", torch.float32)
+    loaded = load_model(checkpoint, "cpu", dtype=None)  # as stored: each shard is cast when written
     imported = loaded.record.imported_from
     return write_hf_model(loaded.model, loaded.tokenizer, out_dir, dtype,
                           seq_len=imported.max_position_embeddings if imported else loaded.record.seq_len,
@@ -69,8 +69,9 @@ def write_hf_model(model: Transformer, tokenizer: Path, out_dir: str | Path, dty
         hf_config.save_pretrained(str(staging))
         GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos).save_pretrained(str(staging))
         # The selection bias stays fp32 (as in training and in the families' own modules).
-        files = write_weights({k: v.float() if family.is_bias(k) else v.to(parse_dtype(dtype))
-                               for k, v in tensors.items()}, staging, max_shard_bytes)
+        weights_dtype = parse_dtype(dtype)
+        files = write_weights(tensors, staging, max_shard_bytes,
+                              lambda name: torch.float32 if family.is_bias(name) else weights_dtype)
         write_hf_tokenizer(tokenizer, staging)
     return ExportResult(Path(out_dir), family, dtype, files)
 

@@ -11,7 +11,7 @@ tensor bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -91,13 +91,10 @@ class Family:
                     tensors[shared + name + ".weight"] = torch.zeros(shape, dtype=dtype)
         return tensors
 
-    def from_hf(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Our state dict from the family's tensors; the caller has checked that every name is there."""
-        state = {ours: self._convert(ours, tensors[theirs], cfg, to_hf=False) for ours, theirs in self.name_pairs(cfg)}
-        if self.bias_name is None:  # the family has no selection bias: ours starts at zero
-            for i in cfg.moe_layer_ids:
-                state[router_bias(moe_prefix(i))] = torch.zeros(cfg.experts_in_block(i))
-        return state
+    def from_hf(self, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """Our state dict from the family's tensors, each converted when it is read (so a lazy
+        `tensors` stays lazy); the caller has checked that every name is there."""
+        return _FromHF(self, cfg, tensors)
 
     def is_bias(self, theirs: str) -> bool:
         """Whether the family's tensor `theirs` is a router's selection bias (kept in fp32 on export)."""
@@ -111,6 +108,32 @@ class Family:
                                                     "attn.k_norm.weight")):
             return _permute_rope_rows(tensor, cfg.head_dim, to_hf)
         return tensor
+
+
+class _FromHF(Mapping):
+    """Family.from_hf's result: our names, each tensor read from the family's and converted on access."""
+
+    def __init__(self, family: Family, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.family, self.cfg, self.tensors = family, cfg, tensors
+        self.theirs = dict(family.name_pairs(cfg))
+        # A family without a selection bias: ours starts at zero.
+        self.zero_biases = {} if family.bias_name is not None else {
+            router_bias(moe_prefix(i)): cfg.experts_in_block(i) for i in cfg.moe_layer_ids}
+
+    def __getitem__(self, ours: str) -> torch.Tensor:
+        if ours in self.zero_biases:
+            return torch.zeros(self.zero_biases[ours])
+        return self.family._convert(ours, self.tensors[self.theirs[ours]], self.cfg, to_hf=False)
+
+    def __contains__(self, ours: object) -> bool:  # without reading the tensor, as Mapping's would
+        return ours in self.theirs or ours in self.zero_biases
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.theirs
+        yield from self.zero_biases
+
+    def __len__(self) -> int:
+        return len(self.theirs) + len(self.zero_biases)
 
 
 def _permute_rope_rows(weight: torch.Tensor, head_dim: int, to_interleaved: bool) -> torch.Tensor:

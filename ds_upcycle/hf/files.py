@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -16,40 +17,92 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 MAX_SHARD_BYTES = 5 * 2**30
 
 
-def write_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """model.safetensors, or model-0000i-of-0000n.safetensors and an index when larger than one shard."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def write_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
+                  dtype_of: Callable[[str], torch.dtype] | None = None) -> list[str]:
+    """model.safetensors, or model-0000i-of-0000n.safetensors and an index when larger than one shard.
+
+    Each tensor is cast to dtype_of(name) (default: kept) only when its shard is written, so that
+    memory holds the converted tensors of one shard, not of the model.
+    """
+    def dtype(name: str) -> torch.dtype:
+        return tensors[name].dtype if dtype_of is None else dtype_of(name)
+
+    def nbytes(name: str) -> int:
+        return tensors[name].numel() * torch.tensor([], dtype=dtype(name)).element_size()
+
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+    for name in tensors:
+        if shards[-1] and size + nbytes(name) > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor.contiguous()
-        size += nbytes
+        shards[-1].append(name)
+        size += nbytes(name)
     if len(shards) == 1:
-        names = ["model.safetensors"]
+        files = ["model.safetensors"]
     else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map = {name: file for file, shard in zip(names, shards) for name in shard}
-        (out_dir / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                     indent=2) + "\n")
-    for file, shard in zip(names, shards):
-        save_file(shard, str(out_dir / file), metadata={"format": "pt"})
-    return names
+        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map = {name: file for file, shard in zip(files, shards) for name in shard}
+        index = {"metadata": {"total_size": sum(map(nbytes, tensors))}, "weight_map": weight_map}
+        (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    for file, shard in zip(files, shards):
+        save_file({name: tensors[name].to(dtype(name)).contiguous() for name in shard}, str(out_dir / file),
+                  metadata={"format": "pt"})
+    return files
+
+
+class WeightFiles(Mapping):
+    """The tensors of a model directory by name, each read from its file only when asked for.
+
+    model.safetensors, sharded safetensors, or .bin (sharded or not). Safetensors files are opened
+    once (their headers name the tensors) and a tensor is read on access, so a caller that takes
+    one tensor at a time holds one tensor; .bin files are memory-mapped.
+    """
+
+    def __init__(self, hf_dir: Path) -> None:
+        self.hf_dir = hf_dir
+        self._where: dict[str, object] = {}   # name -> open safetensors file, or the mapped .bin dict
+        for file in _weight_files(hf_dir):
+            if file.suffix == ".safetensors":
+                handle = _open_safetensors(file)
+                self._where.update((name, handle) for name in handle.keys())
+            else:
+                tensors = _read_bin(file)
+                self._where.update((name, tensors) for name in tensors)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        where = self._where[name]
+        if isinstance(where, dict):
+            return where[name]
+        try:
+            return where.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"cannot read {name} from {self.hf_dir}: {err}") from None
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor, as Mapping's would
+        return name in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a model directory: model.safetensors, sharded safetensors, or .bin (sharded or not)."""
+    """Every tensor of a model directory, in memory."""
+    return dict(WeightFiles(hf_dir))
+
+
+def _weight_files(hf_dir: Path) -> list[Path]:
     if (hf_dir / "model.safetensors").is_file():
-        return _read_safetensors(hf_dir / "model.safetensors")
+        return [hf_dir / "model.safetensors"]
     if (hf_dir / SAFE_INDEX).is_file():
-        return {k: v for file in _index_files(hf_dir / SAFE_INDEX) for k, v in _read_safetensors(file).items()}
+        return _index_files(hf_dir / SAFE_INDEX)
     if (hf_dir / "pytorch_model.bin").is_file():
-        return _read_bin(hf_dir / "pytorch_model.bin")
+        return [hf_dir / "pytorch_model.bin"]
     if (hf_dir / BIN_INDEX).is_file():
-        return {k: v for file in _index_files(hf_dir / BIN_INDEX) for k, v in _read_bin(file).items()}
+        return _index_files(hf_dir / BIN_INDEX)
     raise UserError(f"{hf_dir} holds no model weights (model.safetensors, {SAFE_INDEX}, pytorch_model.bin or "
                     f"{BIN_INDEX})")
 
@@ -66,10 +119,9 @@ def _index_files(index: Path) -> list[Path]:
     return files
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _open_safetensors(path: Path):
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
+        return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as err:
         raise UserError(f"cannot read {path}: {err}") from None
 

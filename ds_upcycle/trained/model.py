@@ -34,14 +34,20 @@ class LoadedModel:
         return self.record.seq_len
 
 
-def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Rebuild the model of a ds-upcycle checkpoint (save dir or tag dir) in eval mode."""
+def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32) -> LoadedModel:
+    """Rebuild the model of a ds-upcycle checkpoint (save dir or tag dir) in eval mode, in `dtype`
+    (None: as stored).
+
+    The files are memory-mapped: a tensor already in `dtype` on the CPU stays in the page cache
+    (read from disk as it is used), and one in another dtype is converted with no copy of the stored
+    one held, so the process holds at most the model in `dtype`.
+    """
     ref = path if isinstance(path, CheckpointRef) else find_checkpoint(path)
     record = ref.run_record
     cfg = record.model
     if ref.tokenizer is None:
         raise UserError(f"{ref.path} has no tokenizer: cannot turn text into its token ids")
-    state = read_module_weights(ref.path)
+    state = read_module_weights(ref.path, mmap=True)
     # Built on the meta device: the weights come from the file, so random init would be wasted work.
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -62,7 +68,7 @@ def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype = to
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     # The router keeps its bias in fp32 whatever the dtype (LossFreeRouter._apply).
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval() if dtype is not None else model.to(device=device).eval()
     return LoadedModel(model, ref, ref.tokenizer, record)
 
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import comm
-from ..checkpoint import CheckpointRef, MetricsLog, RunRecord, find_checkpoint, latest_checkpoint, write_run_files
+from ..checkpoint import (CheckpointRef, ImportOrigin, MetricsLog, RunRecord, find_checkpoint, latest_checkpoint,
+                          write_run_files)
 from ..config import ModelConfig, check_expert_parallel, parse_overrides, resolve_model_config
 from ..data import BatchOrder, DataConfig, PackedSequences, PreparedData, prepare_data
 from ..data.tokenizer import tokenizer_digest
@@ -186,6 +187,7 @@ class Trainer:
     data_cfg: DataConfig
     prepared: PreparedData
     position: Position
+    origin: ImportOrigin | None = None   # the transformers model the run started from, kept in every record
 
     def __post_init__(self) -> None:
         self.is_main = comm.rank() == 0
@@ -205,7 +207,8 @@ class Trainer:
         if self.is_main:
             record = RunRecord(self.model.cfg, global_step=step, tokens_seen=self.position.tokens,
                                split=self.position.split, data=replace(self.data_cfg, cache_dir=None),
-                               run=_run_settings(self.cfg, self.data_cfg, self.engine.train_batch_size()))
+                               run=_run_settings(self.cfg, self.data_cfg, self.engine.train_batch_size()),
+                               imported_from=self.origin)
             write_run_files(Path(self.cfg.save_dir) / tag, record, self.prepared.tokenizer_path)
         self.engine.save_checkpoint(self.cfg.save_dir, tag=tag,
                                     client_state={"ds_upcycle": {"position": asdict(self.position)}})
@@ -280,7 +283,8 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict, 
     engine, _, _, schedule = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                   config=ds_config, lr_scheduler=schedule_fn)
     position = _restore(engine, schedule, start, resuming, train_cfg, data_cfg) if start else Position(train_cfg.split)
-    trainer = Trainer(engine, model, schedule, train_cfg, data_cfg, prepared, position)
+    origin = start.run_record.imported_from if start is not None else None
+    trainer = Trainer(engine, model, schedule, train_cfg, data_cfg, prepared, position, origin)
     if resuming:
         trainer.metrics.truncate_after(engine.global_steps)
     return trainer.run()

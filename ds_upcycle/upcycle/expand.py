@@ -34,8 +34,8 @@ from ..moe.names import router_bias, router_weight
 from ..trained import RunData
 from .calibration import Calibration, calibrate, check_calibration_source
 from .config import ExpandConfig
-from .operator import (LayerExpansion, LayerPlan, copy_groups, copy_moment, expand_router, expand_rows, plan_layer,
-                       route_bias_scale)
+from .operator import (NOISE_ON_BIAS, LayerExpansion, LayerPlan, copy_groups, copy_moment, expand_router, expand_rows,
+                       plan_layer, route_bias_scale)
 from .scores import GradientStats, expert_score
 from .split import measure_splits
 from .warmstart import WarmStart, warm_start
@@ -143,10 +143,16 @@ def _expanded_record(plan: ExpansionPlan, cfg: ExpandConfig) -> RunRecord | None
 
 
 def router_noise_target(source: CheckpointSource, layer: MoELayer, noise: float) -> str:
-    """Where a layer's router noise goes: the routing bias if the model has one, else the router rows."""
-    if router_bias(layer.prefix) in source.meta.buffer_names:
-        return "routing bias"
-    return "router weight rows (no routing bias)" if noise > 0 else "none"
+    """Where a layer's router noise goes: the routing bias if the model has one and trains it
+    (loss-free balancing), else the router rows, so that an untrained bias stays what it was (zero
+    for a model imported from a class without one, which it then still exports to)."""
+    record = source.meta.run_record
+    has_bias = router_bias(layer.prefix) in source.meta.buffer_names
+    if has_bias and (record is None or record.model.route_bias_update > 0):
+        return NOISE_ON_BIAS
+    if noise == 0:
+        return "none"
+    return "router weight rows (" + ("the routing bias is not trained)" if has_bias else "no routing bias)")
 
 
 @dataclass(frozen=True)

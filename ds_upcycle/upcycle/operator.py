@@ -280,13 +280,16 @@ def route_bias_scale(plan: LayerPlan, score_func: str | None) -> float:
     return softmax_bias_scale(plan) if score_func == "softmax" else 1.0
 
 
+NOISE_ON_BIAS = "routing bias"
+
+
 @dataclass(frozen=True)
 class LayerExpansion:
     """Everything decided for one MoE layer before a byte is written."""
 
     plan: LayerPlan
     bias_scale: float = 1.0               # route_bias_scale
-    noise_on: str = "routing bias"        # where the router noise goes (reported in the manifest)
+    noise_on: str = NOISE_ON_BIAS         # where the router noise goes: the bias, else the router rows
     split: SplitDirections | None = None  # with split copies: the directions the copies move along
 
     def to_dict(self) -> dict:
@@ -308,18 +311,20 @@ def expand_router(rows_ED: torch.Tensor, bias_E: torch.Tensor | None, layer: Lay
     """One layer's router for the new experts: (rows [N, D], routing bias [N] or None).
 
     Rows follow the plan; with split directions the copies' rows move apart (split_router_rows).
-    The bias is scaled and noised by expand_router_bias. A router without a bias (DeepSpeed's stock
-    gate) gets the noise on its replicas' rows instead, which breaks the ties token by token rather
-    than expert by expert. The rows' Adam moments follow expand_rows.
+    The bias is scaled by layer.bias_scale and, where the noise goes on it, noised by
+    expand_router_bias. Otherwise (DeepSpeed's stock gate has no bias; a bias that is not trained
+    would keep the noise for good) the noise goes on the replicas' rows, which breaks the ties token
+    by token rather than expert by expert. The rows' Adam moments follow expand_rows.
     """
     plan = layer.plan
     rows_ND = expand_rows(rows_ED, plan)
     if layer.split is not None:
         rows_ND = split_router_rows(rows_ND, plan, layer.split.directions_ED, split_offsets(layer.split, split_scale))
-    if bias_E is not None:
+    if bias_E is not None and layer.noise_on == NOISE_ON_BIAS:
         return rows_ND, expand_router_bias(bias_E, plan, noise_std, generator, layer.bias_scale)
     if noise_std > 0:
         noise_ND = torch.randn(rows_ND.shape, generator=generator, dtype=torch.float64) * noise_std
         noise_ND[~plan.replicas] = 0
         rows_ND = rows_ND + noise_ND.to(rows_ND.dtype)
-    return rows_ND, None
+    bias_N = None if bias_E is None else (expand_rows(bias_E.float(), plan) * layer.bias_scale).to(bias_E.dtype)
+    return rows_ND, bias_N
