@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from ckpt_helpers import assert_deepspeed_saves_the_same, run_worker
 from conftest import SMALL_DATA, check_ok, run_train, write_ds_config
+from ds_upcycle.checkpoint import named_param_states, read_checkpoint
 from ds_upcycle.cli import main
 from ds_upcycle.config import PRESETS, ModelConfig
 from ds_upcycle.data import DataConfig, prepare_data
@@ -302,3 +303,23 @@ def test_every_family_upcycles_trains_and_exports_as_itself(model_type, tmp_path
     ids = tokens(seed=7)
     with torch.no_grad():
         torch.testing.assert_close(trained(ids)[0], theirs(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_import_onto_a_cluster_layout(tmp_path, sp_model):
+    """--world-size 2 --ep-size 2: one optimizer file per rank, the same weights as a one-rank import."""
+    hf_dir, _ = hf_model_dir("qwen3_moe", tmp_path, sp_model)
+    import_checkpoint(hf_dir, tmp_path / "one")
+    result = CliRunner().invoke(main, ["import", str(hf_dir), str(tmp_path / "four"), "--world-size", "4",
+                                       "--ep-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert "balancing: auxiliary loss" in result.output
+    reader = read_checkpoint(tmp_path / "four")
+    assert (reader.world_size, reader.ep_size) == (4, 2)
+    assert sorted(p.name for p in reader.path.glob("zero_pp_rank_*")) == [
+        f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(4)]
+    one, four = load_model(tmp_path / "one").model.state_dict(), load_model(tmp_path / "four").model.state_dict()
+    assert one.keys() == four.keys() and all(torch.equal(one[k], four[k]) for k in one)
+    masters = named_param_states(reader)
+    assert all(torch.equal(masters[k].fp32, four[k]) for k in masters)
+    refused = CliRunner().invoke(main, ["import", str(hf_dir), str(tmp_path / "x"), "--ep-size", "4"])
+    assert refused.exit_code != 0 and "not divisible by --ep-size 4" in refused.output and not (tmp_path / "x").exists()

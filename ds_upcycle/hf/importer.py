@@ -19,7 +19,7 @@ from transformers import AutoConfig
 
 from ..atomic import check_destination
 from ..checkpoint import CheckpointSource, ImportOrigin, RunRecord, fresh_state, write_checkpoint
-from ..config import ModelConfig
+from ..config import ModelConfig, check_expert_parallel
 from ..data.tokenizer import load_tokenizer, tokenizer_file
 from ..errors import UserError
 from ..model import Transformer
@@ -104,11 +104,15 @@ def read_hf_config(hf_dir: Path) -> tuple[Family, dict]:
     return family, values
 
 
-def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> ImportResult:
-    """Write the transformers model in `hf_dir` as DeepSpeed checkpoint `out_dir` (save dir, tag `imported`)."""
+def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, force: bool = False, world_size: int = 1,
+                      ep_size: int = 1) -> ImportResult:
+    """Write the transformers model in `hf_dir` as DeepSpeed checkpoint `out_dir` (save dir, tag `imported`),
+    laid out for `world_size` data-parallel ranks and `ep_size` (ZeRO-2 files as DeepSpeed saves them
+    on that layout before a first step)."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
     family, hf = read_hf_config(hf_dir)
     cfg = release_balancing(family, family.config_from_hf(hf), hf)
+    check_expert_parallel(ep_size, cfg.experts_per_layer, world_size, "--ep-size", "--world-size")
     tokenizer = tokenizer_file(hf_dir)
     load_tokenizer(tokenizer)
     check_destination(out, force)
@@ -120,8 +124,8 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, force: bool = Fal
     record = RunRecord(cfg, optimizer_state=False, context=min(positions, CONTEXT_CAP),
                        imported_from=ImportOrigin(family.model_type, family.architecture, positions,
                                                   hf_dir.resolve().name))
-    write_checkpoint(_checkpoint_state(cfg, state, tokenizer, record), out, IMPORT_TAG, world_size=1, ep_size=1,
-                     replace=force)
+    write_checkpoint(_checkpoint_state(cfg, state, tokenizer, record), out, IMPORT_TAG, world_size=world_size,
+                     ep_size=ep_size, replace=force)
     return ImportResult(out, family, cfg)
 
 
