@@ -12,9 +12,10 @@ user does, every command in a fresh process:
 
 A sampler reads the process's /proc status every 20 ms: peak anonymous memory (RssAnon: what the
 process holds itself; memory-mapped file pages are the page cache's and can be dropped) and peak
-resident memory (VmHWM). The last table gives, per command, the ratio of the largest release's
-peak anonymous memory to the smallest's: flat (near 1) means memory bounded by a layer, not by the
-model.
+resident memory (VmHWM). An idle process that only imports the libraries is measured the same way:
+what a command holds beyond it is its own. The last table gives, per command, the ratio of the
+largest release's peak anonymous memory (beyond idle) to the smallest's: flat (near 1) means memory
+bounded by a layer, not by the model.
 
     DS_ACCELERATOR=cpu python scripts/bench_scale.py --sizes 0.25,1,2 --workdir runs/bench-scale
 """
@@ -34,7 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RELEASE = {"hidden_size": 1024, "intermediate_size": 512, "num_attention_heads": 8, "num_key_value_heads": 8,
            "num_experts": 32, "num_experts_per_tok": 4, "vocab_size": 8192, "max_position_embeddings": 4096,
-           "norm_topk_prob": False, "tie_word_embeddings": False}
+           "norm_topk_prob": False, "tie_word_embeddings": False, "bos_token_id": None, "eos_token_id": 2,
+           "pad_token_id": 2}
 SHARD_BYTES = 500 * 10**6
 
 
@@ -94,6 +96,7 @@ def build_release(out: Path, n_layers: int) -> Path:
     return out
 
 
+IDLE = "import ds_upcycle.hf.importer, ds_upcycle.hf.export, ds_upcycle.upcycle.expand, ds_upcycle.trained"
 EVAL_LOAD = """
 import sys, time, torch
 from ds_upcycle.trained import load_model
@@ -136,7 +139,7 @@ def run_measured(command: list[str], written: Path | None) -> dict:
         raise SystemExit(f"{' '.join(command)} failed:\n{output[-3000:]}")
     size = sum(p.stat().st_size for p in written.rglob("*") if p.is_file()) if written else 0
     return {"seconds": time.perf_counter() - started, "peak_anon": peaks["RssAnon"] * 1024,
-            "peak_rss": peaks["VmHWM"] * 1024, "written": size, "last_line": output.strip().splitlines()[-1]}
+            "peak_rss": peaks["VmHWM"] * 1024, "written": size, "last_line": (output.strip().splitlines() or [""])[-1]}
 
 
 def measure(release: Path, work: Path) -> dict[str, dict]:
@@ -158,6 +161,8 @@ def main() -> None:
                         help="releases are kept here between runs; outputs are removed after each size")
     args = parser.parse_args()
     sizes = [float(s) for s in args.sizes.split(",")]
+    idle = run_measured([sys.executable, "-c", IDLE], None)
+    print(json.dumps({"idle": idle}), flush=True)
     results = {}
     for size in sizes:
         layers = layers_for(size)
@@ -171,20 +176,24 @@ def main() -> None:
     def gb(n: float) -> str:
         return f"{n / 1e9:.2f}"
 
-    print("\n| release | command | peak anon GB | peak RSS GB | seconds | written GB | written / release |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    base = idle["peak_anon"]
+    print(f"\nidle process (imports only): peak anon {gb(base)} GB, peak RSS {gb(idle['peak_rss'])} GB")
+    print("\n| release | command | peak anon GB | beyond idle GB | peak RSS GB | seconds | written GB | "
+          "written / release |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for size, r in results.items():
         for name, run in r["runs"].items():
             print(f"| {gb(r['release_bytes'])} GB ({r['layers']} layers) | {name} | {gb(run['peak_anon'])} | "
-                  f"{gb(run['peak_rss'])} | {run['seconds']:.1f} | {gb(run['written'])} | "
-                  f"{run['written'] / r['release_bytes']:.2f} |")
+                  f"{gb(run['peak_anon'] - base)} | {gb(run['peak_rss'])} | {run['seconds']:.1f} | "
+                  f"{gb(run['written'])} | {run['written'] / r['release_bytes']:.2f} |")
     small, large = results[sizes[0]], results[sizes[-1]]
     print(f"\nlargest / smallest release: {large['release_bytes'] / small['release_bytes']:.1f}x")
-    print("| command | peak anon, largest / smallest | peak RSS, largest / smallest |")
-    print("| --- | ---: | ---: |")
+    print("| command | peak anon, largest / smallest | beyond idle, largest / smallest | peak RSS, largest / smallest |")
+    print("| --- | ---: | ---: | ---: |")
     for name in small["runs"]:
         a, b = small["runs"][name], large["runs"][name]
-        print(f"| {name} | {b['peak_anon'] / a['peak_anon']:.2f} | {b['peak_rss'] / a['peak_rss']:.2f} |")
+        print(f"| {name} | {b['peak_anon'] / a['peak_anon']:.2f} | "
+              f"{(b['peak_anon'] - base) / max(a['peak_anon'] - base, 1):.2f} | {b['peak_rss'] / a['peak_rss']:.2f} |")
 
 
 if __name__ == "__main__":

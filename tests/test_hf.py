@@ -27,7 +27,7 @@ from ds_upcycle.data.sources import resolve_source
 from ds_upcycle.data.tokenizer import load_tokenizer, train_tokenizer
 from ds_upcycle.errors import UserError
 from ds_upcycle.hf.export import export_checkpoint, write_hf_model
-from ds_upcycle.hf.files import read_weights
+from ds_upcycle.hf.files import read_weights, write_weights
 from ds_upcycle.hf.importer import SAVE_CONFIG, import_checkpoint
 from ds_upcycle.hf.registry import FAMILIES, export_family
 from ds_upcycle.hf.tokenizer import write_hf_tokenizer
@@ -323,3 +323,19 @@ def test_import_onto_a_cluster_layout(tmp_path, sp_model):
     assert all(torch.equal(masters[k].fp32, four[k]) for k in masters)
     refused = CliRunner().invoke(main, ["import", str(hf_dir), str(tmp_path / "x"), "--ep-size", "4"])
     assert refused.exit_code != 0 and "not divisible by --ep-size 4" in refused.output and not (tmp_path / "x").exists()
+
+
+def test_weights_written_one_tensor_at_a_time_read_back_with_safetensors(tmp_path):
+    """Our safetensors writer against the safetensors library's reader: dtypes, shapes, bytes, shards."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=gen), "b": torch.randn(7, generator=gen).bfloat16(),
+               "empty": torch.zeros(0, 4), "c": torch.randn(2, 2, 3, generator=gen), "d": torch.randn(9, generator=gen)}
+    cast = {"a": torch.float32, "b": torch.bfloat16, "empty": torch.bfloat16, "c": torch.bfloat16, "d": torch.float32}
+    files = write_weights(tensors, tmp_path, max_shard_bytes=40, dtype_of=cast.__getitem__)
+    assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    back = read_weights(tmp_path)
+    assert back.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert back[name].dtype == cast[name] and torch.equal(back[name], tensor.to(cast[name])), name
+    for file in files:  # the library's own reader takes each shard
+        assert set(load_file(str(tmp_path / file))) <= set(tensors)

@@ -50,9 +50,11 @@ class RunRecord:
         context: an imported model's sequence length (what eval windows and calibration use);
             a trained model's is data.seq_len.
         run: the run settings that a resumed train.py compares with its own (training/loop.py).
-        imported_from: the transformers model it came from, if imported.
+        imported_from: the transformers model it came from, if imported (the training runs that
+            continue it keep it, so that export prefers that class).
         optimizer_state: False when the optimizer holds no state (an import): train.py then loads
             the module weights only.
+        version: the ds-upcycle version that wrote it.
     """
 
     model: ModelConfig

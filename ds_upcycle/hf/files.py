@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..errors import UserError
 
@@ -21,8 +21,8 @@ def write_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_byt
                   dtype_of: Callable[[str], torch.dtype] | None = None) -> list[str]:
     """model.safetensors, or model-0000i-of-0000n.safetensors and an index when larger than one shard.
 
-    Each tensor is cast to dtype_of(name) (default: kept) only when its shard is written, so that
-    memory holds the converted tensors of one shard, not of the model.
+    Each tensor is cast to dtype_of(name) (default: kept) as it is written, so memory holds one
+    converted tensor, not a shard (5 GB) or the model.
     """
     def dtype(name: str) -> torch.dtype:
         return tensors[name].dtype if dtype_of is None else dtype_of(name)
@@ -46,9 +46,36 @@ def write_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_byt
         index = {"metadata": {"total_size": sum(map(nbytes, tensors))}, "weight_map": weight_map}
         (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     for file, shard in zip(files, shards):
-        save_file({name: tensors[name].to(dtype(name)).contiguous() for name in shard}, str(out_dir / file),
-                  metadata={"format": "pt"})
+        _write_safetensors(out_dir / file, shard, tensors, dtype)
     return files
+
+
+# The safetensors format: an 8-byte little-endian header length, a JSON header naming each tensor's
+# dtype, shape and byte range, then the tensors' bytes back to back (little-endian, row-major).
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _write_safetensors(path: Path, names: list[str], tensors: Mapping[str, torch.Tensor],
+                       dtype: Callable[[str], torch.dtype]) -> None:
+    """One safetensors file, written one tensor at a time (safetensors' own save_file takes them all at once)."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        size = t.numel() * torch.tensor([], dtype=dtype(name)).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype(name)], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the spec's padding, so the tensors start 8-byte aligned
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in names:
+            data = tensors[name].detach().to(device="cpu", dtype=dtype(name)).contiguous()
+            if data.numel():
+                f.write(data.reshape(-1).view(torch.uint8).numpy())
 
 
 class WeightFiles(Mapping):
