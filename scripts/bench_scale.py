@@ -13,7 +13,8 @@ user does, every command in a fresh process:
 A sampler reads the process's /proc status every 20 ms: peak anonymous memory (RssAnon: what the
 process holds itself; memory-mapped file pages are the page cache's and can be dropped) and peak
 resident memory (VmHWM). An idle process that only imports the libraries is measured the same way:
-what a command holds beyond it is its own. The last table gives, per command, the ratio of the
+what a command holds beyond it is its own, set against the non-expert state in fp32 (embeddings,
+head, attention, norms, routers: it grows with depth, not with the number of experts). The last table gives, per command, the ratio of the
 largest release's peak anonymous memory (beyond idle) to the smallest's: flat (near 1) means memory
 bounded by a layer, not by the model.
 
@@ -38,6 +39,13 @@ RELEASE = {"hidden_size": 1024, "intermediate_size": 512, "num_attention_heads":
            "norm_topk_prob": False, "tie_word_embeddings": False, "bos_token_id": None, "eos_token_id": 2,
            "pad_token_id": 2}
 SHARD_BYTES = 500 * 10**6
+
+
+def non_expert_params(n_layers: int) -> int:
+    """Parameters outside the experts (embeddings, head, attention, norms, routers): the state that
+    import and expand hold in fp32 whatever the number of experts."""
+    d, e, v = RELEASE["hidden_size"], RELEASE["num_experts"], RELEASE["vocab_size"]
+    return 2 * v * d + d + n_layers * (4 * d * d + 4 * d + e * d)
 
 
 def layers_for(size_gb: float) -> int:
@@ -178,14 +186,16 @@ def main() -> None:
 
     base = idle["peak_anon"]
     print(f"\nidle process (imports only): peak anon {gb(base)} GB, peak RSS {gb(idle['peak_rss'])} GB")
-    print("\n| release | command | peak anon GB | beyond idle GB | peak RSS GB | seconds | written GB | "
-          "written / release |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| release | non-expert fp32 GB | command | peak anon GB | beyond idle GB | beyond idle / non-expert "
+          "| peak RSS GB | seconds | written GB | written / release |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for size, r in results.items():
+        dense = 4 * non_expert_params(r["layers"])
         for name, run in r["runs"].items():
-            print(f"| {gb(r['release_bytes'])} GB ({r['layers']} layers) | {name} | {gb(run['peak_anon'])} | "
-                  f"{gb(run['peak_anon'] - base)} | {gb(run['peak_rss'])} | {run['seconds']:.1f} | "
-                  f"{gb(run['written'])} | {run['written'] / r['release_bytes']:.2f} |")
+            print(f"| {gb(r['release_bytes'])} GB ({r['layers']} layers) | {gb(dense)} | {name} | "
+                  f"{gb(run['peak_anon'])} | {gb(run['peak_anon'] - base)} | {(run['peak_anon'] - base) / dense:.2f} | "
+                  f"{gb(run['peak_rss'])} | {run['seconds']:.1f} | {gb(run['written'])} | "
+                  f"{run['written'] / r['release_bytes']:.2f} |")
     small, large = results[sizes[0]], results[sizes[-1]]
     print(f"\nlargest / smallest release: {large['release_bytes'] / small['release_bytes']:.1f}x")
     print("| command | peak anon, largest / smallest | beyond idle, largest / smallest | peak RSS, largest / smallest |")
