@@ -1,10 +1,12 @@
 """`ds-upcycle import`: a local transformers MoE directory as a DeepSpeed checkpoint.
 
-The weights go through their family's name table into our model's names and are written as the
-checkpoint DeepSpeed saves for a run before its first step (one process, ZeRO-2, fp32): module
-weights, fp32 master weights, no Adam moments (a release has none). The run record says so
-(`optimizer_state: false`), and train.py then loads the module weights only, which fits any later
-layout and precision; `ds-upcycle expand` reads it like any checkpoint.
+The weights go through their family's name table into our model's names, one tensor at a time as
+the writer asks for it, and are written as the checkpoint DeepSpeed saves for a run before its first
+step (ZeRO-2, fp32, on one process or the layout asked for): module weights, fp32 master weights, no
+Adam moments (a release has none). The run record says so (`optimizer_state: false`), and train.py
+then loads the module weights only, which fits any later layout and precision; `ds-upcycle expand`
+reads it like any checkpoint. The record also says how continued training balances the experts:
+as the release was trained (`release_balancing`).
 """
 
 from __future__ import annotations
