@@ -298,9 +298,9 @@ def _model_file_state(state: CheckpointSource, non_expert: NonExpertState, targe
     module = OrderedDict()
     for key in meta.module_keys:
         if key in non_expert.params:
-            module[key] = non_expert.params[key].fp32.to(meta.module_dtype).clone()
+            module[key] = _alone(non_expert.params[key].fp32.to(meta.module_dtype))
         elif key in non_expert.buffers:
-            module[key] = non_expert.buffers[key].clone()
+            module[key] = _alone(non_expert.buffers[key])
     for alias, holder in meta.shared_params.items():
         module[alias] = module[holder].clone()  # DeepSpeed clones every tensor before saving
     extras = meta.model_extras
@@ -335,3 +335,12 @@ def _model_file_state(state: CheckpointSource, non_expert: NonExpertState, targe
     }
     return checkpoint
 
+
+
+def _alone(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as DeepSpeed saves it, with a storage of its own: itself when it already owns exactly
+    its storage (a fresh fp32 state: no second copy of the non-expert weights in memory), else a copy
+    (torch.save writes a view's whole storage)."""
+    owns = (tensor.is_contiguous() and tensor.storage_offset() == 0
+            and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
+    return tensor if owns else tensor.clone()
