@@ -19,7 +19,7 @@ from .errors import UserError, user_errors
 from .evaluation.cli import compare_command, eval_command
 from .upcycle.config import ExpandConfig, parse_layers
 from .upcycle.operator import OPTIMIZER_STATE_MODES
-from .upcycle.scores import SELECTION_RULES
+from .trained.scores import SELECTION_RULES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,11 +80,14 @@ def main() -> None:
               help="batches of --calibration-data (the first ones, in order)")
 @click.option("--calibration-batch-size", type=int, default=ExpandConfig.calibration_batch_size, show_default=True,
               help="sequences per calibration batch (of the source's seq_len)")
+@click.option("--scores", "scores_file", default=None, metavar="FILE",
+              help="utility scores of this checkpoint's experts written by train.py --score-experts (measured "
+                   "on the training hardware), instead of the Adam state")
 @user_errors
 def expand(source, destination, num_experts, multiplier, select, layers, distinct_copies, split_copies, split_scale,
            max_copies, router_noise, optimizer_state,
            world_size, ep_size, seed, dry_run, force, check_data, check_samples, data_cache, calibration_data,
-           calibration_batches, calibration_batch_size) -> None:
+           calibration_batches, calibration_batch_size, scores_file) -> None:
     """Expand a DeepSpeed MoE checkpoint SOURCE to more experts per layer, written to DESTINATION.
 
     SOURCE is a save directory with `latest` or a tag directory (no ZeRO, ZeRO 1 or 2, any
@@ -101,13 +104,14 @@ def expand(source, destination, num_experts, multiplier, select, layers, distinc
                        optimizer_state=optimizer_state, world_size=world_size, ep_size=ep_size, seed=seed,
                        force=force, check_data=check_data, check_samples=check_samples, data_cache=data_cache,
                        calibration_data=calibration_data, calibration_batches=calibration_batches,
-                       calibration_batch_size=calibration_batch_size)
+                       calibration_batch_size=calibration_batch_size, scores=scores_file)
     result = expand_checkpoint(cfg, dry_run=dry_run)
     click.echo(describe_plans(result.manifest))
     origin = result.manifest.get("scores", {})
-    if origin.get("from") == "calibration data":
+    if origin.get("from") in ("calibration data", "scoring pass"):
+        where = f" (train.py on {origin['world_size']} processes, {origin['file']})" if "file" in origin else ""
         click.echo(f"scores from gradients on {origin['batches']} batches ({origin['sequences']} sequences of "
-                   f"{origin['seq_len']} tokens) of {origin['description']}")
+                   f"{origin['seq_len']} tokens) of {origin['description']}{where}")
     elif origin.get("from") == "adam state":
         click.echo("scores from the checkpoint's Adam state")
     if not dry_run:

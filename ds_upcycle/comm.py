@@ -12,6 +12,7 @@ import socket
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.utils import groups
 
 
 def is_distributed() -> bool:
@@ -77,6 +78,36 @@ def sum_over_world(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def expert_replicas(group_name: str):
+    """The ranks that hold the same experts as this one (DeepSpeed's expert data-parallel group of
+    the MoE layers named `group_name`, "ep_size_<P>"); None in one process."""
+    if not is_distributed():
+        return None
+    return groups._get_expert_data_parallel_group(group_name)
+
+
+def mean_over_world(tensor: torch.Tensor, replicas) -> torch.Tensor:
+    """Mean over all ranks of an expert parameter's gradient, in place.
+
+    Each rank's gradient of an expert already sums the losses of its expert-parallel group (the
+    all-to-all's backward carries every rank's tokens to the expert); summing over the replicas of
+    the expert adds the other groups, and dividing by the world size makes the mean.
+    """
+    if replicas is not None and dist.get_world_size(replicas) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=replicas)
+    return tensor.div_(world_size())
+
+
+def rank_zero_first(fn):
+    """fn() on rank 0, then on the others: what rank 0 caches (prepared data), the others then find."""
+    if rank() == 0:
+        result = fn()
+    barrier()
+    if rank() != 0:
+        result = fn()
+    return result
 
 
 def barrier() -> None:

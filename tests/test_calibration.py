@@ -22,11 +22,13 @@ from ds_upcycle.errors import UserError
 from ds_upcycle.trained import RunData, load_model
 from ds_upcycle.model import Transformer
 from ds_upcycle.moe.names import GATE, expert_param, split_expert_param
-from ds_upcycle.upcycle.calibration import calibrate, calibration_data, expert_gradient_stats, scores_by_layer
+from ds_upcycle.trained.calibration_data import calibration_data
+from ds_upcycle.trained.gradients import expert_gradient_stats
+from ds_upcycle.trained.scores import FISHER_EPS, GRADIENT_RULES, ExpertScores
+from ds_upcycle.upcycle.calibration import calibrate
 from ds_upcycle.upcycle.config import ExpandConfig
 from ds_upcycle.upcycle.expand import expand_checkpoint
 from ds_upcycle.upcycle.operator import allocate_copies
-from ds_upcycle.upcycle.scores import FISHER_EPS, SELECTION_RULES
 from ds_upcycle.upcycle.split import router_input_directions
 
 SMALL = ModelConfig(vocab_size=97, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, dense_ffn_dim=48,
@@ -74,32 +76,37 @@ def direct_score(rule, entries):
 
 
 def assert_match_direct(stats, direct):
-    assert {(p, e, s) for p, experts in stats.items() for e, st in enumerate(experts) for s in st.grad} == set(direct)
+    assert {(p, e, s) for p, experts in stats.items() for e, st in experts.items() for s in st.grad} == set(direct)
     for (prefix, expert, suffix), (g, g2, w) in direct.items():
         st = stats[prefix][expert]
         torch.testing.assert_close(st.grad[suffix], g, rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(st.grad_sq[suffix], g2, rtol=1e-5, atol=1e-12)
         assert torch.equal(st.weight[suffix], w.detach())
-    for rule in SELECTION_RULES[1:]:
-        got = scores_by_layer(stats, rule)
-        for prefix, scores in got.items():
+    assert_scores_match_direct(ExpertScores.from_stats(stats, {}, {}), direct)
+
+
+def assert_scores_match_direct(scores: ExpertScores, direct):
+    assert sorted(scores.layers) == sorted({prefix for prefix, _, _ in direct})
+    for prefix, rules in scores.layers.items():
+        assert sorted(rules) == sorted(GRADIENT_RULES)
+        for rule, got in rules.items():
             expected = [direct_score(rule, [v for k, v in direct.items() if k[:2] == (prefix, e)])
-                        for e in range(len(scores))]
-            assert scores == pytest.approx(expected, rel=1e-4), (rule, prefix)
+                        for e in range(len(got))]
+            assert got == pytest.approx(expected, rel=1e-4), (rule, prefix)
 
 
 def test_stats_match_plain_autograd_on_a_fresh_model():
     torch.manual_seed(0)
     model = Transformer(SMALL, seed=1).eval()
     batches = [(x[:, :-1], x[:, 1:]) for x in torch.randint(0, 97, (3, 4, 13)).unbind(0)]
-    stats = expert_gradient_stats(model, batches)
-    assert sorted(stats) == ["layers.1.ffn.moe", "layers.3.ffn.moe"] and all(len(v) == 4 for v in stats.values())
+    stats = expert_gradient_stats(model, [[batch] for batch in batches])
+    assert sorted(stats) == ["layers.1.ffn.moe", "layers.3.ffn.moe"] and all(sorted(v) == [0, 1, 2, 3] for v in stats.values())
     # the model is left as found: every parameter still requires grad, eval mode kept
     assert all(p.requires_grad for p in model.parameters()) and not model.training
     assert_match_direct(stats, direct_stats(model, batches))
-    again = expert_gradient_stats(model, batches)
+    again = expert_gradient_stats(model, [[batch] for batch in batches])
     for prefix in stats:
-        for a, b in zip(stats[prefix], again[prefix]):
+        for a, b in zip(stats[prefix].values(), again[prefix].values()):
             assert all(torch.equal(a.grad_sq[k], b.grad_sq[k]) and torch.equal(a.grad[k], b.grad[k]) for k in a.grad)
 
 
@@ -143,7 +150,8 @@ def test_source_calibration_matches_autograd_on_cpt_windows(source):
     batches = [(rows[i:i + 4, :-1], rows[i:i + 4, 1:]) for i in range(0, 12, 4)]
     # fp32 checkpoint: its module weights are the fp32 masters
     model = load_model(source["src"]).model
-    assert_match_direct(cal.stats, direct_stats(model, batches))
+    assert_scores_match_direct(cal, direct_stats(model, batches))
+    assert cal.checkpoint == {"tag": source["tag"].name, "global_step": 12}
 
 
 @pytest.mark.slow
@@ -176,9 +184,8 @@ def test_cli_expands_with_calibration_scores(source):
     assert manifest["options"]["calibration_data"] == str(source["text"])
     # The recorded scores are those of the library on the same data, and the allocation follows them.
     cal = calibrate(read_checkpoint(source["src"]), RunData(source["src"]), str(source["text"]), 2, 4)
-    expected = scores_by_layer(cal.stats, "grad_sq")
     for layer in manifest["layers"]:
-        assert layer["scores"] == expected[layer["prefix"]]
+        assert layer["scores"] == cal.layers[layer["prefix"]]["grad_sq"]
         assert layer["counts"] == allocate_copies(4, 8, layer["scores"])
         assert layer["counts"][int(np.argmax(layer["scores"]))] == max(layer["counts"])
     # The data: the documents in order, each followed by EOS, tokenized with the checkpoint's tokenizer.
@@ -224,13 +231,16 @@ def test_bf16_checkpoint_calibrates_at_the_fp32_master_weights(bf16_source, data
     src = bf16_source["src"]
     reader = read_checkpoint(src)
     cal = calibrate(reader, RunData(src, str(data_cache)), "synthetic:docs=20,seed=5", 1, 2)
+    def norm(params):  # as the weight_norm rule sums: by sorted name, in float64
+        return float(sum(params[name].detach().double().square().sum() for name in sorted(params))) ** 0.5
+
     rounded = 0
     for layer in reader.moe_layers:
         for expert in range(layer.num_experts):
-            for suffix, state in reader.expert_state(layer.index, expert).items():
-                weight = cal.layer_stats(layer.prefix)[expert].weight[suffix]
-                assert torch.equal(weight, state.fp32)
-                rounded += not torch.equal(weight, state.fp32.bfloat16().float())
+            states = reader.expert_state(layer.index, expert)
+            masters = norm({suffix: state.fp32 for suffix, state in states.items()})
+            assert cal.layers[layer.prefix]["weight_norm"][expert] == masters
+            rounded += norm({suffix: state.fp32.bfloat16().float() for suffix, state in states.items()}) != masters
     assert rounded  # the masters are not all representable in bf16: the test can tell them apart
 
 

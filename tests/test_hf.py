@@ -32,9 +32,12 @@ from ds_upcycle.hf.importer import SAVE_CONFIG, import_checkpoint
 from ds_upcycle.hf.registry import FAMILIES, export_family
 from ds_upcycle.hf.tokenizer import write_hf_tokenizer
 from ds_upcycle.model import Transformer
-from ds_upcycle.trained import load_model
+from ds_upcycle.trained import RunData, load_model
+from ds_upcycle.trained.scores import ExpertScores
+from ds_upcycle.upcycle.calibration import calibrate
 from ds_upcycle.upcycle.config import ExpandConfig
 from ds_upcycle.upcycle.expand import expand_checkpoint
+from ds_upcycle.upcycle.operator import allocate_copies
 
 VOCAB = 384  # model vocabulary; the tokenizer has 320 ids (released models pad theirs too)
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
@@ -339,3 +342,26 @@ def test_weights_written_one_tensor_at_a_time_read_back_with_safetensors(tmp_pat
         assert back[name].dtype == cast[name] and torch.equal(back[name], tensor.to(cast[name])), name
     for file in files:  # the library's own reader takes each shard
         assert set(load_file(str(tmp_path / file))) <= set(tensors)
+
+
+def test_a_release_is_scored_on_the_engine_and_expanded_from_the_scores(tmp_path, sp_model, data_cache):
+    """A release has no Adam state and no data of its own: the scoring pass takes named data, equals the
+    one-process calibration on it, and expand plans from its file."""
+    hf_dir, _ = hf_model_dir("olmoe", tmp_path, sp_model)
+    ckpt, scores = tmp_path / "ckpt", tmp_path / "scores.json"
+    import_checkpoint(hf_dir, ckpt)
+    args = ["--deepspeed_config", str(write_ds_config(tmp_path / "ds.json", micro_batch=2)), "--load", str(ckpt),
+            "--score-experts", str(scores), "--score-batches", "2", "--data-cache", str(data_cache)]
+    refused = run_train(args)
+    assert refused.returncode == 2 and not scores.exists()
+    assert "train.py: error: --score-data: " in refused.stderr and "name the data to use instead" in refused.stderr
+    check_ok(run_train([*args, "--score-data", SMALL_DATA]))
+    cpu = calibrate(read_checkpoint(ckpt), RunData(ckpt, str(data_cache)), SMALL_DATA, 2, 2)
+    ours = ExpertScores.read(scores)
+    for prefix in cpu.layers:
+        assert ours.layers[prefix]["grad_sq"] == pytest.approx(cpu.layers[prefix]["grad_sq"], rel=1e-4)
+    result = expand_checkpoint(ExpandConfig(str(ckpt), str(tmp_path / "e8"), multiplier=2, scores=str(scores)),
+                               progress=False)
+    assert result.manifest["scores"]["from"] == "scoring pass"
+    assert [p.counts for p in result.plans.values()] == [allocate_copies(4, 8, ours.layers[f"layers.{i}.ffn.moe"]["grad_sq"])
+                                                         for i in range(2)]

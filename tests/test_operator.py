@@ -6,7 +6,7 @@ import torch
 from ds_upcycle.errors import UserError
 from ds_upcycle.upcycle.operator import (LayerPlan, allocate_copies, expand_router_bias, expand_rows,
                                          place_copies, plan_layer, replica_mask, split_router_rows)
-from ds_upcycle.upcycle.scores import GradientStats, expert_score
+from ds_upcycle.trained.scores import GradientStats, expert_score
 
 
 @pytest.mark.parametrize("E,N", [(4, 8), (4, 12), (3, 7), (8, 9), (5, 5)])

@@ -15,7 +15,7 @@ from ..config import PRESETS, check_expert_parallel, field_value
 from ..data import DataConfig
 from ..dtypes import DTYPES
 from ..errors import UserError, did_you_mean
-from ..upcycle.scores import SELECTION_RULES
+from ..trained.scores import SELECTION_RULES
 
 
 TRANSITIONS = ("annealed", "stable")

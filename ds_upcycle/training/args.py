@@ -7,6 +7,7 @@ import argparse
 from ..config import PRESETS
 from ..data import DataConfig
 from .config import TrainConfig
+from .scoring import ScoreConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or ~/.cache/ds_upcycle)")
 
     t = p.add_argument_group("training")
-    t.add_argument("--steps", type=int, required=True, help="optimizer steps in this stage")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps in this stage (required unless "
+                   "--score-experts)")
     t.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
     t.add_argument("--decay-fraction", type=float, default=TrainConfig.decay_fraction, help="final LR decay share of the stage")
     t.add_argument("--min-lr-ratio", type=float, default=TrainConfig.min_lr_ratio)
@@ -57,11 +59,37 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--load", dest="load_dir", default=None, help="checkpoint to start from")
     t.add_argument("--exit-at", type=int, default=None, metavar="STEP",
                    help="stop after this global step with a checkpoint; run again without it (or with a later step) to go on")
+
+    s = p.add_argument_group("expert scores (instead of training; then ds-upcycle expand --scores FILE)")
+    s.add_argument("--score-experts", dest="score_output", default=None, metavar="FILE",
+                   help="measure every expert's utility scores of the --load checkpoint on this job's layout "
+                        "and write them to FILE; trains nothing")
+    s.add_argument("--score-batches", type=int, default=ScoreConfig.batches,
+                   help="calibration batches of the config's global batch size (default %(default)s)")
+    s.add_argument("--score-data", default=ScoreConfig.data, help="'source' (the checkpoint's cpt split, the "
+                   "default) or a data source as --data takes it")
     return p
 
 
-def configs_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, DataConfig, argparse.Namespace]:
-    args = build_parser().parse_args(argv)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.score_output is None and args.steps is None:
+        parser.error("the following arguments are required: --steps (or --score-experts FILE)")
+    if args.score_output is not None:
+        if args.steps is not None:
+            parser.error("--score-experts scores a checkpoint instead of training it: drop --steps")
+        if args.load_dir is None:
+            parser.error("--score-experts needs --load CHECKPOINT (the checkpoint to score)")
+    return args
+
+
+def score_config_from_args(args: argparse.Namespace) -> ScoreConfig:
+    return ScoreConfig(load_dir=args.load_dir, output=args.score_output, batches=args.score_batches,
+                       data=args.score_data, ep_size=args.ep_size, data_cache=args.data_cache)
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, DataConfig]:
     data = DataConfig(source=args.data, text_field=args.text_field, seq_len=args.seq_len,
                       vocab_size=DataConfig.vocab_size if args.vocab_size is None else args.vocab_size,
                       tokenizer=args.tokenizer, val_fraction=args.val_fraction,
@@ -71,4 +99,4 @@ def configs_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, DataC
                         fresh_schedule=args.fresh_schedule, eval_interval=args.eval_interval,
                         eval_samples=args.eval_samples, save_interval=args.save_interval, seed=args.seed,
                         ep_size=args.ep_size, save_dir=args.save_dir, load_dir=args.load_dir, exit_at=args.exit_at)
-    return train, data, args
+    return train, data

@@ -102,12 +102,7 @@ def _check_tokenizer(data_cfg: DataConfig, vocab_size: int | None, start: Checkp
 
 def _prepare(data_cfg: DataConfig, tokenizer: Path | None):
     # Rank 0 tokenizes; the others then find the result in the cache.
-    if comm.rank() == 0:
-        prepared = prepare_data(data_cfg, tokenizer)
-    comm.barrier()
-    if comm.rank() != 0:
-        prepared = prepare_data(data_cfg, tokenizer)
-    return prepared
+    return comm.rank_zero_first(lambda: prepare_data(data_cfg, tokenizer))
 
 
 def _train_step(engine, order: BatchOrder, position: int) -> float:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..config import check_expert_parallel
 from ..errors import UserError
 from .operator import OPTIMIZER_STATE_MODES
-from .scores import GRADIENT_FREE_RULES, SELECTION_RULES
+from ..trained.scores import GRADIENT_FREE_RULES, SELECTION_RULES
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,10 @@ class ExpandConfig:
             the data cache).
         calibration_data: score experts by exact gradients on this data instead of the Adam state:
             "source" (the cpt split of the source's own training data) or a data source as train.py
-            takes it, tokenized with the source's tokenizer (see calibration.py).
+            takes it, tokenized with the source's tokenizer (see trained/calibration_data.py).
         calibration_batches, calibration_batch_size: the first batches of that many sequences.
+        scores: a scores file written by `train.py --score-experts` for this checkpoint (every rule's
+            scores, measured on the training hardware); used instead of the Adam state.
         distinct_copies: group every new expert with the other copies of its source expert in the
             model config (route_groups): a token then takes at most one copy of an expert, so the
             expanded model computes exactly what the source computed (train.py models only).
@@ -65,6 +67,7 @@ class ExpandConfig:
     calibration_data: str | None = None
     calibration_batches: int = 8
     calibration_batch_size: int = 8
+    scores: str | None = None
     layers: tuple[int, ...] | None = None
     distinct_copies: bool = False
     split_copies: bool = False
@@ -96,6 +99,13 @@ class ExpandConfig:
                 using = ", ".join(r for r in SELECTION_RULES if r not in GRADIENT_FREE_RULES)
                 raise UserError(f"--select {self.select} uses no gradients, so --calibration-data has no effect; "
                                 f"leave it out or choose {using} (or --split-copies)")
+        if self.scores is not None:
+            if self.select == "uniform":
+                raise UserError("--select uniform uses no scores, so --scores has no effect; leave it out or "
+                                "choose a rule the file holds")
+            if self.uses_gradients:
+                raise UserError("give one of --scores (measured by train.py --score-experts) and --calibration-data "
+                                "(measured here)")
         if self.layers is not None:
             if not self.layers or any(layer < 0 for layer in self.layers) or len(set(self.layers)) < len(self.layers):
                 raise UserError(f"--layers must list distinct MoE layer indices >= 0, got {list(self.layers)}")

@@ -32,11 +32,12 @@ from ..checkpoint import (CheckpointReader, CheckpointSource, MoELayer, NonExper
 from ..errors import UserError
 from ..moe.names import router_bias, router_weight
 from ..trained import RunData
-from .calibration import Calibration, calibrate, check_calibration_source
+from ..trained.calibration_data import check_calibration_source
+from ..trained.scores import ExpertScores, GradientStats, expert_score
+from .calibration import calibrate
 from .config import ExpandConfig
 from .operator import (NOISE_ON_BIAS, LayerExpansion, LayerPlan, copy_groups, copy_moment, expand_router, expand_rows,
                        plan_layer, route_bias_scale)
-from .scores import GradientStats, expert_score
 from .split import measure_splits
 from .warmstart import WarmStart, warm_start
 
@@ -44,21 +45,17 @@ MANIFEST = "upcycle_manifest.json"
 
 
 def layer_scores(source: CheckpointSource, layer: MoELayer, rule: str,
-                 calibration: Calibration | None = None) -> list[float] | None:
-    """Utility of each expert: from calibration gradients if given, else from the checkpoint's Adam
-    state (no data needed)."""
+                 measured: ExpertScores | None = None) -> list[float] | None:
+    """Utility of each expert: measured on data if given (calibration, or a scores file), else from
+    the checkpoint's Adam state (no data needed)."""
     if rule == "uniform":
         return None
-    if calibration is not None:
-        stats = calibration.layer_stats(layer.prefix)
-        if len(stats) != layer.num_experts:
-            raise UserError(f"calibration found {len(stats)} experts in {layer.prefix}, the checkpoint "
-                            f"{layer.num_experts}")
-        return [expert_score(rule, s) for s in stats]
+    if measured is not None:
+        return measured.layer(layer.prefix, layer.num_experts, rule)
     if source.meta.optimizer_step is None:
         raise UserError(f"--select {rule} reads the checkpoint's Adam state, but it has none (saved before the "
-                        f"first step, or imported); score on data with --calibration-data DATA, or use --select "
-                        f"uniform")
+                        f"first step, or imported); score it on data (train.py --score-experts on the training "
+                        f"hardware, then --scores FILE; or --calibration-data DATA here), or use --select uniform")
     scores = []
     for expert in range(layer.num_experts):
         params = source.expert_state(layer.index, expert)
@@ -70,22 +67,40 @@ def layer_scores(source: CheckpointSource, layer: MoELayer, rule: str,
 
 
 def make_plans(source: CheckpointSource, cfg: ExpandConfig, ep_size: int,
-               calibration: Calibration | None = None) -> dict[int, LayerPlan]:
+               measured: ExpertScores | None = None) -> dict[int, LayerPlan]:
     plans = {}
     for layer in source.moe_layers:
         target = cfg.target_experts_of(layer.index, layer.num_experts)
         # A layer that keeps its experts needs no scores: there is nothing to allocate.
         rule = cfg.select if target > layer.num_experts else "uniform"
-        plans[layer.index] = plan_layer(layer.num_experts, target, layer_scores(source, layer, rule, calibration),
+        plans[layer.index] = plan_layer(layer.num_experts, target, layer_scores(source, layer, rule, measured),
                                         cfg.max_copies, ep_size)
     return plans
 
 
-def score_origin(cfg: ExpandConfig, calibration: Calibration | None) -> dict:
+def score_origin(cfg: ExpandConfig, measured: ExpertScores | None) -> dict:
     """Where the utility scores came from, for the manifest."""
     if cfg.select == "uniform":
         return {"from": "none (uniform)"}
-    return dict(calibration.info) if calibration is not None else {"from": "adam state"}
+    if measured is None:
+        return {"from": "adam state"}
+    return {**measured.info, **({"file": str(Path(cfg.scores).resolve())} if cfg.scores else {})}
+
+
+def measured_scores(cfg: ExpandConfig, source: CheckpointReader, run: RunData | None) -> ExpertScores | None:
+    """Scores measured on data: read from --scores, or computed here from --calibration-data."""
+    if cfg.scores is not None:
+        with _blamed_on("--scores"):
+            scores = ExpertScores.read(cfg.scores)
+            scores.check_scored(Path(source.path).name, source.meta.global_steps, source.path)
+            for layer in source.moe_layers:  # every layer checked before any work
+                if cfg.target_experts_of(layer.index, layer.num_experts) > layer.num_experts:
+                    scores.layer(layer.prefix, layer.num_experts, cfg.select)
+        return scores
+    if cfg.uses_gradients:
+        with _blamed_on("--calibration-data"):
+            return calibrate(source, run, cfg.calibration_data, cfg.calibration_batches, cfg.calibration_batch_size)
+    return None
 
 
 class ExpandedSource:
@@ -232,11 +247,7 @@ def target_layout(cfg: ExpandConfig, source: CheckpointReader) -> tuple[int, int
 
 def plan_expansion(cfg: ExpandConfig, source: CheckpointReader, run: RunData | None) -> ExpansionPlan:
     world, ep = target_layout(cfg, source)
-    calibration = None
-    if cfg.uses_gradients:
-        with _blamed_on("--calibration-data"):
-            calibration = calibrate(source, run, cfg.calibration_data, cfg.calibration_batches,
-                                    cfg.calibration_batch_size)
+    measured = measured_scores(cfg, source, run)
     splits, split_info = {}, None
     if cfg.split_copies:
         with _blamed_on("--split-copies"):
@@ -246,8 +257,8 @@ def plan_expansion(cfg: ExpandConfig, source: CheckpointReader, run: RunData | N
     layers = {index: LayerExpansion(plan, route_bias_scale(plan, score_func),
                                     router_noise_target(source, source.moe_layers[index], cfg.router_noise),
                                     splits.get(index))
-              for index, plan in make_plans(source, cfg, ep, calibration).items()}
-    return ExpansionPlan(source, run, Path(source.path).name, world, ep, layers, score_origin(cfg, calibration),
+              for index, plan in make_plans(source, cfg, ep, measured).items()}
+    return ExpansionPlan(source, run, Path(source.path).name, world, ep, layers, score_origin(cfg, measured),
                          split_info)
 
 

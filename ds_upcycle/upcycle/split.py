@@ -14,7 +14,8 @@ import torch
 from ..checkpoint import CheckpointReader
 from ..moe.names import GATE
 from ..trained import RunData, load_master_model
-from .calibration import Batch, calibration_data
+from ..trained.calibration_data import calibration_data
+from ..trained.gradients import Batch
 from .config import ExpandConfig
 from .operator import SplitDirections, split_directions
 
