@@ -60,7 +60,11 @@ def repro_config(metrics: Path, seconds: float, ds_config: str, device: str, dty
 
 
 def _read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A step's figures, or None where the step did not run or left no valid file (the log says why)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def collect(work: Path) -> dict:
@@ -74,7 +78,7 @@ def collect(work: Path) -> dict:
         figures["quickstart"] = {"steps": len(records), "val_loss": val_losses[-1:],
                                  "median_step_s": step_seconds(metrics),
                                  "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[10:])}
-    for name in ("train_il8", "train_full", "eval", "repro"):
+    for name in ("train_il8", "train_full", "eval", "score", "repro"):
         figures[name] = _read_json(work / f"{name}.json")
     figures["repro_summary"] = _read_json(work / "repro" / "results" / "summary.json")
     figures["repro_compare"] = _read_json(work / "repro" / "results" / "compare.json")
