@@ -147,23 +147,19 @@ def export_cmd(checkpoint, out_dir, dtype, force) -> None:
 @click.argument("hf_dir", type=click.Path())
 @click.argument("out_checkpoint", type=click.Path())
 @click.option("--force", is_flag=True, help="replace a non-empty OUT_CHECKPOINT")
-@click.option("--world-size", type=int, default=1, show_default=True,
-              help="data-parallel ranks the checkpoint is laid out for")
-@click.option("--ep-size", type=int, default=1, show_default=True, help="expert-parallel size it is laid out for")
 @user_errors
-def import_cmd(hf_dir, out_checkpoint, force, world_size, ep_size) -> None:
+def import_cmd(hf_dir, out_checkpoint, force) -> None:
     """Write the transformers MoE model in HF_DIR as a DeepSpeed checkpoint OUT_CHECKPOINT.
 
     HF_DIR is a local model directory (config.json, safetensors or .bin weights, its tokenizer).
-    The checkpoint has no optimizer state: `train.py --load OUT_CHECKPOINT` continues it on any
-    layout, and `ds-upcycle expand`, `eval` and `export` read it. --world-size and --ep-size lay its
-    files out as DeepSpeed saves them on that layout (one optimizer file per rank), which is also
-    the layout `expand` writes by default.
+    The checkpoint holds the module weights in the release's dtype and no optimizer state (as
+    DeepSpeed saves an engine without one): `train.py --load OUT_CHECKPOINT` continues it on any
+    layout and in any precision, and `ds-upcycle expand`, `eval` and `export` read it.
     """
     _require_transformers("import")
     from .hf.importer import import_checkpoint
 
-    result = import_checkpoint(hf_dir, out_checkpoint, force=force, world_size=world_size, ep_size=ep_size)
+    result = import_checkpoint(hf_dir, out_checkpoint, force=force)
     cfg = result.config
     click.echo(f"wrote {result.checkpoint} from {result.family.architecture}: {cfg.n_layers} layers, "
                f"{cfg.num_experts} experts, top-{cfg.top_k}")

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from ckpt_helpers import assert_deepspeed_saves_the_same, run_worker
 from conftest import SMALL_DATA, check_ok, run_train, write_ds_config
-from ds_upcycle.checkpoint import named_param_states, read_checkpoint
+from ds_upcycle.checkpoint import MODULE_ONLY_CONFIG, named_param_states, read_checkpoint, read_module_weights
 from ds_upcycle.cli import main
 from ds_upcycle.config import PRESETS, ModelConfig
 from ds_upcycle.data import DataConfig, prepare_data
@@ -28,7 +28,7 @@ from ds_upcycle.data.tokenizer import load_tokenizer, train_tokenizer
 from ds_upcycle.errors import UserError
 from ds_upcycle.hf.export import export_checkpoint, write_hf_model
 from ds_upcycle.hf.files import read_weights, write_weights
-from ds_upcycle.hf.importer import SAVE_CONFIG, import_checkpoint
+from ds_upcycle.hf.importer import import_checkpoint
 from ds_upcycle.hf.registry import FAMILIES, export_family
 from ds_upcycle.hf.tokenizer import write_hf_tokenizer
 from ds_upcycle.model import Transformer
@@ -84,13 +84,14 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> None:
                 tensor.copy_(0.1 * noise)
 
 
-def hf_model_dir(model_type: str, root: Path, sp_model: Path, hf_tokenizer: bool = True):
+def hf_model_dir(model_type: str, root: Path, sp_model: Path, hf_tokenizer: bool = True,
+                 dtype: torch.dtype = torch.float32):
     config = transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, max_position_embeddings=64,
                                                **{"rope_parameters": ROPE, **FAMILY_CONFIGS[model_type]})
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     randomize(model)
     out = root / model_type
-    model.save_pretrained(str(out))
+    model.to(dtype).save_pretrained(str(out))
     if hf_tokenizer:
         write_hf_tokenizer(sp_model, out)
         (out / "tokenizer.model").unlink()  # a tokenizer.json alone, as most releases ship
@@ -167,18 +168,33 @@ def test_bf16_export_and_bin_import(tmp_path, sp_model):
     assert all(exported[k].dtype == torch.bfloat16 and torch.equal(exported[k], weights[k].bfloat16()) for k in weights)
 
 
-def test_imported_checkpoint_is_what_deepspeed_saves(tmp_path, sp_model):
-    hf_dir, _ = hf_model_dir("ernie4_5_moe", tmp_path, sp_model)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_imported_checkpoint_is_what_deepspeed_saves(tmp_path, sp_model, dtype):
+    """An import is the checkpoint stock DeepSpeed saves for an engine without an optimizer, holding
+    the release's weights in the release's dtype: no masters, no ZeRO files, a quarter of the old disk."""
+    hf_dir, _ = hf_model_dir("ernie4_5_moe", tmp_path, sp_model, dtype=getattr(torch, dtype))
     import_checkpoint(hf_dir, tmp_path / "ckpt")
-    (tmp_path / "ds.json").write_text(json.dumps(SAVE_CONFIG))
+    tag = tmp_path / "ckpt" / "imported"
+    assert not list(tag.glob("zero_pp_rank_*")) and (tag / "expp_rank_0_mp_rank_00_optim_states.pt").is_file()
+    (tmp_path / "ds.json").write_text(json.dumps(MODULE_ONLY_CONFIG))
     run_worker([{"ckpt": str(tmp_path / "ckpt"), "ds_config": str(tmp_path / "ds.json"), "dump": str(tmp_path / "dump"),
-                 "resave": str(tmp_path / "resave"), "scheduler": False}], 1, 1, tmp_path / "jobs.json")
-    assert_deepspeed_saves_the_same(tmp_path / "ckpt" / "imported", tmp_path / "resave" / "imported")
+                 "resave": str(tmp_path / "resave"), "scheduler": False, "module_dtype": dtype}], 1, 1,
+               tmp_path / "jobs.json")
+    assert_deepspeed_saves_the_same(tag, tmp_path / "resave" / "imported")
+    stored = read_module_weights(tag)
+    assert {t.dtype for k, t in stored.items() if "route_bias" not in k} == {getattr(torch, dtype)}
+    # The release's weights once: the model file, one file per expert, and an empty optimizer file.
+    experts = [f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(2) for e in range(4)]
+    assert sorted(p.name for p in tag.glob("*.pt")) == sorted(
+        ["mp_rank_00_model_states.pt", "expp_rank_0_mp_rank_00_optim_states.pt", *experts])
     dump = torch.load(f"{tmp_path / 'dump'}.rank0.pt", weights_only=False)
     ours = load_model(tmp_path / "ckpt").model
     names = ours.global_param_names()
     for name, param in ours.named_parameters():
         assert torch.equal(dump["params"][names[name]]["fp32"], param), name
+    masters = named_param_states(read_checkpoint(tmp_path / "ckpt"))  # what expand reads: the weights in fp32
+    assert all(torch.equal(masters[names[n]].fp32, p) and masters[names[n]].exp_avg is None
+               for n, p in ours.named_parameters())
 
 
 def refusal(fn, *args) -> str:
@@ -308,24 +324,31 @@ def test_every_family_upcycles_trains_and_exports_as_itself(model_type, tmp_path
         torch.testing.assert_close(trained(ids)[0], theirs(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_import_onto_a_cluster_layout(tmp_path, sp_model):
-    """--world-size 2 --ep-size 2: one optimizer file per rank, the same weights as a one-rank import."""
-    hf_dir, _ = hf_model_dir("qwen3_moe", tmp_path, sp_model)
-    import_checkpoint(hf_dir, tmp_path / "one")
-    result = CliRunner().invoke(main, ["import", str(hf_dir), str(tmp_path / "four"), "--world-size", "4",
-                                       "--ep-size", "2"])
-    assert result.exit_code == 0, result.output
-    assert "balancing: auxiliary loss" in result.output
-    reader = read_checkpoint(tmp_path / "four")
-    assert (reader.world_size, reader.ep_size) == (4, 2)
-    assert sorted(p.name for p in reader.path.glob("zero_pp_rank_*")) == [
-        f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(4)]
-    one, four = load_model(tmp_path / "one").model.state_dict(), load_model(tmp_path / "four").model.state_dict()
-    assert one.keys() == four.keys() and all(torch.equal(one[k], four[k]) for k in one)
-    masters = named_param_states(reader)
-    assert all(torch.equal(masters[k].fp32, four[k]) for k in masters)
-    refused = CliRunner().invoke(main, ["import", str(hf_dir), str(tmp_path / "x"), "--ep-size", "4"])
-    assert refused.exit_code != 0 and "not divisible by --ep-size 4" in refused.output and not (tmp_path / "x").exists()
+def test_an_import_expands_in_its_own_dtype_and_trains_on_two_processes(tmp_path, sp_model, data_cache):
+    """A bf16 release: the expansion stays module weights in bf16 (twice the experts' bytes, no
+    masters), and two processes with ep_size 2 continue it from exactly those weights."""
+    hf_dir, _ = hf_model_dir("qwen3_moe", tmp_path, sp_model, dtype=torch.bfloat16)
+    import_checkpoint(hf_dir, tmp_path / "ckpt")
+    expand_checkpoint(ExpandConfig(str(tmp_path / "ckpt"), str(tmp_path / "e12"), multiplier=2, select="uniform",
+                                   world_size=2, ep_size=2), progress=False)
+    tag = tmp_path / "e12" / "imported"
+    assert sorted(p.name for p in tag.glob("expp_rank_*")) == [f"expp_rank_{p}_mp_rank_00_optim_states.pt"
+                                                               for p in range(2)]
+    assert not list(tag.glob("zero_pp_rank_*"))
+    expanded = read_module_weights(tag)
+    assert {t.dtype for k, t in expanded.items() if "route_bias" not in k} == {torch.bfloat16}
+    imported = read_module_weights(tmp_path / "ckpt" / "imported")
+    plan = json.loads((tag / "upcycle_manifest.json").read_text())["layers"][0]
+    for new, source in enumerate(plan["sources"]):  # every new expert is its source's bytes
+        key = "layers.1.ffn.moe.deepspeed_moe.experts.deepspeed_experts.{}.w_up.weight"
+        assert torch.equal(expanded[key.format(new)], imported[key.format(source)])
+    ds_config = write_ds_config(tmp_path / "ds.json", micro_batch=2, lr=0.0)
+    check_ok(run_train(["--deepspeed_config", str(ds_config), "--load", str(tmp_path / "e12"), "--steps", "1",
+                        "--ep-size", "2", "--data", SMALL_DATA, "--seq-len", "32", "--data-cache", str(data_cache),
+                        "--eval-samples", "4", "--save", str(tmp_path / "run")], num_procs=2))
+    after = load_model(tmp_path / "run").model.state_dict()
+    before = load_model(tmp_path / "e12", dtype=torch.float32).model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "route_bias" not in k)
 
 
 def test_weights_written_one_tensor_at_a_time_read_back_with_safetensors(tmp_path):

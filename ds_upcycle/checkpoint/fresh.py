@@ -1,10 +1,12 @@
-"""A model's weights as the checkpoint DeepSpeed saves before the optimizer's first step.
+"""A model's weights as the checkpoint DeepSpeed saves for an engine built without an optimizer.
 
-What `engine.save_checkpoint` writes right after `deepspeed.initialize` with torch's AdamW: module
-weights, fp32 master weights equal to them, and no Adam moments. Built from a state dict alone (no
-process group, no engine), so that weights converted from elsewhere (a transformers model) become a
-state the writer lays out for any target; the stock-DeepSpeed tests check it against DeepSpeed's own
-save.
+What `engine.save_checkpoint` writes after `deepspeed.initialize(model=..., config=...)` with no
+optimizer: the module weights (no ZeRO; `optimizer` None everywhere), which are then the master
+weights, and nothing else. Built from a state dict alone (no process group, no engine), so that
+weights converted from elsewhere (a transformers release) are written once, in their own dtype: an
+engine on any layout and in any precision loads them (`engine.load_checkpoint(...,
+load_module_only=True)`), and readers see fp32 masters equal to them. The stock-DeepSpeed tests
+check it against DeepSpeed's own save.
 """
 
 from __future__ import annotations
@@ -14,35 +16,20 @@ from dataclasses import dataclass
 
 import deepspeed
 import torch
-from deepspeed.checkpoint.constants import CLIP_GRAD, LOSS_SCALER
-from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
 from ..errors import UserError
-from .ds_config import zero_stage
 from .names import split_expert_param
 from .run_record import RunRecord
 from .state import CheckpointMeta, MoELayer, NonExpertState, ParamGroup, ParamState
 
-_ADAM_ONLY_KEYS = ("torch_adam", "adam_w_mode")  # DeepSpeed's switches, not torch hyperparameters
-
-
-def adamw_hypers(ds_config: dict) -> dict:
-    """The hyperparameters torch.optim.AdamW gives a parameter group under this DeepSpeed config."""
-    optimizer = ds_config.get("optimizer", {})
-    params = dict(optimizer.get("params", {}))
-    if optimizer.get("type", "").lower() != "adamw" or not params.get("torch_adam"):
-        raise UserError("a checkpoint before the first step is written for torch's AdamW "
-                        "(optimizer type AdamW with torch_adam true) only")
-    for key in _ADAM_ONLY_KEYS:
-        params.pop(key, None)
-    group = torch.optim.AdamW([torch.zeros(1)], **params).param_groups[0]
-    return {k: v for k, v in group.items() if k != "params"}
+# The DeepSpeed config an engine without an optimizer records; train.py trains with its own.
+MODULE_ONLY_CONFIG = {"train_micro_batch_size_per_gpu": 1}
 
 
 @dataclass
 class FreshSource:
-    """A model's state before its first step, as a CheckpointSource: non-expert parameters in memory
-    (fp32), each expert read from `state` only when the writer asks for it."""
+    """Module weights as a CheckpointSource: non-expert parameters in memory (fp32), each expert read
+    from `state` only when the writer asks for it."""
 
     meta: CheckpointMeta
     moe_layers: list[MoELayer]
@@ -55,38 +42,55 @@ class FreshSource:
     def expert_state(self, layer: int, expert: int) -> dict[str, ParamState]:
         moe = self.moe_layers[layer]
         moe.check_expert(expert)
-        return {suffix: ParamState(self.state[moe.param_name(expert, suffix)].float()) for suffix in moe.param_shapes}
+        params = {}
+        for suffix in moe.param_shapes:
+            name = moe.param_name(expert, suffix)
+            tensor = self.state[name]
+            if not _fits(tensor.dtype, self.meta.module_dtype):
+                raise UserError(f"{name} is {tensor.dtype}, the other weights {self.meta.module_dtype}: mixed "
+                                f"precisions are not supported")
+            params[suffix] = ParamState(tensor.float())
+        return params
 
 
-def fresh_state(state: Mapping[str, torch.Tensor], param_names: list[str], shared_params: dict[str, str],
-                ds_config: dict, client_state: dict, run_record: RunRecord | None = None,
-                tokenizer=None) -> FreshSource:
-    """The checkpoint state of a model before its first optimizer step, on one process (ep_size 1).
+def own_dtype(state: Mapping[str, torch.Tensor], param_names: list[str]) -> torch.dtype:
+    """The dtype the weights are written in: the non-expert parameters' when they share bf16 or fp32
+    (an expert in another is refused when it is read), else fp32 (exact for fp16 and mixed ones)."""
+    dtypes = {state[n].dtype for n in param_names if split_expert_param(n) is None}
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= {torch.float32, torch.bfloat16} else torch.float32
+
+
+def _fits(dtype: torch.dtype, module_dtype: torch.dtype) -> bool:
+    """Whether a tensor of `dtype` is written exactly in `module_dtype`."""
+    return module_dtype == torch.float32 or dtype == module_dtype
+
+
+def module_state(state: Mapping[str, torch.Tensor], param_names: list[str], shared_params: dict[str, str],
+                 client_state: dict, run_record: RunRecord | None = None, tokenizer=None) -> FreshSource:
+    """The checkpoint state of a model's weights alone, written in their own dtype (`own_dtype`).
 
     state: the module's state dict, in module order (a Mapping that reads each tensor on access is
-    read one expert at a time); param_names: its parameters in `named_parameters()` order (the
-    optimizer's order); shared_params: tied names -> the name that holds the tensor. Every other
-    state entry is a persistent buffer.
+    read one expert at a time); param_names: its parameters in `named_parameters()` order;
+    shared_params: tied names -> the name that holds the tensor. Every other state entry is a
+    persistent buffer, written in fp32.
     """
     params = set(param_names)
-    buffers = {n: state[n] for n in state if n not in params and n not in shared_params}
+    # Buffers (routing biases) in fp32, as the model keeps them: loss-free steps are small.
+    buffers = {n: state[n].float() if state[n].is_floating_point() else state[n]
+               for n in state if n not in params and n not in shared_params}
     layers = _moe_layers(state, param_names)
-    hypers = adamw_hypers(ds_config)
-    stage = zero_stage(ds_config)
     dense = [n for n in param_names if split_expert_param(n) is None]
+    dtype = own_dtype(state, param_names)
     meta = CheckpointMeta(
         global_steps=0, global_samples=0, skipped_steps=0, lr_scheduler=None, client_state=client_state,
-        ds_config=ds_config, ds_version=deepspeed.__version__, zero_stage=stage, dp_world_size=1, ep_size=1,
-        module_dtype=torch.float32, optimizer_step=None,
-        dense_groups=[ParamGroup({"name": "dense-params", **hypers}, dense)],
-        expert_hypers={"name": "ep_size_1", "moe": True, **hypers} if layers else None,
-        optimizer_extras={LOSS_SCALER: LossScaler(1.0), "dynamic_loss_scale": False, "overflow": False,
-                          CLIP_GRAD: float(ds_config.get("gradient_clipping", 0.0))} if stage else {},
+        ds_config=dict(MODULE_ONLY_CONFIG), ds_version=deepspeed.__version__, zero_stage=0, dp_world_size=1,
+        ep_size=1, module_dtype=dtype, optimizer_step=None, dense_groups=[ParamGroup({}, dense)],
+        expert_hypers=None, optimizer_extras={},
         module_keys=[n for n in state if split_expert_param(n) is None], buffer_names=list(buffers),
         shared_params=dict(shared_params),
         model_extras={"data_sampler": None, "random_ltd": None, "mp_world_size": 1, "ds_autoep_layers": None,
                       "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": 1}},
-        run_record=run_record, tokenizer=tokenizer)
+        run_record=run_record, tokenizer=tokenizer, has_optimizer=False)
     non_expert = NonExpertState({n: ParamState(state[n].float()) for n in dense}, buffers)
     return FreshSource(meta, layers, non_expert, state)
 

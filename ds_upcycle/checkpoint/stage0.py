@@ -1,5 +1,10 @@
 """DeepSpeed MoE checkpoints saved without ZeRO (stage 0): read them, and write them for any layout.
 
+Two kinds: a run's (with its torch optimizer, below), and module weights only, as DeepSpeed saves
+an engine built without an optimizer (every optimizer entry None; the weights in fp32 or bf16, and
+they are the master weights). ds-upcycle's imports are of the second kind: a release has no
+optimizer state, so its weights are written once, in its own dtype, and load on any layout.
+
 Without ZeRO, DeepSpeed (0.19.8) saves the torch optimizer's own `state_dict()`: every
 expert-parallel rank p writes `expp_rank_{p}_mp_rank_00_optim_states.pt` = {"optimizer": ...}
 (the non-expert parameters' state, the same on every rank, and the state of p's local experts),
@@ -22,7 +27,7 @@ import torch
 
 from ..config import check_expert_parallel
 from ..errors import UserError
-from .files import load_file, open_for_filling, save_skeleton
+from .files import load_file, open_for_filling, save_file, save_skeleton
 from .layout import split_moe_group
 from .model_file import agreed_step, check_module_keys, common_meta
 from .names import MODEL_STATES, expert_file, split_expert_param
@@ -41,30 +46,39 @@ class Stage0Reader:
     def __init__(self, path: Path, model: dict) -> None:
         self.path = path
         self._module = model["module"]
-        dtypes = {t.dtype for t in self._module.values() if t.is_floating_point()}
-        if dtypes - {torch.float32}:
+        dtypes = {t.dtype for name, t in self._module.items() if t.is_floating_point()
+                  and name not in (model["buffer_names"] or [])}
+        if model.get("optimizer") is not None and dtypes - {torch.float32}:
             raise UserError(f"{path}: {', '.join(sorted(map(str, dtypes)))} weights without ZeRO are saved by "
                             f"DeepSpeed's mixed-precision optimizer wrappers, which are not supported; use ZeRO "
                             f"stage 1 or 2")
         self.world_size = int(model["dp_world_size"])
         self.ep_size = _ep_size(path, self.world_size)
         self._optim = [_load_optimizer(path / optim_file(p)) for p in range(self.ep_size)]
+        self.module_only = _module_only(path, model, self._optim)
+        module_dtype = _module_dtype(path, dtypes) if self.module_only else torch.float32
         self.moe_layers = _moe_layers(path, model.get("num_experts"), self.ep_size)
         buffer_names = list(model["buffer_names"] or [])
-        groups = self._optim[0]["param_groups"]
-        aliases = _aliases(self._module, buffer_names, len(groups[0]["params"]) if groups else 0)
+        groups = [] if self.module_only else self._optim[0]["param_groups"]
+        aliases = _aliases(self._module, buffer_names, None if self.module_only else
+                           len(groups[0]["params"]) if groups else 0)
         dense_names = [k for k in self._module if k not in buffer_names and k not in aliases]
-        self._dense_index = _check_groups(path, groups, dense_names, self._local_expert_numels(), self._optim)
+        if self.module_only:
+            self._dense_index, step, dense_hypers, expert_hypers = {}, None, {}, None
+        else:
+            self._dense_index = _check_groups(path, groups, dense_names, self._local_expert_numels(), self._optim)
+            step = agreed_step([entry.get("step") for optim in self._optim for entry in optim["state"].values()],
+                               path)
+            dense_hypers = {k: v for k, v in groups[0].items() if k != "params"}
+            expert_hypers = {k: v for k, v in groups[1].items() if k != "params"} if len(groups) > 1 else None
         check_module_keys(list(self._module), dense_names, buffer_names, aliases, path)
-        step = agreed_step([entry.get("step") for optim in self._optim for entry in optim["state"].values()], path)
-        dense_hypers = {k: v for k, v in groups[0].items() if k != "params"}
-        expert_hypers = {k: v for k, v in groups[1].items() if k != "params"} if len(groups) > 1 else None
         self.meta = CheckpointMeta(
             **common_meta(model, path), zero_stage=0, dp_world_size=self.world_size, ep_size=self.ep_size,
-            module_dtype=torch.float32,
+            module_dtype=module_dtype,
             optimizer_step=step, dense_groups=[ParamGroup(dense_hypers, dense_names)],
             expert_hypers=expert_hypers, optimizer_extras={},
-            module_keys=list(self._module), buffer_names=buffer_names, shared_params=aliases)
+            module_keys=list(self._module), buffer_names=buffer_names, shared_params=aliases,
+            has_optimizer=not self.module_only)
 
     @property
     def num_experts(self) -> list[int]:
@@ -76,6 +90,10 @@ class Stage0Reader:
                 for _ in range(layer.num_experts // self.ep_size) for shape in layer.param_shapes.values()]
 
     def non_expert_state(self) -> NonExpertState:
+        if self.module_only:
+            params = {name: ParamState(self._module[name].float()) for name in self.meta.dense_groups[0].names}
+            buffers = {name: self._module[name].clone() for name in self.meta.buffer_names}
+            return NonExpertState(params, buffers)
         state = self._optim[0]["state"]
         params = {name: ParamState(self._module[name], *_moments(state, index))
                   for name, index in self._dense_index.items()}
@@ -88,13 +106,13 @@ class Stage0Reader:
         ep_rank, local = divmod(expert, moe.num_experts // self.ep_size)
         weights = load_file(self.path / expert_file(layer, expert), mmap=True)
         first = len(self._dense_index) + self._local_offset(layer, local)
-        state = self._optim[ep_rank]["state"]
+        state = {} if self.module_only else self._optim[ep_rank]["state"]
         result = {}
         for position, suffix in enumerate(moe.param_shapes):
             name = moe.param_name(expert, suffix)
             if name not in weights:
                 raise UserError(f"{self.path / expert_file(layer, expert)}: no {name}")
-            result[suffix] = ParamState(weights[name], *_moments(state, first + position))
+            result[suffix] = ParamState(weights[name].float(), *_moments(state, first + position))
         return result
 
     def _local_offset(self, layer: int, local: int) -> int:
@@ -114,12 +132,33 @@ def _ep_size(path: Path, world: int) -> int:
     return len(ranks)
 
 
-def _load_optimizer(path: Path) -> dict:
+def _load_optimizer(path: Path) -> dict | None:
+    """The torch optimizer state_dict of an expp_rank file; None when the engine had no optimizer."""
     saved = load_file(path, mmap=True)
+    if isinstance(saved, dict) and "optimizer" in saved and saved["optimizer"] is None:
+        return None
     optimizer = saved.get("optimizer") if isinstance(saved, dict) else None
     if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
         raise UserError(f"{path} is not a stage-0 optimizer file (no torch optimizer state_dict)")
     return optimizer
+
+
+def _module_only(path: Path, model: dict, optims: list[dict | None]) -> bool:
+    """Saved by an engine without an optimizer: no expp_rank file and no model-file copy holds one."""
+    missing = [optim is None for optim in optims]
+    if any(missing) and not all(missing):
+        raise UserError(f"{path}: some expp_rank optimizer files hold an optimizer state and some none")
+    if all(missing) and model.get("optimizer") is not None:
+        raise UserError(f"{path}: the model file holds an optimizer state but the expp_rank files none")
+    return all(missing)
+
+
+def _module_dtype(path: Path, dtypes: set[torch.dtype]) -> torch.dtype:
+    """The one dtype of a checkpoint's module weights when it has no optimizer."""
+    if len(dtypes) > 1 or dtypes - {torch.float32, torch.bfloat16}:
+        raise UserError(f"{path}: module weights in {', '.join(sorted(map(str, dtypes)))}; a checkpoint without "
+                        f"an optimizer is read in fp32 or bf16, one dtype")
+    return next(iter(dtypes), torch.float32)
 
 
 def _moe_layers(path: Path, num_experts: list[int] | None, ep_size: int) -> list[MoELayer]:
@@ -142,12 +181,14 @@ def _moe_layers(path: Path, num_experts: list[int] | None, ep_size: int) -> list
     return layers
 
 
-def _aliases(module: dict, buffer_names: list[str], num_params: int) -> dict[str, str]:
+def _aliases(module: dict, buffer_names: list[str], num_params: int | None) -> dict[str, str]:
     """Tied parameters: keys whose tensor is an earlier key's (named_parameters keeps the first).
 
     A tie shows as shared storage where the file kept it. DeepSpeed's stage-0 save clones every
     tensor, so there a tie shows only as equal values: that reading is used when shared storage
     does not account for the optimizer's `num_params` non-expert parameters, and only if it does.
+    Without an optimizer (num_params None) nothing counts the parameters: a tie the file does not
+    show stays two keys of equal weights, which is what the module loads either way.
     """
     names = [name for name in module if name not in buffer_names]
 
@@ -168,7 +209,7 @@ def _aliases(module: dict, buffer_names: list[str], num_params: int) -> dict[str
         return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
 
     aliases = tied(shared)
-    if len(names) - len(aliases) != num_params:
+    if num_params is not None and len(names) - len(aliases) != num_params:
         by_value = tied(equal)
         if len(names) - len(by_value) == num_params:
             return by_value
@@ -218,6 +259,12 @@ def prepare_stage0_files(state: CheckpointSource, non_expert: NonExpertState, ep
     holds the non-expert state and one expert.
     """
     meta = state.meta
+    paths = [tag_dir / optim_file(p) for p in range(ep_size)]
+    if not meta.has_optimizer:  # as DeepSpeed saves an engine without one
+        for path in paths:
+            save_file({"optimizer": None}, path)
+        save_file(model_file, tag_dir / MODEL_STATES)
+        return lambda layer, expert, params: None
     with_moments = meta.optimizer_step is not None
     dense = meta.dense_groups[0].names if meta.dense_groups else []
     # Expert parameters of one ep rank in the optimizer's order: layer, local expert, parameter.
@@ -242,7 +289,6 @@ def prepare_stage0_files(state: CheckpointSource, non_expert: NonExpertState, ep
             groups.append({**hypers, "params": [len(dense) + i for i in chunk]})
         return {"state": adam, "param_groups": groups}, holes
 
-    paths = [tag_dir / optim_file(p) for p in range(ep_size)]
     for path in paths:
         optimizer, holes = optimizer_skeleton()
         save_skeleton({"optimizer": optimizer}, path, holes)

@@ -89,6 +89,9 @@ class CheckpointMeta:
     run_record: RunRecord | None = None   # ds_upcycle.json (model config, run metadata)
     tokenizer: Path | None = None   # tokenizer file of the tag directory
     source: Path | None = None      # tag directory it was read from
+    # False: saved by an engine without an optimizer (stage 0): module weights only, in module_dtype,
+    # which are then the master weights; no parameter groups, no moments, no step.
+    has_optimizer: bool = True
 
 
 @dataclass

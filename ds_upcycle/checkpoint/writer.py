@@ -123,7 +123,12 @@ def _check_request(state: CheckpointSource, dst_dir: Path, world_size: int, ep_s
     if zero.get("round_robin_gradients") or zero.get("elastic_checkpoint"):
         raise UserError("zero_optimization.round_robin_gradients and elastic_checkpoint are not supported")
     expected = torch.bfloat16 if bf16_enabled(ds_config) else torch.float32
-    if ds_config.get("fp16", {}).get("enabled") or state.meta.module_dtype != expected:
+    if not state.meta.has_optimizer:
+        # Module weights only (a stage-0 source, so stage 0 here): DeepSpeed's engine loads them into
+        # any precision, so their dtype is their own.
+        if state.meta.module_dtype not in (torch.float32, torch.bfloat16):
+            raise UserError(f"can write module weights in fp32 or bf16, not {state.meta.module_dtype}")
+    elif ds_config.get("fp16", {}).get("enabled") or state.meta.module_dtype != expected:
         raise UserError(f"can write fp32 and bf16 checkpoints whose DeepSpeed config matches the weights "
                         f"(weights {state.meta.module_dtype}, config {'bf16' if bf16_enabled(ds_config) else 'fp32'})")
     if dst_dir.exists() and not dst_dir.is_dir():

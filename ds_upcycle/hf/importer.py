@@ -1,11 +1,12 @@
 """`ds-upcycle import`: a local transformers MoE directory as a DeepSpeed checkpoint.
 
 The weights go through their family's name table into our model's names, one tensor at a time as
-the writer asks for it, and are written as the checkpoint DeepSpeed saves for a run before its first
-step (ZeRO-2, fp32, on one process or the layout asked for): module weights, fp32 master weights, no
-Adam moments (a release has none). The run record says so (`optimizer_state: false`), and train.py
-then loads the module weights only, which fits any later layout and precision; `ds-upcycle expand`
-reads it like any checkpoint. The record also says how continued training balances the experts:
+the writer asks for it, and are written as the checkpoint DeepSpeed saves for an engine without an
+optimizer: module weights only, in the release's dtype (a release has no optimizer state, and fp32
+masters equal to bf16 weights would only take 4x the disk). The run record says so
+(`optimizer_state: false`), and train.py then loads the module weights only, which fits any layout
+and precision; `ds-upcycle expand` reads it like any checkpoint (its masters are the weights) and
+writes its expansion in the same form. The record also says how continued training balances the experts:
 as the release was trained (`release_balancing`).
 """
 
@@ -20,8 +21,8 @@ import torch
 from transformers import AutoConfig
 
 from ..atomic import check_destination
-from ..checkpoint import CheckpointSource, ImportOrigin, RunRecord, fresh_state, write_checkpoint
-from ..config import ModelConfig, check_expert_parallel
+from ..checkpoint import CheckpointSource, ImportOrigin, RunRecord, module_state, write_checkpoint
+from ..config import ModelConfig
 from ..data.tokenizer import load_tokenizer, tokenizer_file
 from ..errors import UserError
 from ..model import Transformer
@@ -33,12 +34,6 @@ IMPORT_TAG = "imported"
 # The sequence length recorded for an imported model (what eval windows and calibration batches use):
 # its max_position_embeddings, up to this (releases state 32k-128k, far beyond a CPU calibration batch).
 CONTEXT_CAP = 4096
-# The DeepSpeed config recorded in the checkpoint; train.py loads its module weights only, whatever
-# config it trains with.
-SAVE_CONFIG = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-               "zero_optimization": {"stage": 2}, "steps_per_print": 1 << 30}
-
 
 # A release's router_aux_loss_coef when its config.json names none (transformers' Qwen3-MoE and
 # Mixtral default), and the loss-free step ds-upcycle trains with.
@@ -106,15 +101,13 @@ def read_hf_config(hf_dir: Path) -> tuple[Family, dict]:
     return family, values
 
 
-def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, force: bool = False, world_size: int = 1,
-                      ep_size: int = 1) -> ImportResult:
-    """Write the transformers model in `hf_dir` as DeepSpeed checkpoint `out_dir` (save dir, tag `imported`),
-    laid out for `world_size` data-parallel ranks and `ep_size` (ZeRO-2 files as DeepSpeed saves them
-    on that layout before a first step)."""
+def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> ImportResult:
+    """Write the transformers model in `hf_dir` as DeepSpeed checkpoint `out_dir` (save dir, tag
+    `imported`): its module weights in the release's dtype, as DeepSpeed saves an engine without an
+    optimizer, which an engine on any layout loads."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
     family, hf = read_hf_config(hf_dir)
     cfg = release_balancing(family, family.config_from_hf(hf), hf)
-    check_expert_parallel(ep_size, cfg.experts_per_layer, world_size, "--ep-size", "--world-size")
     tokenizer = tokenizer_file(hf_dir)
     load_tokenizer(tokenizer)
     check_destination(out, force)
@@ -126,8 +119,8 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, force: bool = Fal
     record = RunRecord(cfg, optimizer_state=False, context=min(positions, CONTEXT_CAP),
                        imported_from=ImportOrigin(family.model_type, family.architecture, positions,
                                                   hf_dir.resolve().name))
-    write_checkpoint(_checkpoint_state(cfg, state, tokenizer, record), out, IMPORT_TAG, world_size=world_size,
-                     ep_size=ep_size, replace=force)
+    write_checkpoint(_checkpoint_state(cfg, state, tokenizer, record), out, IMPORT_TAG, world_size=1, ep_size=1,
+                     replace=force)
     return ImportResult(out, family, cfg)
 
 
@@ -175,11 +168,11 @@ class _InModuleOrder(Mapping):
 
 def _checkpoint_state(cfg: ModelConfig, state: Mapping[str, torch.Tensor], tokenizer: Path,
                       record: RunRecord) -> CheckpointSource:
-    """The imported weights as the checkpoint DeepSpeed would save before a first step."""
+    """The imported weights as the checkpoint DeepSpeed saves for an engine without an optimizer."""
     with torch.device("meta"):  # only the names and their order are read from it
         model = Transformer(cfg)
     shared = {"output.weight": "tok_embeddings.weight"} if cfg.tie_embeddings else {}
     ordered = _InModuleOrder(list(model.state_dict()), state, shared)
-    return fresh_state(ordered, [n for n, _ in model.named_parameters()], shared, SAVE_CONFIG,
-                       {"ds_upcycle": {"position": {"split": "pretrain", "samples": 0, "tokens": 0}}},
-                       record, tokenizer)
+    return module_state(ordered, [n for n, _ in model.named_parameters()], shared,
+                        {"ds_upcycle": {"position": {"split": "pretrain", "samples": 0, "tokens": 0}}},
+                        record, tokenizer)

@@ -3,7 +3,10 @@
     [deepspeed --num_gpus N] checkpoint_worker.py --ep-size P JOBS.json
 
 JOBS.json is a list of {"ckpt", "ds_config", "dump", "resave" (or null), "step" (bool), "scheduler"
-(bool, default true: false for a checkpoint saved without an LR scheduler)}. For each
+(bool, default true: false for a checkpoint saved without an LR scheduler), "module_dtype" (default
+float32: the model's parameters are cast to it before initialize, as a script without an optimizer
+would)}. A
+ds_config without an optimizer builds an engine without one. For each
 job every rank builds the model the checkpoint describes, loads it, and writes `<dump>.rank<r>.pt`:
 every parameter's fp32 master weight and Adam moments through DeepSpeed's own accessors
 (safe_get_full_*), module weights and buffers under layout-independent names, and the restored
@@ -30,6 +33,9 @@ from ds_upcycle.training.schedule import WSDSchedule
 
 def full_state(engine, model: Transformer) -> dict:
     names = model.global_param_names()
+    if engine.optimizer is None:  # the module weights are all there is
+        return {names[name]: {"fp32": param.detach().float().clone(), "module": param.detach().clone()}
+                for name, param in model.named_parameters()}
     if not engine.zero_optimization():
         # Without ZeRO the module weights are the fp32 master weights and the torch optimizer holds
         # each parameter's state whole: what DeepSpeed loaded is read directly.
@@ -70,6 +76,8 @@ def run_job(job: dict, ep_size: int, index: int) -> None:
     ref = find_checkpoint(job["ckpt"])
     cfg = ref.model_config
     model = Transformer(cfg, ep_size=ep_size, ep_rank=comm.rank() % ep_size)
+    for param in model.parameters():  # buffers (routing biases) stay fp32
+        param.data = param.data.to(getattr(torch, job.get("module_dtype", "float32")))
     ds_config = json.loads(Path(job["ds_config"]).read_text())
     schedule_fn = partial(WSDSchedule, total=1) if job.get("scheduler", True) else None
     engine, _, _, schedule = deepspeed.initialize(model=model, model_parameters=model.parameters(),
@@ -86,7 +94,7 @@ def run_job(job: dict, ep_size: int, index: int) -> None:
         "client": client.get("ds_upcycle"),
         # ZeRO: one state per flat group; without ZeRO: one per parameter.
         "step": [float(s["step"]) for s in getattr(engine.optimizer, "optimizer", engine.optimizer).state.values()
-                 if "step" in s],
+                 if "step" in s] if engine.optimizer is not None else [],
         "num_experts": cfg.num_experts,
     }
     if job.get("step"):
