@@ -3,7 +3,7 @@
 Import: our forward of the imported checkpoint equals the family's forward; exporting it again
 gives back every tensor bit for bit. Export: every preset's model (shrunk, its structure kept) loads
 in transformers with no missing or unexpected weight and computes our logits. The imported
-checkpoint is what stock DeepSpeed saves before a first step.
+checkpoint is what stock DeepSpeed saves for an engine without an optimizer (module weights only).
 """
 
 import json
