@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import check_ok, run_train, tiny_run_args, write_ds_config
+from conftest import SOURCE_MODEL, check_ok, run_train, tiny_run_args, write_ds_config
 from ds_upcycle.data.tokenizer import train_tokenizer
 from ds_upcycle.checkpoint import read_metrics
 
@@ -130,3 +130,15 @@ def test_what_a_checkpoint_cannot_take_is_refused_or_named(tmp_path, data_cache,
             f"{source / 'global_step8'}") in notes(proc)
     info = json.loads((tmp_path / "out" / "global_step9" / "ds_upcycle.json").read_text())
     assert info["model"]["route_bias_update"] == 0.01 and info["model"]["vocab_size"] <= 512
+
+
+def test_optimizer_state_resumes_only_on_its_layout(tmp_path, data_cache, trained_source):
+    """The shared source was saved by 2 processes with ep_size 2: one process is refused before
+    anything runs, with the reshard that works."""
+    src, cfg = trained_source["src"], trained_source["cfg"]
+    line = refused(run_train(tiny_run_args(cfg, 13, data_cache, *SOURCE_MODEL, "--load", str(src),
+                                           "--save", str(tmp_path / "run"))))
+    assert (f"{trained_source['tag']} was saved on world size 2 with ep_size 2, and its optimizer state resumes only "
+            f"there (this job: world size 1, ep_size 1); reshard it first: ds-upcycle expand {trained_source['tag']} "
+            f"NEW -m 1 --world-size 1 --ep-size 1") in line
+    assert not (tmp_path / "run").exists()

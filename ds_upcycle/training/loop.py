@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .. import comm
 from ..checkpoint import (CheckpointRef, ImportOrigin, MetricsLog, RunRecord, find_checkpoint, latest_checkpoint,
-                          write_run_files)
+                          read_checkpoint, write_run_files)
 from ..config import ModelConfig, check_expert_parallel, parse_overrides, resolve_model_config
 from ..data import BatchOrder, DataConfig, PackedSequences, PreparedData, prepare_data
 from ..data.tokenizer import tokenizer_digest
@@ -98,6 +98,20 @@ def _check_tokenizer(data_cfg: DataConfig, vocab_size: int | None, start: Checkp
     data = start.run_record.data
     if vocab_size is not None and vocab_size != (data.vocab_size if data is not None else None):
         note(f"--vocab-size {vocab_size} ignored: the model keeps the tokenizer of checkpoint {start.path}")
+
+
+def _check_layout(start: CheckpointRef, world: int, ep_size: int) -> None:
+    """Optimizer state resumes only on the layout that saved it: refused, with the way to reshard,
+    rather than left to DeepSpeed (which fails deep inside loading, or worse, loads it onto the
+    wrong experts)."""
+    if not start.has_optimizer_state:
+        return  # module weights only: they fit any layout
+    saved = read_checkpoint(start.path)
+    if (saved.world_size, saved.ep_size) != (world, ep_size):
+        raise UserError(f"{start.path} was saved on world size {saved.world_size} with ep_size {saved.ep_size}, and "
+                        f"its optimizer state resumes only there (this job: world size {world}, ep_size {ep_size}); "
+                        f"reshard it first: ds-upcycle expand {start.path} NEW -m 1 --world-size {world} "
+                        f"--ep-size {ep_size}, then train.py --load NEW")
 
 
 def _prepare(data_cfg: DataConfig, tokenizer: Path | None):
@@ -262,6 +276,7 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict, 
 
     if start is not None:
         _check_tokenizer(data_cfg, vocab_size, start)
+        _check_layout(start, world, train_cfg.ep_size)
 
     comm.single_process_env()
     comm.init_distributed()
