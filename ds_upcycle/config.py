@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 from .errors import UserError, did_you_mean
 
 SCORE_FUNCTIONS = ("sigmoid", "softmax")
+MOE_DISPATCHES = ("legacy", "grouped")
 QK_NORMS = ("head", "proj")
 
 
@@ -50,6 +51,11 @@ class ModelConfig:
         route_bias_update: step size u of the loss-free balancing update
             b_i += u * sign(mean_load - load_i); 0 turns balancing off.
         aux_loss_coef: coefficient of an auxiliary switch-style balance loss (0 = off).
+        moe_dispatch: how experts compute (the same function and weights either way): "legacy",
+            DeepSpeed's MOELayer (every expert's buffer padded to the busiest expert, one matmul per
+            expert, any ep_size); "grouped", tokens sorted by expert and every expert in one grouped
+            GEMM (torch._grouped_mm through DeepSpeed AutoEP's expert kernel), no padding; ep_size 1
+            only so far (moe/grouped.py).
         tie_embeddings: share the token embedding with the output head.
         rope_theta: RoPE base.
         norm_eps: RMSNorm epsilon.
@@ -74,6 +80,7 @@ class ModelConfig:
     route_norm: bool | None = None
     route_bias_update: float = 1e-3
     aux_loss_coef: float = 0.0
+    moe_dispatch: str = "legacy"
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -119,6 +126,8 @@ class ModelConfig:
                             f"{min(self.experts_per_layer, default=self.num_experts)} of a MoE layer")
         if self.score_func not in SCORE_FUNCTIONS:
             raise UserError(f"model config: score_func must be one of {SCORE_FUNCTIONS}, got {self.score_func!r}")
+        if self.moe_dispatch not in MOE_DISPATCHES:
+            raise UserError(f"model config: moe_dispatch must be one of {MOE_DISPATCHES}, got {self.moe_dispatch!r}")
         if self.route_bias_update < 0 or self.aux_loss_coef < 0:
             raise UserError("model config: route_bias_update and aux_loss_coef must be >= 0")
         if self.moe_layer_freq > self.n_layers:

@@ -141,7 +141,7 @@ class Block(nn.Module):
             router = LossFreeRouter(cfg.dim, num_experts, cfg.top_k, cfg.score_func,
                                     cfg.normalize_routes, cfg.aux_loss_coef, groups=cfg.groups_in_block(layer_id))
             self.ffn = MoEFeedForward(cfg.dim, cfg.expert_ffn_dim, num_experts, cfg.top_k, router,
-                                      ep_size=ep_size, ep_rank=ep_rank)
+                                      ep_size=ep_size, ep_rank=ep_rank, dispatch=cfg.moe_dispatch)
         else:
             self.ffn = SwiGLU(cfg.dim, cfg.dense_ffn_dim)
 

@@ -1,10 +1,12 @@
 """Training throughput, measured side by side in one process and one run.
 
-1. One MoE layer, forward + backward, at the same shape: our loss-free router against DeepSpeed's
-   stock TopKGate (dropless, like ours, and with its default capacity factor 1.0, which drops
-   tokens). Prints tokens/s of each and the ratio.
-2. Whole-model training step through a DeepSpeed engine for an E-expert and a 2E-expert model:
-   the per-step times t_E and t_mE of the compute ledger, and their ratio.
+1. One MoE layer, forward + backward, at the same shape: our loss-free router on DeepSpeed's legacy
+   MOELayer and on the grouped dispatch (moe_dispatch=grouped: sorted rows, one grouped GEMM,
+   the same weights) against DeepSpeed's stock TopKGate (dropless, like ours, and with its default
+   capacity factor 1.0, which drops tokens). Prints tokens/s of each and the ratio.
+2. Whole-model training step through a DeepSpeed engine for an E-expert and a 2E-expert model, with
+   each dispatch (--dispatches): the per-step times t_E and t_mE of the compute ledger, and their
+   ratio.
 
     DS_ACCELERATOR=cpu python scripts/bench_train_throughput.py --preset tiny
     python scripts/bench_train_throughput.py --preset paper-il8 --batch 32 --seq-len 512 --bf16 --profile
@@ -68,6 +70,10 @@ def bench_layers(cfg, tokens: int, device, dtype, warmup: int, repeats: int, pro
     torch.manual_seed(0)
     ours = MoEFeedForward(cfg.dim, cfg.expert_ffn_dim, cfg.num_experts, cfg.top_k,
                           LossFreeRouter(cfg.dim, cfg.num_experts, cfg.top_k, cfg.score_func)).to(device, dtype)
+    grouped = MoEFeedForward(cfg.dim, cfg.expert_ffn_dim, cfg.num_experts, cfg.top_k,
+                             LossFreeRouter(cfg.dim, cfg.num_experts, cfg.top_k, cfg.score_func),
+                             dispatch="grouped").to(device, dtype)
+    grouped.load_state_dict(ours.state_dict())  # the same weights: the same routing and function
     stock = {
         "stock, dropless": MoE(cfg.dim, SwiGLU(cfg.dim, cfg.expert_ffn_dim), cfg.num_experts, k=cfg.top_k,
                                drop_tokens=False, top2_2nd_expert_sampling=False).to(device, dtype),
@@ -82,7 +88,8 @@ def bench_layers(cfg, tokens: int, device, dtype, warmup: int, repeats: int, pro
             out.float().square().mean().backward()
         return run
 
-    steps = {"ours (loss-free)": step(ours), **{name: step(layer) for name, layer in stock.items()}}
+    steps = {"ours (loss-free)": step(ours), "ours, grouped": step(grouped),
+             **{name: step(layer) for name, layer in stock.items()}}
     times = timed(steps, warmup, repeats)
     base = times["ours (loss-free)"]
     print(f"\nMoE layer: dim {cfg.dim}, expert ffn {cfg.expert_ffn_dim}, {cfg.num_experts} experts, "
@@ -96,7 +103,8 @@ def bench_layers(cfg, tokens: int, device, dtype, warmup: int, repeats: int, pro
     return {name: {"seconds": t, "tokens_per_s": tokens / t, "speed_vs_ours": base / t} for name, t in times.items()}
 
 
-def bench_models(cfg, batch: int, seq_len: int, warmup: int, repeats: int, bf16: bool) -> dict:
+def bench_models(cfg, batch: int, seq_len: int, warmup: int, repeats: int, bf16: bool,
+                 dispatches: list[str]) -> dict:
     import deepspeed
 
     from ds_upcycle.model import Transformer
@@ -104,8 +112,8 @@ def bench_models(cfg, batch: int, seq_len: int, warmup: int, repeats: int, bf16:
     ds_config = {"train_micro_batch_size_per_gpu": batch, "gradient_clipping": 1.0,
                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": not torch.cuda.is_available()}},
                  "zero_optimization": {"stage": 2}, "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
-    def train_step(experts: int):
-        model = Transformer(cfg.replace(num_experts=experts))
+    def train_step(experts: int, dispatch: str):
+        model = Transformer(cfg.replace(num_experts=experts, moe_dispatch=dispatch))
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
         engines.append(engine)
         tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=engine.device)
@@ -118,14 +126,20 @@ def bench_models(cfg, batch: int, seq_len: int, warmup: int, repeats: int, bf16:
         return step
 
     engines = []
-    times = timed({e: train_step(e) for e in (cfg.num_experts, 2 * cfg.num_experts)}, warmup, repeats)
-    (e, t_e), (me, t_me) = times.items()
+    e, me = cfg.num_experts, 2 * cfg.num_experts
+    times = timed({(d, n): train_step(n, d) for d in dispatches for n in (e, me)}, warmup, repeats)
     print(f"\nTraining step ({batch} x {seq_len} tokens, ZeRO-2{', bf16' if bf16 else ''}):")
-    print(f"  t_E  ({e:>3} experts) = {t_e * 1000:8.1f} ms   {batch * seq_len / t_e:>10,.0f} tokens/s")
-    print(f"  t_mE ({me:>3} experts) = {t_me * 1000:8.1f} ms   {batch * seq_len / t_me:>10,.0f} tokens/s")
-    print(f"  t_mE / t_E = {t_me / t_e:.3f}")
-    figures = {"t_E_ms": t_e * 1000, "t_mE_ms": t_me * 1000, "ratio": t_me / t_e, "experts": [e, me],
-               "tokens_per_step": batch * seq_len}
+    figures = {"experts": [e, me], "tokens_per_step": batch * seq_len}
+    for d in dispatches:
+        t_e, t_me = times[(d, e)], times[(d, me)]
+        print(f"  {d:<8} t_E  ({e:>3} experts) = {t_e * 1000:8.1f} ms   {batch * seq_len / t_e:>10,.0f} tokens/s")
+        print(f"  {d:<8} t_mE ({me:>3} experts) = {t_me * 1000:8.1f} ms   {batch * seq_len / t_me:>10,.0f} tokens/s")
+        print(f"  {d:<8} t_mE / t_E = {t_me / t_e:.3f}")
+        figures[d] = {"t_E_ms": t_e * 1000, "t_mE_ms": t_me * 1000, "ratio": t_me / t_e}
+    if len(dispatches) > 1:
+        first, second = dispatches[:2]
+        print(f"  {second} / {first} step time: t_E {times[(second, e)] / times[(first, e)]:.3f}, "
+              f"t_mE {times[(second, me)] / times[(first, me)]:.3f}")
     if torch.cuda.is_available():
         figures["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         print(f"  peak GPU memory (both engines) = {figures['peak_gpu_memory_gib']:.1f} GiB")
@@ -146,6 +160,7 @@ def main() -> None:
     parser.add_argument("--layer-tokens", type=int, default=None,
                         help="tokens per layer call (default batch x seq-len)")
     parser.add_argument("--skip-models", action="store_true", help="time the MoE layers only")
+    parser.add_argument("--dispatches", default="legacy,grouped", help="moe_dispatch values of the training steps")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per MoE layer")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
@@ -169,7 +184,8 @@ def main() -> None:
     figures["layers"] = bench_layers(cfg, figures["layer_tokens"], device, dtype, args.warmup, args.repeats,
                                      args.profile)
     if not args.skip_models:
-        figures["steps"] = bench_models(cfg, args.batch, args.seq_len, args.warmup, args.repeats, args.bf16)
+        figures["steps"] = bench_models(cfg, args.batch, args.seq_len, args.warmup, args.repeats, args.bf16,
+                                        args.dispatches.split(","))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
