@@ -54,8 +54,8 @@ class ModelConfig:
         moe_dispatch: how experts compute (the same function and weights either way): "legacy",
             DeepSpeed's MOELayer (every expert's buffer padded to the busiest expert, one matmul per
             expert, any ep_size); "grouped", tokens sorted by expert and every expert in one grouped
-            GEMM (torch._grouped_mm through DeepSpeed AutoEP's expert kernel), no padding; ep_size 1
-            only so far (moe/grouped.py).
+            GEMM (torch._grouped_mm through DeepSpeed AutoEP's expert kernel), rows sent to their
+            expert's rank in a variable-size all-to-all, no padding (moe/grouped.py).
         tie_embeddings: share the token embedding with the output head.
         rope_theta: RoPE base.
         norm_eps: RMSNorm epsilon.

@@ -1,15 +1,19 @@
 """moe_dispatch=grouped against the legacy layer (DeepSpeed's MOELayer), the oracle: the same weights
-and routing give the same outputs, auxiliary loss, gradients and load counts."""
+and routing give the same outputs, auxiliary loss, gradients and load counts, on one process and
+with expert parallelism."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ROOT, check_ok, free_port
+
 from ds_upcycle.config import ModelConfig
-from ds_upcycle.errors import UserError
 from ds_upcycle.model import Transformer
-from ds_upcycle.moe.layer import MoEFeedForward
-from ds_upcycle.moe.router import LossFreeRouter
 
 SMALL = ModelConfig(vocab_size=97, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, dense_ffn_dim=48,
                     expert_ffn_dim=24, num_experts=8, top_k=2, moe_layer_freq=2, aux_loss_coef=0.01)
@@ -51,6 +55,23 @@ def test_bf16_grouped_dispatch_is_within_bf16_rounding_of_the_legacy_layer():
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0.05, atol=0.05)
 
 
-def test_grouped_dispatch_refuses_expert_parallelism():
-    with pytest.raises(UserError, match="moe_dispatch=grouped runs with ep_size 1 only"):
-        MoEFeedForward(32, 24, 8, 2, LossFreeRouter(32, 8, 2), ep_size=2, dispatch="grouped")
+@pytest.mark.slow
+@pytest.mark.parametrize("procs, ep_size", [(2, 2), (2, 1)])
+def test_grouped_dispatch_equals_the_legacy_layer_across_processes(tmp_path, procs, ep_size):
+    """With ep_size 2 the grouped rows cross ranks in a variable-size all-to-all (the ranks hold
+    different numbers of tokens); with ep_size 1 each rank computes alone."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    check_ok(subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs),
+                             "--master_port", str(free_port()), str(ROOT / "tests" / "workers" / "dispatch_worker.py"),
+                             "--ep-size", str(ep_size), str(tmp_path / "out")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300))
+    for rank in range(procs):
+        result = torch.load(tmp_path / f"out.rank{rank}.pt", weights_only=False)
+        legacy, grouped = result["legacy"], result["grouped"]
+        torch.testing.assert_close(grouped["logits"], legacy["logits"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grouped["aux"], legacy["aux"])
+        assert grouped["grads"].keys() == legacy["grads"].keys()
+        for name, grad in legacy["grads"].items():
+            torch.testing.assert_close(grouped["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+        assert all(torch.equal(a, b) for a, b in zip(grouped["loads"], legacy["loads"]))

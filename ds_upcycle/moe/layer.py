@@ -8,7 +8,6 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from ..config import check_expert_parallel
-from ..errors import UserError
 from .grouped import grouped_experts
 from .router import LossFreeRouter
 
@@ -37,10 +36,7 @@ class MoEFeedForward(nn.Module):
                  router: LossFreeRouter, ep_size: int = 1, ep_rank: int = 0, dispatch: str = "legacy") -> None:
         super().__init__()
         check_expert_parallel(ep_size, [num_experts])
-        if dispatch == "grouped" and ep_size > 1:
-            raise UserError(f"moe_dispatch=grouped runs with ep_size 1 only so far (ep_size {ep_size}); use "
-                            f"--set moe_dispatch=legacy with expert parallelism")
-        self.dispatch = dispatch
+        self.dispatch, self.ep_size = dispatch, ep_size
         self.moe = MoE(hidden_size=dim, expert=SwiGLU(dim, expert_ffn_dim), num_experts=num_experts,
                        ep_size=ep_size, k=top_k, drop_tokens=False, use_rts=False)
         self.moe.deepspeed_moe.gate = router
@@ -59,7 +55,8 @@ class MoEFeedForward(nn.Module):
         if self.dispatch == "grouped":
             x_SD = x_BTD.reshape(-1, x_BTD.shape[-1])
             routes = self.router(x_SD)  # counts the load and computes the aux loss, as under the legacy layer
-            out_SD = grouped_experts(x_SD, routes.experts_KS.t().long(), routes.weights_KS.t(), self.local_experts)
+            out_SD = grouped_experts(x_SD, routes.experts_KS.t().long(), routes.weights_KS.t(), self.local_experts,
+                                     self.ep_size, self.router.ep_group)
             return out_SD.reshape(x_BTD.shape), routes.aux_loss
         out_BTD, aux_loss, _ = self.moe(x_BTD)
         return out_BTD, aux_loss
