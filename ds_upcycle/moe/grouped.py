@@ -13,13 +13,15 @@ of their expert in one variable-size all-to-all (comm.exchange_rows; the row cou
 exchanged first), are regrouped there by local expert, computed, and come back the same way. No
 buffer is padded to the busiest expert.
 
-Shape suffixes: S tokens, K choices per token, R = S * K routed rows, D model dim, H expert width,
-E experts.
+Shape suffixes: S tokens, K choices per token, R routed rows (S * K on the sending side), D model
+dim, H expert width, E experts, L experts on this rank, P ranks of the expert-parallel group.
 """
 
 from __future__ import annotations
 
 import torch
+# The kernel behind AutoEP's GroupedExperts.forward; that module owns stacked [E, H, D] parameters,
+# which would change the checkpoint layout, so its function is called on our stacked weights.
 from deepspeed.moe.ep_experts import _run_experts_grouped_mm
 from torch import nn
 
