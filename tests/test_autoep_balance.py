@@ -36,7 +36,8 @@ def expected_bias(record, step_size):
 
 @pytest.mark.slow
 def test_bias_follows_the_global_load_and_travels_in_the_checkpoint(tmp_path):
-    record = run_stock(tmp_path / "run.json", "--balance", "0.01", "--save", str(tmp_path / "ckpt"), procs=2)
+    record = run_stock(tmp_path / "run.json", "--balance", "0.01", "--steps", "6", "--save", str(tmp_path / "ckpt"),
+                       procs=2)
     assert record["world"] == 2 and record["bias_at_start"] == [[0.0] * 8] * 2
     # every step's global batch: 2 processes x 2 micro-batches x 32 tokens x top-2, eval passes not counted
     assert all(sum(layer) == 256 for step in record["loads"] for layer in step)

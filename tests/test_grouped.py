@@ -85,7 +85,7 @@ def test_train_py_trains_the_same_on_either_dispatch(tmp_path, data_cache):
     curves = {}
     for dispatch in ("legacy", "grouped"):
         out = tmp_path / dispatch
-        check_ok(run_train(tiny_run_args(cfg, 6, data_cache, "--eval-samples", "8", "--ep-size", "2",
+        check_ok(run_train(tiny_run_args(cfg, 4, data_cache, "--eval-samples", "8", "--ep-size", "2",
                                          "--set", f"moe_dispatch={dispatch}", "--save", str(out)), num_procs=2))
         curves[dispatch] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert curves["grouped"] == pytest.approx(curves["legacy"], rel=1e-5)
