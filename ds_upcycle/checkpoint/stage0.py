@@ -63,8 +63,9 @@ class Stage0Reader:
         aliases = _aliases(self._module, buffer_names, None if self.module_only else
                            len(groups[0]["params"]) if groups else 0)
         dense_names = [k for k in self._module if k not in buffer_names and k not in aliases]
-        if self.module_only:
-            self._dense_index, step, dense_hypers, expert_hypers = {}, None, {}, None
+        if self.module_only:  # no optimizer state to index: every moment reads as None
+            self._dense_index = {name: index for index, name in enumerate(dense_names)}
+            step, dense_hypers, expert_hypers = None, {}, None
         else:
             self._dense_index = _check_groups(path, groups, dense_names, self._local_expert_numels(), self._optim)
             step = agreed_step([entry.get("step") for optim in self._optim for entry in optim["state"].values()],
@@ -90,12 +91,9 @@ class Stage0Reader:
                 for _ in range(layer.num_experts // self.ep_size) for shape in layer.param_shapes.values()]
 
     def non_expert_state(self) -> NonExpertState:
-        if self.module_only:
-            params = {name: ParamState(self._module[name].float()) for name in self.meta.dense_groups[0].names}
-            buffers = {name: self._module[name].clone() for name in self.meta.buffer_names}
-            return NonExpertState(params, buffers)
-        state = self._optim[0]["state"]
-        params = {name: ParamState(self._module[name], *_moments(state, index))
+        state = {} if self.module_only else self._optim[0]["state"]
+        # float(): module-only weights may be bf16; with an optimizer they are fp32 already (no copy).
+        params = {name: ParamState(self._module[name].float(), *_moments(state, index))
                   for name, index in self._dense_index.items()}
         buffers = {name: self._module[name].clone() for name in self.meta.buffer_names}
         return NonExpertState(params, buffers)

@@ -14,8 +14,8 @@ It gives every AutoEP layer a persistent fp32 `expert_bias` buffer (zeros; it tr
 checkpoint with the module weights, so attach before loading a checkpoint that has one), and after
 every optimizer step (a post-step hook on the torch optimizer inside the engine, run once per
 engine step: once per global batch, whatever the gradient accumulation) sums the counts over all processes and moves each bias
-by u * sign(mean load - load), as moe/balance.py does for ds-upcycle's own router; then it clears the
-counts. Forward passes in eval mode are not counted.
+by u * sign(mean load - load) (moe/balance.py's balance_biases, as for ds-upcycle's own router);
+then it clears the counts. Forward passes in eval mode are not counted.
 
 transformers 5.24 and DeepSpeed 0.19.8 disagree on the output-capture registry
 (`_CanRecordRegistry.get() takes 2 positional arguments but 3 were given` inside
@@ -29,7 +29,7 @@ import torch
 from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 
 from .. import comm
-from .balance import bias_step, load_stats
+from .balance import balance_biases
 
 
 def patch_transformers_registry() -> bool:
@@ -70,14 +70,9 @@ class AutoEPBalancer:
 
     def step(self) -> list[dict]:
         """Update every layer's bias from the tokens counted since the last call, then clear the counts."""
-        counts = [layer.tokens_per_expert for layer in self.layers]
-        loads = comm.sum_over_world(torch.cat(counts).double()).split([c.numel() for c in counts])
-        self.last_load = []
-        for layer, load_E in zip(self.layers, loads):
-            with torch.no_grad():
-                layer.expert_bias.copy_(bias_step(layer.expert_bias.double(), load_E, self.step_size).float())
-                layer.tokens_per_expert.zero_()
-            self.last_load.append(load_stats(load_E))
+        self.last_load = balance_biases([layer.expert_bias for layer in self.layers],
+                                        [layer.tokens_per_expert for layer in self.layers], self.step_size,
+                                        comm.sum_over_world)
         return self.last_load
 
 

@@ -25,21 +25,29 @@ def load_stats(load_E: torch.Tensor) -> dict:
             "shares": [round(share, 6) for share in share_E.tolist()]}
 
 
-def balance_routers(routers: Sequence[LossFreeRouter], step_size: float,
-                    reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[dict]:
-    """Update every router's bias from the load of the whole global batch, then clear the counts.
+def balance_biases(biases: Sequence[torch.Tensor], counts: Sequence[torch.Tensor], step_size: float,
+                   reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[dict]:
+    """Update every layer's selection bias (in place) from its token counts summed over all
+    data-parallel ranks, the load of the whole global batch, then clear the counts.
 
-    `reduce` sums a tensor over all data-parallel ranks (one collective for all layers). Returns
-    per-layer load statistics of the batch (see load_stats).
+    `reduce` sums a tensor over the ranks (one collective for all layers). Returns per-layer load
+    statistics of the batch (see load_stats).
     """
-    if not routers:
+    if not biases:
         return []
     # Layers may differ in expert count (an expansion of some layers only): one flat tensor, split after.
-    loads = reduce(torch.cat([r.route_load for r in routers])).split([r.route_load.numel() for r in routers])
+    loads = reduce(torch.cat(list(counts))).split([c.numel() for c in counts])
     stats = []
-    for router, load_E in zip(routers, loads):
-        if step_size > 0:
-            router.route_bias.copy_(bias_step(router.route_bias, load_E, step_size))
-        router.route_load.zero_()
-        stats.append(load_stats(load_E))
+    with torch.no_grad():
+        for bias_E, count_E, load_E in zip(biases, counts, loads):
+            if step_size > 0:
+                bias_E.copy_(bias_step(bias_E, load_E, step_size))
+            count_E.zero_()
+            stats.append(load_stats(load_E))
     return stats
+
+
+def balance_routers(routers: Sequence[LossFreeRouter], step_size: float,
+                    reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[dict]:
+    """balance_biases for ds-upcycle's routers (route_bias from route_load)."""
+    return balance_biases([r.route_bias for r in routers], [r.route_load for r in routers], step_size, reduce)

@@ -90,8 +90,12 @@ def run_scoring(cfg: ScoreConfig, ds_config: dict) -> ExpertScores:
     if loaded is None:
         raise UserError(f"DeepSpeed found no checkpoint in {start.path}")
     batch, micro = engine.train_batch_size(), engine.train_micro_batch_size_per_gpu()
+    def windows():
+        return calibration_data(run, cfg.data, cfg.batches * batch)
+
     try:
-        data = comm.rank_zero_first(lambda: calibration_data(run, cfg.data, cfg.batches * batch))
+        # The source's split is prepared and cached by rank 0 first; other data each rank reads alone.
+        data = comm.rank_zero_first(windows) if cfg.data == SOURCE_DATA else windows()
     except UserError as err:
         raise UserError(f"--score-data: {err}") from None
     shares = data.shares(batch, comm.rank(), comm.world_size(), micro)
