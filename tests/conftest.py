@@ -80,6 +80,20 @@ def expand_cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
 
 
+AUTOEP_STOCK = str(ROOT / "tests" / "workers" / "autoep_stock.py")
+
+
+def run_autoep_stock(out: Path, *args: str, procs: int = 1) -> dict:
+    """The stock AutoEP script (tests/workers/autoep_stock.py) on `procs` processes; its record."""
+    launcher = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs), "--master_port",
+                 str(free_port())] if procs > 1 else [sys.executable])
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    check_ok(subprocess.run([*launcher, AUTOEP_STOCK, "--out", str(out), *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600))
+    return json.loads(Path(out).read_text())
+
+
 # The trained source of the expansion tests: what its training run was given besides tiny_run_args.
 SOURCE_MODEL = ("--set", "expert_ffn_dim=48")
 SOURCE_STEPS = 12

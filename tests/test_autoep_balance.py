@@ -6,27 +6,10 @@ the routers chose, counted by the script's own forward hooks on the routers and 
 processes; from them the bias after every step is written out by hand (b += u * sign(mean - load)).
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
-from conftest import ROOT, check_ok, free_port
-
-WORKER = str(ROOT / "tests" / "workers" / "autoep_stock.py")
-
-
-def run_stock(out, *args, procs=1):
-    launcher = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs), "--master_port",
-                 str(free_port())] if procs > 1 else [sys.executable])
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
-    check_ok(subprocess.run([*launcher, WORKER, "--out", str(out), *args], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600))
-    return json.loads(out.read_text())
+from conftest import run_autoep_stock as run_stock
 
 
 def expected_bias(record, step_size):

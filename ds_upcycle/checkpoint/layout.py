@@ -73,9 +73,17 @@ class FlatGroup:
         start, size = partition * self.partition_size, self.partition_size
         return min(size, max(0, start + size - self.used_numel))
 
-    def locate(self, name: str) -> list[Fragment]:
-        """The fragments of a parameter, in partition order; together they are the whole parameter."""
-        return self._fragments(name, self.offsets[name], self.numels[self.index[name]])
+    def locate(self, name: str, start: int = 0, numel: int | None = None) -> list[Fragment]:
+        """The fragments of a parameter, in partition order; together they are the whole parameter.
+
+        With `start` and `numel`: of those elements only (one expert of a fused parameter), and
+        each fragment's param_start counts from `start`.
+        """
+        whole = self.numels[self.index[name]]
+        numel = whole - start if numel is None else numel
+        if not (0 <= start and numel >= 0 and start + numel <= whole):
+            raise ValueError(f"{name}: elements [{start}, {start + numel}) are outside its {whole}")
+        return self._fragments(name, self.offsets[name] + start, numel)
 
     def fragments(self, partition: int) -> list[Fragment]:
         """Every parameter fragment held by one partition, in flat order."""

@@ -23,11 +23,10 @@ from .run_record import RUN_FILE, read_run_record
 # Model-file entries the writer recomputes for the target layout or takes from CheckpointMeta.
 RECOMPUTED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "shared_params", "lr_scheduler",
                    "skipped_steps", "global_steps", "global_samples", "dp_world_size", "ds_config", "ds_version",
-                   "num_experts", "frozen_param_shapes", "frozen_param_fragments"}
+                   "num_experts", "frozen_param_shapes", "frozen_param_fragments", "ds_autoep_layers"}
 # Other entries DeepSpeed itself writes; everything else in the model file is client state.
-DEEPSPEED_KEYS = RECOMPUTED_KEYS | {"data_sampler", "random_ltd",
-                                    "mp_world_size", "checkpoint_parallel_dimensions", "ds_autoep_layers",
-                                    "universal_checkpoint_info"}
+DEEPSPEED_KEYS = RECOMPUTED_KEYS | {"data_sampler", "random_ltd", "mp_world_size", "checkpoint_parallel_dimensions",
+                                    "universal_checkpoint_info", "autoep_layers"}
 
 
 def open_model_file(tag_dir: Path) -> dict:
@@ -126,8 +125,12 @@ def _check_model_file(model: dict, path: Path) -> None:
     if model.get("mp_world_size", 1) != 1 or dims.get("tp_degree", 1) != 1 or dims.get("pp_degree", 1) != 1:
         raise UserError(f"{path.parent} uses tensor or pipeline parallelism (mp_world_size "
                         f"{model.get('mp_world_size')}); only data and expert parallelism are supported")
-    if model.get("ds_autoep_layers"):
-        raise UserError(f"{path.parent} uses DeepSpeed AutoEP layers, which are not supported")
+    if model.get("autoep_layers") and not model.get("ds_autoep_layers"):
+        raise UserError(f"{path.parent} describes its AutoEP layers in the older `autoep_layers` entry; save it "
+                        f"again with DeepSpeed 0.19.8 or newer")
+    if model.get("ds_autoep_layers") and stage == 0:
+        raise UserError(f"{path.parent} is an AutoEP checkpoint without ZeRO; only AutoEP checkpoints with ZeRO "
+                        f"stage 1 or 2 are supported")
     if model.get("frozen_param_shapes"):
         raise UserError(f"{path.parent} has frozen parameters ({next(iter(model['frozen_param_shapes']))}, ...), "
                         f"which are not supported")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 
 # Parameter names inside the module are DeepSpeed's module paths, kept with the MoE layer.
-from ..moe.names import expert_param, split_expert_param
+from ..moe.names import (AUTOEP_EXPERT_WEIGHTS, autoep_expert_param, autoep_fused_param, autoep_router_bias,
+                         autoep_router_weight, expert_param, router_bias, router_weight, split_autoep_fused_param,
+                         split_expert_param)
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO_FILE = re.compile(r"^(?P<bf16>bf16_)?zero_pp_rank_(?P<rank>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
@@ -23,5 +25,7 @@ def expert_file(layer: int, expert: int) -> str:
     return f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
 
 
-__all__ = ["MODEL_FILE", "MODEL_STATES", "ZERO3_MODEL_FILE", "ZERO_FILE", "expert_file", "expert_param",
-           "split_expert_param", "zero_file"]
+__all__ = ["AUTOEP_EXPERT_WEIGHTS", "MODEL_FILE", "MODEL_STATES", "ZERO3_MODEL_FILE", "ZERO_FILE",
+           "autoep_expert_param", "autoep_fused_param", "autoep_router_bias", "autoep_router_weight", "expert_file",
+           "expert_param", "router_bias", "router_weight", "split_autoep_fused_param", "split_expert_param",
+           "zero_file"]

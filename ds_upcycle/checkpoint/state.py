@@ -8,6 +8,7 @@ interface (`CheckpointSource`), so a caller can transform a checkpoint one MoE l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from collections.abc import Callable
@@ -16,7 +17,8 @@ from typing import Protocol
 import torch
 
 from ..errors import UserError
-from .names import expert_param
+from .names import (autoep_expert_param, autoep_fused_param, autoep_router_bias, autoep_router_weight, expert_param,
+                    router_bias, router_weight)
 from .run_record import RunRecord
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # the Adam state kept per parameter (besides the shared step)
@@ -37,15 +39,46 @@ class ParamState:
 
 @dataclass(frozen=True, eq=False)
 class MoELayer:
-    """One deepspeed.moe.layer.MoE module."""
+    """One MoE module: DeepSpeed's deepspeed.moe.layer.MoE, or an AutoEP layer (`autoep`).
+
+    The two name their parts differently (moe/names.py) and lay experts out differently in the
+    optimizer's flat groups: the legacy module has one parameter per expert and weight, AutoEP one
+    fused parameter [E_local, ...] per weight. Everything else is the same.
+    """
 
     index: int                          # L in layer_{L}_expert_{G}: MoE modules in module order
-    prefix: str                         # module path, e.g. "layers.1.ffn.moe"
+    prefix: str                         # module path, e.g. "layers.1.ffn.moe" or "model.layers.1.mlp"
     num_experts: int
     param_shapes: dict[str, torch.Size]  # parameters of one expert, in module order, e.g. "w_up.weight"
+    autoep: bool = False
 
     def param_name(self, expert: int, suffix: str) -> str:
+        """The module key of one expert's parameter (global id in files and state, local on a rank)."""
+        if self.autoep:
+            return autoep_expert_param(self.prefix, expert, suffix)
         return expert_param(self.prefix, expert, suffix)
+
+    @property
+    def router_weight(self) -> str:
+        return autoep_router_weight(self.prefix) if self.autoep else router_weight(self.prefix)
+
+    @property
+    def router_bias(self) -> str:
+        return autoep_router_bias(self.prefix) if self.autoep else router_bias(self.prefix)
+
+    def flat_params(self, local_count: int) -> list[tuple[str, torch.Size]]:
+        """(name, shape) of the parameters of `local_count` local experts, in the optimizer's order."""
+        if self.autoep:
+            return [(autoep_fused_param(self.prefix, s), torch.Size((local_count, *shape)))
+                    for s, shape in self.param_shapes.items()]
+        return [(self.param_name(local, s), torch.Size(shape))
+                for local in range(local_count) for s, shape in self.param_shapes.items()]
+
+    def flat_slot(self, local: int, suffix: str) -> tuple[str, int]:
+        """Where local expert `local`'s parameter `suffix` is: (optimizer parameter, element offset in it)."""
+        if self.autoep:
+            return autoep_fused_param(self.prefix, suffix), local * math.prod(self.param_shapes[suffix])
+        return self.param_name(local, suffix), 0
 
     def with_experts(self, num_experts: int) -> MoELayer:
         return replace(self, num_experts=num_experts)
@@ -92,6 +125,10 @@ class CheckpointMeta:
     # False: saved by an engine without an optimizer (stage 0): module weights only, in module_dtype,
     # which are then the master weights; no parameter groups, no moments, no step.
     has_optimizer: bool = True
+    # A module saved under a second name (AutoEP's router under the block's old router name): each
+    # key of the second name -> the key that holds the tensor. Written in the module state, not in
+    # shared_params, as DeepSpeed saves them.
+    module_aliases: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

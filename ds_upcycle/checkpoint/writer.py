@@ -27,6 +27,7 @@ from ..atomic import staged_dir, write_text_atomic
 from ..config import check_expert_parallel
 from ..data.tokenizer import copy_tokenizer
 from ..errors import UserError
+from .autoep import autoep_model_entries, with_autoep_size
 from .ds_config import bf16_enabled, zero_stage
 from .files import open_for_filling, save_file, save_skeleton
 from .layout import FlatGroup, Fragment, flat_group, split_moe_group
@@ -66,6 +67,9 @@ def write_checkpoint(state: CheckpointSource, dst_dir: str | os.PathLike, tag: s
     """
     meta = state.meta
     ds_config = copy.deepcopy(ds_config if ds_config is not None else meta.ds_config)
+    autoep = any(layer.autoep for layer in state.moe_layers)
+    if autoep:
+        ds_config = with_autoep_size(ds_config, ep_size)
     dst_dir = Path(dst_dir)
     _check_request(state, dst_dir, world_size, ep_size, ds_config)
     non_expert = state.non_expert_state()
@@ -115,6 +119,8 @@ def _check_request(state: CheckpointSource, dst_dir: Path, world_size: int, ep_s
     if stage not in (0, 1, 2):
         raise UserError(f"can only write checkpoints without ZeRO or with ZeRO stage 1 or 2, the DeepSpeed config "
                         f"has stage {stage}")
+    if stage == 0 and any(layer.autoep for layer in state.moe_layers):
+        raise UserError("can write AutoEP checkpoints with ZeRO stage 1 or 2 only")
     if (stage == 0) != (state.meta.zero_stage == 0):
         # The two keep different optimizer state (a torch state_dict against flat partitions with a
         # loss scaler), so a conversion would have to invent what one of them lacks.
@@ -158,10 +164,9 @@ def _target(state: CheckpointSource, non_expert: NonExpertState, world_size: int
         raise UserError(f"parameter {min(extra)} is in no optimizer group of the source")
     names = []
     for layer in state.moe_layers:
-        for local in range(layer.num_experts // ep_size):
-            for suffix, shape in layer.param_shapes.items():
-                names.append(layer.param_name(local, suffix))
-                shapes[names[-1]] = torch.Size(shape)
+        for name, shape in layer.flat_params(layer.num_experts // ep_size):
+            names.append(name)
+            shapes[name] = shape
     numels = [shapes[n].numel() for n in names]
     expert = [flat_group(names[c.start:c.stop], numels[c.start:c.stop], world_size // ep_size, element_size, aligned)
               for c in split_moe_group(numels)]
@@ -206,8 +211,9 @@ def _prepare_zero_files(state: CheckpointSource, non_expert: NonExpertState, tar
     def fill_expert(layer: MoELayer, expert: int, params: dict[str, ParamState]) -> None:
         ep_rank, local = divmod(expert, layer.num_experts // target.ep_size)
         for suffix, param in params.items():
-            index = group_of[layer.param_name(local, suffix)]
-            for fragment in target.groups[index].locate(layer.param_name(local, suffix)):
+            name, start = layer.flat_slot(local, suffix)
+            index = group_of[name]
+            for fragment in target.groups[index].locate(name, start, param.fp32.numel()):
                 # The fragment's partition is an expert-data-parallel rank within this ep_rank.
                 files[fragment.partition * target.ep_size + ep_rank].fill(index, fragment, param)
 
@@ -306,6 +312,10 @@ def _model_file_state(state: CheckpointSource, non_expert: NonExpertState, targe
             module[key] = _alone(non_expert.params[key].fp32.to(meta.module_dtype))
         elif key in non_expert.buffers:
             module[key] = _alone(non_expert.buffers[key])
+        elif key in meta.module_aliases:
+            module[key] = None  # filled below, keeping the key's place
+    for alias, holder in meta.module_aliases.items():
+        module[alias] = module[holder].clone()
     for alias, holder in meta.shared_params.items():
         module[alias] = module[holder].clone()  # DeepSpeed clones every tensor before saving
     extras = meta.model_extras
@@ -338,6 +348,9 @@ def _model_file_state(state: CheckpointSource, non_expert: NonExpertState, targe
         "ds_autoep_layers": None,
         **meta.client_state,
     }
+    if any(layer.autoep for layer in state.moe_layers):
+        checkpoint.update(autoep_model_entries(state.moe_layers, target.ep_size, target.world_size,
+                                               extras.get("universal_checkpoint_info")))
     return checkpoint
 
 

@@ -17,10 +17,11 @@ from deepspeed.checkpoint.constants import (BASE_OPTIMIZER_STATE, CLIP_GRAD, DS_
                                             ZERO_STAGE)
 
 from ..errors import UserError
+from .autoep import autoep_layers, check_router, is_autoep, module_aliases
 from .files import load_file
 from .layout import FlatGroup
 from .model_file import agreed_step, check_module_keys, common_meta
-from .names import ZERO_FILE, expert_file, split_expert_param, zero_file
+from .names import ZERO_FILE, expert_file, split_autoep_fused_param, split_expert_param, zero_file
 from .state import CheckpointMeta, MoELayer, NonExpertState, ParamGroup, ParamState
 
 ADAM_STATE_KEYS = {"step", "exp_avg", "exp_avg_sq"}
@@ -53,7 +54,12 @@ class ZeroReader:
         self.ep_size = _ep_size(self._groups, world, self.path)
         self.world_size = world
         _check_partitions(self._zero, self._groups, self.ep_size, self.path)
-        self.moe_layers = _moe_layers(self._groups, model.get("num_experts"), self.ep_size, self.path)
+        if is_autoep(model):
+            fused = {name: shape for g in self._groups if g.is_moe for name, shape in g.shapes.items()}
+            self.moe_layers = autoep_layers(model, fused, self.ep_size, self.path)
+            _check_fused_names(self._groups, self.moe_layers, self.path)
+        else:
+            self.moe_layers = _moe_layers(self._groups, model.get("num_experts"), self.ep_size, self.path)
         self._check_expert_files()
         self.meta = self._meta(model)
 
@@ -64,7 +70,7 @@ class ZeroReader:
         return [layer.num_experts for layer in self.moe_layers]
 
     def non_expert_state(self) -> NonExpertState:
-        params = {name: self._gather(name, range(self.world_size))
+        params = {name: self._gather(name, 0, range(self.world_size), self._shapes[name])
                   for group in self._groups if not group.is_moe for name in group.layout.names}
         buffers = {name: self._module[name].clone() for name in self.meta.buffer_names}
         return NonExpertState(params, buffers)
@@ -77,15 +83,16 @@ class ZeroReader:
         # The expert's data-parallel group: ranks with the same ep_rank, in expert-data-parallel order.
         ranks = range(ep_rank, self.world_size, self.ep_size)
         self._check_expert_file(moe, expert)
-        return {suffix: self._gather(moe.param_name(local, suffix), ranks) for suffix in moe.param_shapes}
+        return {suffix: self._gather(*moe.flat_slot(local, suffix), ranks, shape)
+                for suffix, shape in moe.param_shapes.items()}
 
     # -- assembling parameters --------------------------------------------------------------------
 
-    def _gather(self, name: str, ranks: range) -> ParamState:
-        """Concatenate a parameter's fragments from the partitions of `ranks` (the group's ranks in order)."""
+    def _gather(self, name: str, start: int, ranks: range, shape: torch.Size) -> ParamState:
+        """Concatenate the fragments of a parameter's elements from `start` on (`shape` of them) from
+        the partitions of `ranks` (the group's ranks in order)."""
         group = self._groups[self._group_of[name]]
-        fragments = group.layout.locate(name)
-        shape = self._shapes[name]
+        fragments = group.layout.locate(name, start, math.prod(shape))
 
         def assemble(tensor_of_rank) -> torch.Tensor:
             pieces = [tensor_of_rank(ranks[f.partition]).narrow(0, f.partition_start, f.numel) for f in fragments]
@@ -109,7 +116,12 @@ class ZeroReader:
         buffer_names = list(model["buffer_names"] or [])
         module_keys = list(self._module)
         shared = dict(model.get("shared_params") or {})
-        check_module_keys(module_keys, [n for g in dense for n in g.layout.names], buffer_names, shared, self.path)
+        dense_names = [n for g in dense for n in g.layout.names]
+        aliases = {}
+        if is_autoep(model):
+            check_router(self.moe_layers, dense_names, buffer_names, self.path)
+            aliases = module_aliases(module_keys, self.moe_layers, dense_names, buffer_names, self._module, self.path)
+        check_module_keys(module_keys, dense_names, buffer_names, {**shared, **aliases}, self.path)
         first = self._zero[0]
         return CheckpointMeta(
             **common_meta(model, self.path), zero_stage=int(first[ZERO_STAGE]),
@@ -119,7 +131,7 @@ class ZeroReader:
             dense_groups=[ParamGroup(dict(g.hypers), list(g.layout.names)) for g in dense],
             expert_hypers=dict(expert_hypers) if expert_hypers is not None else None,
             optimizer_extras={k: first[k] for k in OPTIMIZER_EXTRAS if k in first},
-            module_keys=module_keys, buffer_names=buffer_names, shared_params=shared)
+            module_keys=module_keys, buffer_names=buffer_names, shared_params=shared, module_aliases=aliases)
 
     def _check_expert_files(self) -> None:
         missing = [expert_file(layer.index, e) for layer in self.moe_layers for e in range(layer.num_experts)
@@ -205,7 +217,7 @@ def _read_groups(model: dict, first: dict, world: int, tag_dir: Path) -> list[_G
     for index, (group_shapes, count, group_hypers, group_paddings) in enumerate(zip(shapes, counts, hypers, paddings)):
         names = list(group_shapes)
         is_moe = bool(group_hypers.get("moe", False))
-        if any((split_expert_param(n) is not None) != is_moe for n in names):
+        if any(_is_expert_name(n) != is_moe for n in names):
             raise UserError(f"{tag_dir}: optimizer group {index} mixes expert and non-expert parameters")
         if not is_moe and count != world:
             raise UserError(f"{tag_dir}: group {index} is partitioned {count} ways, dp_world_size is {world}")
@@ -213,6 +225,20 @@ def _read_groups(model: dict, first: dict, world: int, tag_dir: Path) -> list[_G
         groups.append(_Group(index, is_moe, layout, {k: v for k, v in group_hypers.items() if k != "params"},
                              {n: torch.Size(group_shapes[n]) for n in names}))
     return groups
+
+
+def _is_expert_name(name: str) -> bool:
+    return split_expert_param(name) is not None or split_autoep_fused_param(name) is not None
+
+
+def _check_fused_names(groups: list[_Group], layers: list[MoELayer], tag_dir: Path) -> None:
+    """The expert groups hold the fused weights of the AutoEP layers, no more and no less."""
+    expected = {name for layer in layers for name, _ in layer.flat_params(1)}
+    saved = {name for g in groups if g.is_moe for name in g.layout.names}
+    if saved != expected:
+        example = min(saved ^ expected)
+        raise UserError(f"{tag_dir}: expert parameter {example} is {'not' if example in saved else 'missing from'} "
+                        f"the fused weights of the AutoEP layers in ds_autoep_layers")
 
 
 def _ep_size(groups: list[_Group], world: int, tag_dir: Path) -> int:

@@ -52,3 +52,37 @@ def with_expert_id(name: str, expert: int) -> str:
     """An expert parameter's name with another expert id (local <-> global)."""
     prefix, _, suffix = split_expert_param(name)
     return expert_param(prefix, expert, suffix)
+
+
+# DeepSpeed AutoEP's layer (deepspeed.module_inject.auto_ep_layer.AutoEPMoELayer, 0.19.x) replaces a
+# model's MoE block in place, so its names start with the block's own module path P:
+#
+#     P.router.gate.weight      router rows [E, D] (also saved under the block's old router name,
+#                               e.g. P.gate.gate.weight: a second name of the same module)
+#     P.expert_bias             selection bias [E] (when loss-free balancing is attached)
+#     P.experts.w1 / w2 / w3    the rank's experts fused [E_local, ...]: w1 gate, w3 up, w2 down
+#     P.experts.w1.G            expert G's slice, as the per-expert files key it (global id)
+AUTOEP_EXPERT_WEIGHTS = ("w1", "w2", "w3")
+AUTOEP_FUSED_PARAM = re.compile(r"^(?P<path>.+)\.experts\.(?P<weight>w[123])$")
+
+
+def autoep_router_weight(path: str) -> str:
+    return f"{path}.router.gate.weight"
+
+
+def autoep_router_bias(path: str) -> str:
+    return f"{path}.expert_bias"
+
+
+def autoep_fused_param(path: str, weight: str) -> str:
+    return f"{path}.experts.{weight}"
+
+
+def autoep_expert_param(path: str, expert: int, weight: str) -> str:
+    return f"{path}.experts.{weight}.{expert}"
+
+
+def split_autoep_fused_param(name: str) -> tuple[str, str] | None:
+    """(AutoEP layer path, weight name) of a fused expert parameter, or None for any other name."""
+    match = AUTOEP_FUSED_PARAM.match(name)
+    return (match["path"], match["weight"]) if match else None

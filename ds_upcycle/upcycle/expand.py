@@ -28,9 +28,8 @@ from tqdm import tqdm
 from .. import __version__
 from ..atomic import check_destination, write_json_atomic
 from ..checkpoint import (CheckpointReader, CheckpointSource, MoELayer, NonExpertState, ParamState, RunRecord,
-                          read_checkpoint, write_checkpoint)
+                          autoep_score_func, read_checkpoint, write_checkpoint)
 from ..errors import UserError
-from ..moe.names import router_bias, router_weight
 from ..trained import RunData
 from ..trained.calibration_data import check_calibration_source
 from ..trained.scores import ExpertScores, GradientStats, expert_score
@@ -121,7 +120,7 @@ class ExpandedSource:
         # One generator walked in layer order: the same seed gives the same noise.
         gen = torch.Generator().manual_seed(self.cfg.seed)
         for layer in self.source.moe_layers:
-            weight_name, bias_name = router_weight(layer.prefix), router_bias(layer.prefix)
+            weight_name, bias_name = layer.router_weight, layer.router_bias
             if weight_name not in params:
                 raise UserError(f"{layer.prefix}: no router weight {weight_name} in the checkpoint")
             weight, expansion = params[weight_name], self.layers[layer.index]
@@ -162,7 +161,7 @@ def router_noise_target(source: CheckpointSource, layer: MoELayer, noise: float)
     (loss-free balancing), else the router rows, so that an untrained bias stays what it was (zero
     for a model imported from a class without one, which it then still exports to)."""
     record = source.meta.run_record
-    has_bias = router_bias(layer.prefix) in source.meta.buffer_names
+    has_bias = layer.router_bias in source.meta.buffer_names
     if has_bias and (record is None or record.model.route_bias_update > 0):
         return NOISE_ON_BIAS
     if noise == 0:
@@ -252,14 +251,20 @@ def plan_expansion(cfg: ExpandConfig, source: CheckpointReader, run: RunData | N
     if cfg.split_copies:
         with _blamed_on("--split-copies"):
             splits, split_info = measure_splits(cfg, source, run)
-    record = source.meta.run_record
-    score_func = record.model.score_func if record is not None else None
-    layers = {index: LayerExpansion(plan, route_bias_scale(plan, score_func),
+    layers = {index: LayerExpansion(plan, route_bias_scale(plan, score_func(source, source.moe_layers[index])),
                                     router_noise_target(source, source.moe_layers[index], cfg.router_noise),
                                     splits.get(index))
               for index, plan in make_plans(source, cfg, ep, measured).items()}
     return ExpansionPlan(source, run, Path(source.path).name, world, ep, layers, score_origin(cfg, measured),
                          split_info)
+
+
+def score_func(source: CheckpointSource, layer: MoELayer) -> str | None:
+    """How the layer's router scores experts (softmax, sigmoid), where the checkpoint says."""
+    record = source.meta.run_record
+    if record is not None:
+        return record.model.score_func
+    return autoep_score_func(source.meta.ds_config) if layer.autoep else None
 
 
 def manifest(cfg: ExpandConfig, plan: ExpansionPlan) -> dict:
