@@ -87,14 +87,16 @@ def test_reshard_to_another_autoep_size_trains_as_the_source_does(autoep_source,
     assert resharded["losses"] == pytest.approx(own["losses"], rel=1e-6, abs=0)
 
 
-def test_bf16_zero1_expansion_to_one_process(tmp_path):
+@pytest.mark.parametrize("precision", [("--zero-stage", "1", "--bf16"), ("--zero-stage", "0")],
+                         ids=["zero1-bf16", "no-zero-fp32"])
+def test_expansion_to_one_process_from_other_stages(tmp_path, precision):
     root = tmp_path
     run_autoep_stock(root / "run.json", "--steps", "2", "--save", str(root / "ckpt"), "--dump", str(root / "dump"),
-                     "--zero-stage", "1", "--bf16", procs=2)
+                     *precision, procs=2)
     out = root / "x"
     check_ok(expand_cli(str(root / "ckpt"), str(out), "-m", "2", "--world-size", "1", "--ep-size", "1"))
     run_autoep_stock(root / "r.json", "--load", str(out), "--num-experts", "16", "--steps", "1", "--dump",
-                     str(root / "d"), "--zero-stage", "1", "--bf16")
+                     str(root / "d"), *precision)
     manifest = json.loads((out / "t" / "upcycle_manifest.json").read_text())
     assert manifest["scores"] == {"from": "adam state"}  # grad_sq from the AutoEP optimizer state
     expanded = merged_dump(root / "d", 1)
@@ -102,7 +104,7 @@ def test_bf16_zero1_expansion_to_one_process(tmp_path):
     assert_is_expansion({k: v for k, v in expanded.items() if k[1] != "router"}, merged_dump(root / "dump", 2),
                         manifest)
     module = torch.load(out / "t" / "layer_0_expert_9_mp_rank_00_model_states.pt")
-    assert {t.dtype for t in module.values()} == {torch.bfloat16}
+    assert {t.dtype for t in module.values()} == {torch.bfloat16 if "--bf16" in precision else torch.float32}
 
 
 def test_refusals_name_the_problem(autoep_source, tmp_path):

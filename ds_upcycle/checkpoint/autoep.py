@@ -1,11 +1,11 @@
-"""What a DeepSpeed AutoEP checkpoint (ZeRO-1/2, deepspeed 0.19.x) adds to the MoE layout.
+"""What a DeepSpeed AutoEP checkpoint (no ZeRO or ZeRO-1/2, deepspeed 0.19.x) adds to the MoE layout.
 
 An AutoEP engine saves the files of the legacy MoE layout (a model file, per-expert weight files,
-ZeRO optimizer files) with three differences, handled here so that the reader and the writer stay
-one each: the experts of a rank are one fused parameter per weight in the optimizer's flat groups
-(MoELayer.flat_params), the model file describes every AutoEP layer in `ds_autoep_layers` (also
-kept in `universal_checkpoint_info` for ds_to_universal), and the router is saved under a second
-module name. The entries are rebuilt for the target layout with DeepSpeed's own placement and
+optimizer files) with three differences, handled here and in MoELayer so that each format keeps
+one reader and the writer stays one: the experts of a rank are one fused parameter per weight in
+the optimizer state (MoELayer.flat_params), the model file describes every AutoEP layer in
+`ds_autoep_layers` (also kept in `universal_checkpoint_info` for ds_to_universal), and the router
+is saved under a second module name. The entries are rebuilt for the target layout with DeepSpeed's own placement and
 affine-map functions, as rank 0 of that layout would write them.
 
 Supported: the uniform contiguous expert placement (the only one 0.19.8 builds), per-expert

@@ -128,9 +128,6 @@ def _check_model_file(model: dict, path: Path) -> None:
     if model.get("autoep_layers") and not model.get("ds_autoep_layers"):
         raise UserError(f"{path.parent} describes its AutoEP layers in the older `autoep_layers` entry; save it "
                         f"again with DeepSpeed 0.19.8 or newer")
-    if model.get("ds_autoep_layers") and stage == 0:
-        raise UserError(f"{path.parent} is an AutoEP checkpoint without ZeRO; only AutoEP checkpoints with ZeRO "
-                        f"stage 1 or 2 are supported")
     if model.get("frozen_param_shapes"):
         raise UserError(f"{path.parent} has frozen parameters ({next(iter(model['frozen_param_shapes']))}, ...), "
                         f"which are not supported")

@@ -27,10 +27,11 @@ import torch
 
 from ..config import check_expert_parallel
 from ..errors import UserError
+from .autoep import autoep_layers, check_router, is_autoep
 from .files import load_file, open_for_filling, save_file, save_skeleton
 from .layout import split_moe_group
 from .model_file import agreed_step, check_module_keys, common_meta
-from .names import MODEL_STATES, expert_file, split_expert_param
+from .names import AUTOEP_EXPERT_WEIGHTS, MODEL_STATES, autoep_expert_param, autoep_fused_param, expert_file, split_expert_param
 from .state import MOMENTS, CheckpointMeta, CheckpointSource, MoELayer, NonExpertState, ParamGroup, ParamState
 
 OPTIM_FILE = re.compile(r"^expp_rank_(?P<rank>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
@@ -57,12 +58,15 @@ class Stage0Reader:
         self._optim = [_load_optimizer(path / optim_file(p)) for p in range(self.ep_size)]
         self.module_only = _module_only(path, model, self._optim)
         module_dtype = _module_dtype(path, dtypes) if self.module_only else torch.float32
-        self.moe_layers = _moe_layers(path, model.get("num_experts"), self.ep_size)
+        self.moe_layers = _moe_layers(path, model, self.ep_size)
         buffer_names = list(model["buffer_names"] or [])
         groups = [] if self.module_only else self._optim[0]["param_groups"]
         aliases = _aliases(self._module, buffer_names, None if self.module_only else
                            len(groups[0]["params"]) if groups else 0)
         dense_names = [k for k in self._module if k not in buffer_names and k not in aliases]
+        if is_autoep(model):
+            check_router(self.moe_layers, dense_names, buffer_names, path)
+        self._expert_index = {name: i for i, (name, _) in enumerate(self._local_expert_params())}
         if self.module_only:  # no optimizer state to index: every moment reads as None
             self._dense_index = {name: index for index, name in enumerate(dense_names)}
             step, dense_hypers, expert_hypers = None, {}, None
@@ -85,10 +89,12 @@ class Stage0Reader:
     def num_experts(self) -> list[int]:
         return [layer.num_experts for layer in self.moe_layers]
 
+    def _local_expert_params(self) -> list[tuple[str, torch.Size]]:
+        """One ep rank's expert parameters in the optimizer's order (MoELayer.flat_params of every layer)."""
+        return [param for layer in self.moe_layers for param in layer.flat_params(layer.num_experts // self.ep_size)]
+
     def _local_expert_numels(self) -> list[int]:
-        """Sizes of one ep rank's expert parameters in the optimizer's order: layer, local expert, parameter."""
-        return [torch.Size(shape).numel() for layer in self.moe_layers
-                for _ in range(layer.num_experts // self.ep_size) for shape in layer.param_shapes.values()]
+        return [shape.numel() for _, shape in self._local_expert_params()]
 
     def non_expert_state(self) -> NonExpertState:
         state = {} if self.module_only else self._optim[0]["state"]
@@ -103,21 +109,17 @@ class Stage0Reader:
         moe.check_expert(expert)
         ep_rank, local = divmod(expert, moe.num_experts // self.ep_size)
         weights = load_file(self.path / expert_file(layer, expert), mmap=True)
-        first = len(self._dense_index) + self._local_offset(layer, local)
         state = {} if self.module_only else self._optim[ep_rank]["state"]
         result = {}
-        for position, suffix in enumerate(moe.param_shapes):
+        for suffix, shape in moe.param_shapes.items():
             name = moe.param_name(expert, suffix)
             if name not in weights:
                 raise UserError(f"{self.path / expert_file(layer, expert)}: no {name}")
-            result[suffix] = ParamState(weights[name].float(), *_moments(state, first + position))
+            flat, start = moe.flat_slot(local, suffix)
+            moments = _moments(state, len(self._dense_index) + self._expert_index[flat])
+            result[suffix] = ParamState(weights[name].float(),
+                                        *(None if t is None else _slot(t, start, shape) for t in moments))
         return result
-
-    def _local_offset(self, layer: int, local: int) -> int:
-        offset = 0
-        for moe in self.moe_layers[:layer]:
-            offset += (moe.num_experts // self.ep_size) * len(moe.param_shapes)
-        return offset + local * len(self.moe_layers[layer].param_shapes)
 
 
 def _ep_size(path: Path, world: int) -> int:
@@ -159,14 +161,22 @@ def _module_dtype(path: Path, dtypes: set[torch.dtype]) -> torch.dtype:
     return next(iter(dtypes), torch.float32)
 
 
-def _moe_layers(path: Path, num_experts: list[int] | None, ep_size: int) -> list[MoELayer]:
+def _slot(tensor: torch.Tensor, start: int, shape: torch.Size) -> torch.Tensor:
+    """One expert's part of an optimizer tensor (all of it for a legacy expert, a slice of a fused one)."""
+    return tensor.reshape(-1).narrow(0, start, shape.numel()).view(shape)
+
+
+def _moe_layers(path: Path, model: dict, ep_size: int) -> list[MoELayer]:
     """MoE layers from the per-expert files of expert 0 (names and shapes of one expert's parameters)."""
+    num_experts = model.get("num_experts")
     if not isinstance(num_experts, list) or not num_experts:
         raise UserError(f"{path} has no MoE layers (num_experts {num_experts})")
     try:
         check_expert_parallel(ep_size, num_experts)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
+    if is_autoep(model):
+        return _autoep_layers(path, model, ep_size)
     layers = []
     for index, count in enumerate(num_experts):
         file = path / expert_file(index, 0)
@@ -177,6 +187,20 @@ def _moe_layers(path: Path, num_experts: list[int] | None, ep_size: int) -> list
         prefix = split[0][0]
         layers.append(MoELayer(index, prefix, count, {s[2]: saved[n].shape for n, s in zip(saved, split)}))
     return layers
+
+
+def _autoep_layers(path: Path, model: dict, ep_size: int) -> list[MoELayer]:
+    """AutoEP layers; the fused parameters' shapes, which a stage-0 file does not record, from expert 0's file."""
+    shapes = {}
+    for entry in model["ds_autoep_layers"]:
+        prefix, index = entry.get("module_path"), entry.get("moe_layer_id")
+        saved = load_file(path / expert_file(index, 0), mmap=True) if isinstance(index, int) else {}
+        for weight in AUTOEP_EXPERT_WEIGHTS:
+            tensor = saved.get(autoep_expert_param(prefix, 0, weight))
+            if tensor is not None:
+                shapes[autoep_fused_param(prefix, weight)] = torch.Size((entry["num_experts"] // ep_size,
+                                                                         *tensor.shape))
+    return autoep_layers(model, shapes, ep_size, path)
 
 
 def _aliases(module: dict, buffer_names: list[str], num_params: int | None) -> dict[str, str]:
@@ -265,13 +289,10 @@ def prepare_stage0_files(state: CheckpointSource, non_expert: NonExpertState, ep
         return lambda layer, expert, params: None
     with_moments = meta.optimizer_step is not None
     dense = meta.dense_groups[0].names if meta.dense_groups else []
-    # Expert parameters of one ep rank in the optimizer's order: layer, local expert, parameter.
-    local = [(layer.index, expert, suffix) for layer in state.moe_layers
-             for expert in range(layer.num_experts // ep_size) for suffix in layer.param_shapes]
-    index_of = {key: len(dense) + i for i, key in enumerate(local)}
-    layers = {layer.index: layer for layer in state.moe_layers}
-    shapes = [non_expert.params[n].fp32.shape for n in dense] + \
-             [torch.Size(layers[layer].param_shapes[suffix]) for layer, _, suffix in local]
+    # Expert parameters of one ep rank in the optimizer's order (MoELayer.flat_params of every layer).
+    local = [param for layer in state.moe_layers for param in layer.flat_params(layer.num_experts // ep_size)]
+    index_of = {name: len(dense) + i for i, (name, _) in enumerate(local)}
+    shapes = [non_expert.params[n].fp32.shape for n in dense] + [shape for _, shape in local]
     chunks = split_moe_group([shape.numel() for shape in shapes[len(dense):]])
 
     def optimizer_skeleton() -> tuple[dict, list[torch.Tensor]]:
@@ -304,12 +325,14 @@ def prepare_stage0_files(state: CheckpointSource, non_expert: NonExpertState, ep
         ep_rank, local_id = divmod(expert, layer.num_experts // ep_size)
         targets = [ranks[ep_rank]] + ([rank0_copy] if ep_rank == 0 else [])
         for suffix, param in params.items():
+            name, start = layer.flat_slot(local_id, suffix)
             for target in targets:
-                _fill(target[index_of[(layer.index, local_id, suffix)]], param)
+                _fill(target[index_of[name]], param, start)
 
     return fill_expert
 
 
-def _fill(entry: dict, param: ParamState) -> None:
+def _fill(entry: dict, param: ParamState, start: int = 0) -> None:
     for key in MOMENTS:
-        entry[key].copy_(getattr(param, key))
+        moment = getattr(param, key)
+        _slot(entry[key], start, moment.shape).copy_(moment)

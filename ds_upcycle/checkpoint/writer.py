@@ -119,8 +119,6 @@ def _check_request(state: CheckpointSource, dst_dir: Path, world_size: int, ep_s
     if stage not in (0, 1, 2):
         raise UserError(f"can only write checkpoints without ZeRO or with ZeRO stage 1 or 2, the DeepSpeed config "
                         f"has stage {stage}")
-    if stage == 0 and any(layer.autoep for layer in state.moe_layers):
-        raise UserError("can write AutoEP checkpoints with ZeRO stage 1 or 2 only")
     if (stage == 0) != (state.meta.zero_stage == 0):
         # The two keep different optimizer state (a torch state_dict against flat partitions with a
         # loss scaler), so a conversion would have to invent what one of them lacks.
@@ -312,7 +310,7 @@ def _model_file_state(state: CheckpointSource, non_expert: NonExpertState, targe
             module[key] = _alone(non_expert.params[key].fp32.to(meta.module_dtype))
         elif key in non_expert.buffers:
             module[key] = _alone(non_expert.buffers[key])
-        elif key in meta.module_aliases:
+        elif key in meta.module_aliases or key in meta.shared_params:
             module[key] = None  # filled below, keeping the key's place
     for alias, holder in meta.module_aliases.items():
         module[alias] = module[holder].clone()

@@ -35,11 +35,16 @@ def model_config(num_experts: int) -> transformers.Qwen3MoeConfig:
 
 def dump_state(engine, layers, path: str) -> None:
     """Master weights and moments of routers and this process's experts, by (layer, name[, global expert])."""
-    # DeepSpeed 0.19.8 links optimizer-state fragments once, when only the first group has state;
-    # relink so the expert group is visible to safe_get_full_optimizer_state.
-    engine.optimizer._hp_optimizer_states_linked = False
-    engine.optimizer._lazy_init_hp_params_optimizer_state()
+    if engine.zero_optimization():
+        # DeepSpeed 0.19.8 links optimizer-state fragments once, when only the first group has state;
+        # relink so the expert group is visible to safe_get_full_optimizer_state.
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+
     def full(param):
+        if not engine.zero_optimization():  # the module weights are the masters, the torch optimizer has the rest
+            return {"fp32": param.detach().clone(),
+                    **{key: engine.optimizer.state[param][key].clone() for key in ("exp_avg", "exp_avg_sq")}}
         return {"fp32": safe_get_full_fp32_param(param).clone(),
                 **{key: safe_get_full_optimizer_state(param, key).clone() for key in ("exp_avg", "exp_avg_sq")}}
 
