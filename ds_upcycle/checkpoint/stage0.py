@@ -31,7 +31,8 @@ from .autoep import autoep_layers, check_router, is_autoep
 from .files import load_file, open_for_filling, save_file, save_skeleton
 from .layout import split_moe_group
 from .model_file import agreed_step, check_module_keys, common_meta
-from .names import AUTOEP_EXPERT_WEIGHTS, MODEL_STATES, autoep_expert_param, autoep_fused_param, expert_file, split_expert_param
+from .names import (AUTOEP_EXPERT_WEIGHTS, MODEL_STATES, autoep_expert_param, autoep_fused_param, expert_file,
+                    split_expert_param)
 from .state import MOMENTS, CheckpointMeta, CheckpointSource, MoELayer, NonExpertState, ParamGroup, ParamState
 
 OPTIM_FILE = re.compile(r"^expp_rank_(?P<rank>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
