@@ -214,7 +214,7 @@ def prepare_data_cmd(data, text_field, vocab_size, tokenizer, val_fraction, cpt_
 
 @main.command()
 @click.option("--config", "config", required=True,
-              help="named config (tiny, pd-english, gpu) or a .yaml/.json file of config fields")
+              help="named config (tiny, stream, pd-english, gpu) or a .yaml/.json file of config fields")
 @click.option("--out", required=True, type=click.Path(), help="experiment directory (re-run to resume)")
 @click.option("--data", default=None, help="training text: replaces the config's data source")
 @click.option("--data-cache", default=None, help="prepared-data cache (default $DS_UPCYCLE_CACHE or ~/.cache/ds_upcycle)")

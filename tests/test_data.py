@@ -1,6 +1,8 @@
 """Data preparation: splits, tokenizer, sources and batch order."""
 
 import json
+import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import pytest
 from ds_upcycle.data import BatchOrder, DataConfig, PackedSequences, prepare_data, validation_batches
 from ds_upcycle.data.prepare import split_of
 from ds_upcycle.data.sources import resolve_source
-from ds_upcycle.data.synthetic import SyntheticSpec, generate_documents
+from ds_upcycle.data.synthetic import SyntheticSpec, build_world, generate_documents
 from ds_upcycle.data.tokenizer import EOS_ID, load_tokenizer
 from ds_upcycle.errors import UserError
 
@@ -124,3 +126,18 @@ def test_tokenizer_keeps_newlines_and_spacing(prepared):
     sp = load_tokenizer(prepared.tokenizer_path)
     text = "Question: two lines\nAnswer:  spaced\n\nnext"
     assert sp.decode(sp.encode(text)) == text
+
+
+@pytest.mark.parametrize("zipf", [0.8, 1.2])
+def test_synthetic_entity_popularity_follows_the_zipf_option(zipf):
+    """Mentions of a domain's entities, counted in its records: shares of the top ranks are
+    1 / (rank ** zipf * H) with H = sum over ranks of rank ** -zipf (a direct computation)."""
+    spec = SyntheticSpec.parse(f"synthetic:entities=50,zipf={zipf}")
+    assert spec.zipf == zipf
+    domain = build_world(spec)[0]
+    rng, draws = random.Random(0), 20000
+    counts = Counter(domain.record(rng).removeprefix("as for ").split(":")[0].split(",")[0] for _ in range(draws))
+    harmonic = sum(rank ** -zipf for rank in range(1, 51))
+    for rank in (1, 2, 5):
+        share = counts[domain.entities[rank - 1]] / draws
+        assert share == pytest.approx(1 / (rank ** zipf * harmonic), rel=0.08), (rank, share)

@@ -33,7 +33,7 @@ def test_load_stats_records_every_share():
 
 
 def test_named_and_file_configs(tmp_path):
-    assert set(NAMED_CONFIGS) == {"tiny", "pd-english", "gpu"}
+    assert set(NAMED_CONFIGS) == {"tiny", "stream", "pd-english", "gpu"}
     tiny = load_config("tiny")
     assert (tiny.num_experts, tiny.big_experts, tiny.data) == (4, 8, "synthetic:entities=400,values=64")
     assert load_config("pd-english", data="texts/").data == "texts/"

@@ -10,6 +10,7 @@ to specialise on.
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -27,17 +28,18 @@ class SyntheticSpec:
     relations: int = 6        # per domain
     values: int = 16          # possible values of each relation
     records: tuple[int, int] = (2, 6)
+    zipf: float = 0.8         # entity popularity ~ 1 / rank ** zipf within a domain
 
     @classmethod
     def parse(cls, text: str) -> "SyntheticSpec":
-        """'synthetic' or 'synthetic:docs=1000,seed=3'."""
+        """'synthetic' or 'synthetic:docs=1000,seed=3' (also domains, entities, relations, values, zipf)."""
         _, _, options = text.partition(":")
         values = {}
         for item in filter(None, options.split(",")):
             key, _, val = item.partition("=")
-            if key not in ("docs", "seed", "domains", "entities", "relations", "values"):
+            if key not in ("docs", "seed", "domains", "entities", "relations", "values", "zipf"):
                 raise ValueError(f"unknown synthetic option {key!r}")
-            values[key] = int(val)
+            values[key] = float(val) if key == "zipf" else int(val)
         return cls(**values)
 
 
@@ -52,8 +54,9 @@ class Domain:
         self.values = [[self._word(rng, 2, used) for _ in range(spec.values)] for _ in self.relations]
         self.facts = {(e, r): rng.randrange(spec.values)
                       for e in range(spec.entities) for r in range(spec.relations)}
-        # Zipf-like popularity: a few entities are mentioned often, most rarely.
-        self.weights = [1.0 / (rank + 1) ** 0.8 for rank in range(spec.entities)]
+        # Zipf-like popularity: a few entities are mentioned often, most rarely. Cumulative weights
+        # once, so that a draw is a bisection (random.choices accumulates the same sums itself).
+        self.cum_weights = list(itertools.accumulate(1.0 / (rank + 1) ** spec.zipf for rank in range(spec.entities)))
 
     def _word(self, rng: random.Random, syllables: int, used: set[str]) -> str:
         """A new word; lengthens it when short words run out, so any size of world terminates."""
@@ -70,7 +73,7 @@ class Domain:
 
     def record(self, rng: random.Random) -> str:
         """All facts of one entity, relations in the domain's fixed order."""
-        entity = rng.choices(range(len(self.entities)), self.weights)[0]
+        entity = rng.choices(range(len(self.entities)), cum_weights=self.cum_weights)[0]
         facts = ", ".join(f"{rel} {value}" for rel, value in self.facts_of(entity))
         if rng.random() < 0.5:
             return f"{self.entities[entity]}: {facts}."

@@ -1,0 +1,94 @@
+"""How a reproduce config's bigger model builds its lead: Fixed-E and Fixed-mE alone, over seeds.
+
+    python scripts/regime_lead.py --config stream --seeds 0,1,2,3 --out runs/stream-lead
+
+Runs the two fixed-size arms of `ds-upcycle reproduce` (the same train.py commands, from its own
+plan) for every seed, two runs at a time where the cores allow, skipping arms that finished, then
+prints a markdown table of the validation loss at every evaluation: both arms (mean ± sample std
+over seeds), the paired lead Fixed-E - Fixed-mE per seed (mean ± std, and mean / std: how many
+paired standard deviations it is from zero), and the share of the final mean lead already held at
+that step. Nothing is upcycled: this measures the regime before any method is applied to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ds_upcycle.checkpoint import read_metrics
+from ds_upcycle.errors import UserError
+from ds_upcycle.reproduce.config import load_config
+from ds_upcycle.reproduce.experiment import Experiment
+from ds_upcycle.reproduce.plan import FIXED_E, FIXED_ME, make_plan
+from ds_upcycle.reproduce.stages import is_complete, mark_complete, run_train_stage
+
+
+def fixed_arms(exp: Experiment):
+    return [s for s in make_plan(exp.cfg).stages if getattr(s, "name", None) in (FIXED_E, FIXED_ME)]
+
+
+def run_arm(exp: Experiment, stage) -> None:
+    if is_complete(exp.out / stage.name):
+        return
+    exp.say(f"[seed {exp.cfg.seed}] {stage.name}: {stage.steps} steps with {stage.experts} experts")
+    mark_complete(exp.out / stage.name, run_train_stage(exp, stage))
+
+
+def val_curve(arm_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in read_metrics(arm_dir / "metrics.jsonl") if "val_loss" in r}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def lead_table(curves: dict[int, tuple[dict[int, float], dict[int, float]]], experts: tuple[int, int]) -> str:
+    steps = sorted(set.intersection(*(set(e) & set(m) for e, m in curves.values())))
+    final = statistics.mean(e[steps[-1]] - m[steps[-1]] for e, m in curves.values())
+    small, big = experts
+    lines = [f"| step | Fixed-{small} | Fixed-{big} | lead (paired, per seed) | lead / std | share of final lead |",
+             "| ---: | --- | --- | --- | ---: | ---: |"]
+    for step in steps:
+        e = [curves[s][0][step] for s in curves]
+        m = [curves[s][1][step] for s in curves]
+        lead = [a - b for a, b in zip(e, m)]
+        (lm, ls), (em, es), (mm, ms) = mean_std(lead), mean_std(e), mean_std(m)
+        ratio = f"{lm / ls:.1f}" if ls > 0 else "-"
+        per_seed = ", ".join(f"{x:+.4f}" for x in lead)
+        lines.append(f"| {step:,} | {em:.4f} ± {es:.4f} | {mm:.4f} ± {ms:.4f} | {lm:+.4f} ± {ls:.4f} ({per_seed}) "
+                     f"| {ratio} | {lm / final:.0%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a named reproduce config or a config file")
+    parser.add_argument("--seeds", required=True, help="comma-separated, e.g. 0,1,2,3")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--data-cache", default=None)
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (each one process)")
+    args = parser.parse_args()
+    try:
+        base = load_config(args.config)
+        seeds = [int(s) for s in args.seeds.split(",")]
+        exps = [Experiment(dataclasses.replace(base, seed=s, seeds=()), Path(args.out) / f"seed-{s}",
+                           args.data_cache) for s in seeds]
+        # The data is prepared once, by the first run, before the others start.
+        first, *rest = [(exp, stage) for exp in exps for stage in fixed_arms(exp)]
+        run_arm(*first)
+        with ThreadPoolExecutor(args.parallel) as pool:
+            list(pool.map(lambda job: run_arm(*job), rest))
+        curves = {exp.cfg.seed: (val_curve(exp.out / FIXED_E), val_curve(exp.out / FIXED_ME)) for exp in exps}
+    except UserError as err:
+        sys.exit(f"regime_lead: {err}")
+    print(f"{base.name}: {base.num_experts} vs {base.big_experts} experts, {base.total_steps} steps, "
+          f"data {base.data}, seeds {args.seeds}")
+    print(lead_table(curves, (base.num_experts, base.big_experts)))
+
+
+if __name__ == "__main__":
+    main()
