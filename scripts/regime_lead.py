@@ -77,11 +77,10 @@ def main() -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
         exps = [Experiment(dataclasses.replace(base, seed=s, seeds=()), Path(args.out) / f"seed-{s}",
                            args.data_cache) for s in seeds]
-        # The data is prepared once, by the first run, before the others start.
-        first, *rest = [(exp, stage) for exp in exps for stage in fixed_arms(exp)]
-        run_arm(*first)
+        # Runs that start together may each prepare the data; the cache keeps the first complete copy.
+        jobs = [(exp, stage) for exp in exps for stage in fixed_arms(exp)]
         with ThreadPoolExecutor(args.parallel) as pool:
-            list(pool.map(lambda job: run_arm(*job), rest))
+            list(pool.map(lambda job: run_arm(*job), jobs))
         curves = {exp.cfg.seed: (val_curve(exp.out / FIXED_E), val_curve(exp.out / FIXED_ME)) for exp in exps}
     except UserError as err:
         sys.exit(f"regime_lead: {err}")
