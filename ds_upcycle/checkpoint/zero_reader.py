@@ -299,6 +299,9 @@ def _moe_layers(groups: list[_Group], num_experts: list[int] | None, ep_size: in
         if not group.is_moe:
             continue
         for name, shape in group.shapes.items():
+            if split_expert_param(name) is None:
+                raise UserError(f"{tag_dir}: expert parameter {name} is an AutoEP layer's fused weight, but the "
+                                f"model file has no ds_autoep_layers entry describing the AutoEP layers")
             prefix, local, suffix = split_expert_param(name)
             shapes.setdefault(prefix, {}).setdefault(local, {})[suffix] = shape
     if not shapes:
