@@ -112,9 +112,11 @@ def test_refusals_name_the_problem(autoep_source, tmp_path):
     cases = {
         "placement": lambda m: m["ds_autoep_layers"][0]["expert_placement"]["ranks"].reverse(),
         "router bias": lambda m: m["module"].update({"model.layers.1.mlp.router.gate.bias": torch.zeros(8)}),
+        "no metadata": lambda m: m.update({"ds_autoep_layers": None}),
     }
     expected = {"placement": "only the uniform contiguous expert placement is supported",
-                "router bias": "module weights do not match"}
+                "router bias": "module weights do not match",
+                "no metadata": "no ds_autoep_layers entry"}
     for name, change in cases.items():
         broken = tmp_path / name.replace(" ", "_")
         (broken / "t").mkdir(parents=True)
