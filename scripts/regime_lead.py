@@ -1,19 +1,23 @@
 """How a reproduce config's bigger model builds its lead: Fixed-E and Fixed-mE alone, over seeds.
 
-    python scripts/regime_lead.py --config stream --seeds 0,1,2,3 --out runs/stream-lead
+    python scripts/regime_lead.py --config stream --seeds 0,1,2,3 --out runs/stream-lead [--upcycled]
 
 Runs the two fixed-size arms of `ds-upcycle reproduce` (the same train.py commands, from its own
-plan) for every seed, two runs at a time where the cores allow, skipping arms that finished, then
-prints a markdown table of the validation loss at every evaluation: both arms (mean ± sample std
-over seeds), the paired lead Fixed-E - Fixed-mE per seed (mean ± std, and mean / std: how many
-paired standard deviations it is from zero), and the share of the final mean lead already held at
-that step. Nothing is upcycled: this measures the regime before any method is applied to it.
+plan, in the same directories: OUT/seed-<s>/fixed-e, ...) for every seed, two runs at a time,
+skipping arms that finished, then prints a markdown table of the validation loss at every
+evaluation: both arms (mean ± sample std over seeds), the paired lead Fixed-E - Fixed-mE per seed
+(mean ± std, and mean / std: how many paired standard deviations it is from zero), and the share
+of the final mean lead already held at that step. This measures the regime before any method is
+applied to it. With --upcycled it also runs the config's main upcycled arm (its cpt_fraction and
+select: source, expansion, CPT) and prints its warm-start jump and the gap it closes at T, per seed
+(paired: (L_E - L_up) / (L_E - L_mE) of the same seed), all from the evaluations during training.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -23,19 +27,31 @@ from ds_upcycle.checkpoint import read_metrics
 from ds_upcycle.errors import UserError
 from ds_upcycle.reproduce.config import load_config
 from ds_upcycle.reproduce.experiment import Experiment
-from ds_upcycle.reproduce.plan import FIXED_E, FIXED_ME, make_plan
-from ds_upcycle.reproduce.stages import is_complete, mark_complete, run_train_stage
+from ds_upcycle.reproduce.plan import FIXED_E, FIXED_ME, BranchStage, ExpandStage, make_plan
+from ds_upcycle.reproduce.stages import (MARKER, is_complete, mark_complete, run_branch_stage, run_expand_stage,
+                                         run_train_stage)
 
 
-def fixed_arms(exp: Experiment):
-    return [s for s in make_plan(exp.cfg).stages if getattr(s, "name", None) in (FIXED_E, FIXED_ME)]
+def jobs_of(exp: Experiment, upcycled: bool) -> list[list]:
+    """Chains of stages to run in order: Fixed-mE alone; Fixed-E, then (--upcycled) the main arm."""
+    plan = make_plan(exp.cfg)
+    by_name = {stage.name: stage for stage in plan.stages}
+    main = [by_name[n] for n in (plan.main.source, plan.main.expanded, plan.main.cpt)] if upcycled else []
+    return [[by_name[FIXED_ME]], [by_name[FIXED_E], *main]]
 
 
-def run_arm(exp: Experiment, stage) -> None:
-    if is_complete(exp.out / stage.name):
-        return
-    exp.say(f"[seed {exp.cfg.seed}] {stage.name}: {stage.steps} steps with {stage.experts} experts")
-    mark_complete(exp.out / stage.name, run_train_stage(exp, stage))
+def run_chain(exp: Experiment, chain: list) -> None:
+    for stage in chain:
+        if is_complete(exp.out / stage.name):
+            continue
+        exp.say(f"[seed {exp.cfg.seed}] {stage.name}")
+        if isinstance(stage, BranchStage):
+            record = run_branch_stage(exp, stage)
+        elif isinstance(stage, ExpandStage):
+            record = run_expand_stage(exp, stage)
+        else:
+            record = run_train_stage(exp, stage)
+        mark_complete(exp.out / stage.name, record)
 
 
 def val_curve(arm_dir: Path) -> dict[int, float]:
@@ -64,6 +80,25 @@ def lead_table(curves: dict[int, tuple[dict[int, float], dict[int, float]]], exp
     return "\n".join(lines)
 
 
+def upcycled_table(exps: list[Experiment]) -> str:
+    plan = make_plan(exps[0].cfg)
+    lines = [f"| seed | Fixed-E at T | Fixed-mE at T | {plan.main.label} at T | warm-start jump | gap closed |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    closed = []
+    for exp in exps:
+        final = {arm: val_curve(exp.out / arm) for arm in (FIXED_E, FIXED_ME, plan.main.cpt)}
+        step = exp.cfg.total_steps
+        if any(step not in curve for curve in final.values()):
+            raise UserError(f"{exp.out}: an arm has no evaluation at step {step}")
+        e, m, up = (final[arm][step] for arm in (FIXED_E, FIXED_ME, plan.main.cpt))
+        closed.append((e - up) / (e - m))
+        jump = json.loads((exp.out / plan.main.expanded / MARKER).read_text())["warm_start"]["jump"]
+        lines.append(f"| {exp.cfg.seed} | {e:.4f} | {m:.4f} | {up:.4f} | {jump:+.4f} | {closed[-1]:.1%} |")
+    mean, std = mean_std(closed)
+    lines.append(f"| mean ± std | | | | | {mean:.1%} ± {std:.1%} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a named reproduce config or a config file")
@@ -71,6 +106,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--data-cache", default=None)
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (each one process)")
+    parser.add_argument("--upcycled", action="store_true", help="also run and report the main upcycled arm")
     args = parser.parse_args()
     try:
         base = load_config(args.config)
@@ -78,15 +114,18 @@ def main() -> None:
         exps = [Experiment(dataclasses.replace(base, seed=s, seeds=()), Path(args.out) / f"seed-{s}",
                            args.data_cache) for s in seeds]
         # Runs that start together may each prepare the data; the cache keeps the first complete copy.
-        jobs = [(exp, stage) for exp in exps for stage in fixed_arms(exp)]
+        jobs = [(exp, chain) for exp in exps for chain in jobs_of(exp, args.upcycled)]
         with ThreadPoolExecutor(args.parallel) as pool:
-            list(pool.map(lambda job: run_arm(*job), jobs))
+            list(pool.map(lambda job: run_chain(*job), jobs))
         curves = {exp.cfg.seed: (val_curve(exp.out / FIXED_E), val_curve(exp.out / FIXED_ME)) for exp in exps}
+        print(f"{base.name}: {base.num_experts} vs {base.big_experts} experts, {base.total_steps} steps, "
+              f"data {base.data}, seeds {args.seeds}")
+        print(lead_table(curves, (base.num_experts, base.big_experts)))
+        if args.upcycled:
+            print()
+            print(upcycled_table(exps))
     except UserError as err:
         sys.exit(f"regime_lead: {err}")
-    print(f"{base.name}: {base.num_experts} vs {base.big_experts} experts, {base.total_steps} steps, "
-          f"data {base.data}, seeds {args.seeds}")
-    print(lead_table(curves, (base.num_experts, base.big_experts)))
 
 
 if __name__ == "__main__":
