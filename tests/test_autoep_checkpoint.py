@@ -111,11 +111,15 @@ def test_refusals_name_the_problem(autoep_source, tmp_path):
     model_file = "mp_rank_00_model_states.pt"
     cases = {
         "placement": lambda m: m["ds_autoep_layers"][0]["expert_placement"]["ranks"].reverse(),
-        "router bias": lambda m: m["module"].update({"model.layers.1.mlp.router.gate.bias": torch.zeros(8)}),
+        "unknown module key": lambda m: m["module"].update({"model.layers.1.mlp.router.gate.bias": torch.zeros(8)}),
+        "router buffer": lambda m: (m["buffer_names"].append("model.layers.1.mlp.router.e_score_correction_bias"),
+                                    m["module"].update({"model.layers.1.mlp.router.e_score_correction_bias":
+                                                        torch.zeros(8)})),
         "no metadata": lambda m: m.update({"ds_autoep_layers": None}),
     }
     expected = {"placement": "only the uniform contiguous expert placement is supported",
-                "router bias": "module weights do not match",
+                "unknown module key": "module weights do not match",
+                "router buffer": "only routers with a weight alone",
                 "no metadata": "no ds_autoep_layers entry"}
     for name, change in cases.items():
         broken = tmp_path / name.replace(" ", "_")
