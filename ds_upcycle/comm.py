@@ -117,6 +117,16 @@ def exchange_rows(rows: torch.Tensor, send_splits: list[int], recv_splits: list[
     return dist_nn.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
 
 
+def gather_over_group(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's `tensor` of an expert-parallel group, concatenated along dim 0 in group rank
+    order (the tensor itself without a group of more than one rank)."""
+    if group is None or not is_distributed() or dist.get_world_size(group) == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts)
+
+
 def rank_zero_first(fn):
     """fn() on rank 0, then on the others: what rank 0 caches (prepared data), the others then find."""
     if rank() == 0:

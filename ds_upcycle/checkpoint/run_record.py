@@ -54,6 +54,10 @@ class RunRecord:
             continue it keep it, so that export prefers that class).
         optimizer_state: False when the optimizer holds no state (an import): train.py then loads
             the module weights only.
+        copy_of: per MoE layer, the expert of the checkpoint that the last `ds-upcycle expand`
+            read that every expert was copied from (the runs that continue it keep it, and record
+            at evaluations how far the copies have moved apart: trained/copies.py); None: never
+            expanded.
         version: the ds-upcycle version that wrote it.
     """
 
@@ -66,7 +70,12 @@ class RunRecord:
     run: dict = field(default_factory=dict)
     imported_from: ImportOrigin | None = None
     optimizer_state: bool = True
+    copy_of: tuple[tuple[int, ...], ...] | None = None
     version: str = __version__
+
+    def __post_init__(self) -> None:
+        if self.copy_of is not None:
+            object.__setattr__(self, "copy_of", tuple(tuple(int(e) for e in layer) for layer in self.copy_of))
 
     @property
     def seq_len(self) -> int | None:
@@ -100,6 +109,8 @@ class RunRecord:
             out["run"] = dict(self.run)
         if self.imported_from is not None:
             out["imported_from"] = asdict(self.imported_from)
+        if self.copy_of is not None:
+            out["copy_of"] = [list(layer) for layer in self.copy_of]
         out["ds_upcycle_version"] = self.version
         return out
 
@@ -121,6 +132,7 @@ class RunRecord:
                 run=dict(values.get("run") or {}),
                 imported_from=ImportOrigin(**imported) if imported else None,
                 optimizer_state=values.get("optimizer_state", True) is not False,
+                copy_of=values.get("copy_of"),
                 version=str(values.get("ds_upcycle_version", "unknown")))
         except TypeError as err:
             raise UserError(f"{where} is not a ds-upcycle run record: {err}") from None

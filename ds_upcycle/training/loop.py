@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..model import Transformer
 from ..moe.balance import balance_routers
 from ..trained import validation_loss
+from ..trained.copies import copy_diagnostics, counting
 from .config import TrainConfig
 from .continuation import (check_model_overrides, hyperparameters, note, reapply_hyperparameters, run_changes,
                            schedule_changes)
@@ -197,6 +198,7 @@ class Trainer:
     prepared: PreparedData
     position: Position
     origin: ImportOrigin | None = None   # the transformers model the run started from, kept in every record
+    copy_of: tuple[tuple[int, ...], ...] | None = None   # an expansion's lineage, kept in every record
 
     def __post_init__(self) -> None:
         self.is_main = comm.rank() == 0
@@ -208,8 +210,14 @@ class Trainer:
         save_dir = Path(self.cfg.save_dir) if self.cfg.save_dir else None
         self.metrics = MetricsLog(save_dir / "metrics.jsonl" if save_dir and self.is_main else None)
 
-    def evaluate(self) -> float:
-        return validation_loss(self.engine, self.val_data, self.cfg.eval_samples, self.order.micro_batch)
+    def evaluate(self) -> dict:
+        """{"val_loss": ...} and, after an expansion, how far its copies have moved apart ("copies")."""
+        if self.copy_of is None:
+            return {"val_loss": validation_loss(self.engine, self.val_data, self.cfg.eval_samples,
+                                                self.order.micro_batch)}
+        with counting(self.model, self.copy_of) as counter:
+            loss = validation_loss(self.engine, self.val_data, self.cfg.eval_samples, self.order.micro_batch)
+        return {"val_loss": loss, "copies": copy_diagnostics(self.model, self.copy_of, counter)}
 
     def save(self, step: int) -> None:
         tag = f"global_step{step}"
@@ -217,7 +225,7 @@ class Trainer:
             record = RunRecord(self.model.cfg, global_step=step, tokens_seen=self.position.tokens,
                                split=self.position.split, data=replace(self.data_cfg, cache_dir=None),
                                run=_run_settings(self.cfg, self.data_cfg, self.engine.train_batch_size()),
-                               imported_from=self.origin)
+                               imported_from=self.origin, copy_of=self.copy_of)
             write_run_files(Path(self.cfg.save_dir) / tag, record, self.prepared.tokenizer_path)
         self.engine.save_checkpoint(self.cfg.save_dir, tag=tag,
                                     client_state={"ds_upcycle": {"position": asdict(self.position)}})
@@ -246,7 +254,8 @@ class Trainer:
             record = self.train_step()
             step, last = record["step"], record["step"] >= stage_end
             if last or (cfg.eval_interval and step % cfg.eval_interval == 0):
-                val_loss = record["val_loss"] = self.evaluate()
+                record.update(self.evaluate())
+                val_loss = record["val_loss"]
                 if self.is_main:
                     bar.write(f"step {step}: val_loss {val_loss:.4f}")
             self.metrics.write(record)
@@ -257,7 +266,7 @@ class Trainer:
                 self.save(step)
         bar.close()
         if not history:  # the stage was already complete
-            val_loss = self.evaluate()
+            val_loss = self.evaluate()["val_loss"]
         return RunResult(self.engine.global_steps, val_loss, self.position.tokens, history)
 
 
@@ -293,8 +302,8 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict, 
     engine, _, _, schedule = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                   config=ds_config, lr_scheduler=schedule_fn)
     position = _restore(engine, schedule, start, resuming, train_cfg, data_cfg) if start else Position(train_cfg.split)
-    origin = start.run_record.imported_from if start is not None else None
-    trainer = Trainer(engine, model, schedule, train_cfg, data_cfg, prepared, position, origin)
+    origin, copy_of = (start.run_record.imported_from, start.run_record.copy_of) if start else (None, None)
+    trainer = Trainer(engine, model, schedule, train_cfg, data_cfg, prepared, position, origin, copy_of)
     if resuming:
         trainer.metrics.truncate_after(engine.global_steps)
     return trainer.run()

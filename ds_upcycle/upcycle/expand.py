@@ -145,15 +145,16 @@ def _moments(state: ParamState):
 
 
 def _expanded_record(plan: ExpansionPlan, cfg: ExpandConfig) -> RunRecord | None:
-    """The source's run record with the new expert counts and, with distinct copies, every new
-    expert grouped with the other copies of its source expert."""
+    """The source's run record with the new expert counts, the source expert of every expert and,
+    with distinct copies, every new expert grouped with the other copies of its source expert."""
     record = plan.source.meta.run_record
     if record is None:
         return None
     layers = [plan.layers[layer.index].plan for layer in plan.source.moe_layers]
     old_groups = record.model.route_groups or [None] * len(layers)
     groups = [copy_groups(old, layer) for old, layer in zip(old_groups, layers)] if cfg.distinct_copies else None
-    return record.with_experts([layer.num_target for layer in layers], groups)
+    expanded = record.with_experts([layer.num_target for layer in layers], groups)
+    return replace(expanded, copy_of=tuple(layer.sources for layer in layers))
 
 
 def router_noise_target(source: CheckpointSource, layer: MoELayer, noise: float) -> str:
