@@ -53,6 +53,12 @@ def main() -> None:
                    "split), so each copy starts with the tokens on its side")
 @click.option("--split-scale", type=float, default=ExpandConfig.split_scale, show_default=True,
               help="difference of two copies' router logits one standard deviation from the middle of the split")
+@click.option("--lift-groups-after", type=int, default=None, metavar="STEPS",
+              help="with --distinct-copies: lift the groups after this many training steps (recorded in the "
+                   "checkpoint: every train.py run that continues it lifts at that step)")
+@click.option("--reinit-fraction", type=float, default=ExpandConfig.reinit_fraction, show_default=True,
+              help="redraw this share of each replica's hidden units from the model's init (1: random new "
+                   "experts; the paper's negative baselines)")
 @click.option("--max-copies", type=int, default=None, help="cap on the copies of one expert")
 @click.option("--router-noise", type=float, default=ExpandConfig.router_noise, show_default=True,
               help="std of the N(0, sigma^2) noise on the replicas' routing bias")
@@ -85,7 +91,7 @@ def main() -> None:
                    "on the training hardware), instead of the Adam state")
 @user_errors
 def expand(source, destination, num_experts, multiplier, select, layers, distinct_copies, split_copies, split_scale,
-           max_copies, router_noise, optimizer_state,
+           lift_groups_after, reinit_fraction, max_copies, router_noise, optimizer_state,
            world_size, ep_size, seed, dry_run, force, check_data, check_samples, data_cache, calibration_data,
            calibration_batches, calibration_batch_size, scores_file) -> None:
     """Expand a DeepSpeed MoE checkpoint SOURCE to more experts per layer, written to DESTINATION.
@@ -99,7 +105,8 @@ def expand(source, destination, num_experts, multiplier, select, layers, distinc
 
     cfg = ExpandConfig(source=source, destination=destination, num_experts=num_experts, multiplier=multiplier,
                        select=select, layers=parse_layers(layers), distinct_copies=distinct_copies,
-                       split_copies=split_copies, split_scale=split_scale,
+                       split_copies=split_copies, split_scale=split_scale, lift_groups_after=lift_groups_after,
+                       reinit_fraction=reinit_fraction,
                        max_copies=max_copies, router_noise=router_noise,
                        optimizer_state=optimizer_state, world_size=world_size, ep_size=ep_size, seed=seed,
                        force=force, check_data=check_data, check_samples=check_samples, data_cache=data_cache,

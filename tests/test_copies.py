@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import SOURCE_MODEL, check_ok, expand_cli, run_train, tiny_run_args
-from ds_upcycle.checkpoint import read_metrics
+from ds_upcycle.checkpoint import read_checkpoint, read_metrics
 from ds_upcycle.trained import RunData, load_model, validation_loss
 from ds_upcycle.trained.copies import co_selected, counting, expert_vectors, pair_distances
 
@@ -63,3 +63,55 @@ def test_expanded_run_records_copy_diagnostics(trained_source, tmp_path):
         assert 0 < record["sibling_distance"] < record["cross_distance"]  # copies start equal
         # the same tokens, split over two ranks there: a near-tie may route one differently
         assert record["co_selected"] == pytest.approx(shares[i], abs=0.01)
+
+
+def _layer_sources(dst):
+    tag_dir = dst / (dst / "latest").read_text().strip()
+    return [layer["sources"] for layer in json.loads((tag_dir / "upcycle_manifest.json").read_text())["layers"]]
+
+
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_reinit_fraction_redraws_that_share_of_every_replicas_hidden_units(trained_source, tmp_path, fraction):
+    src, dst = trained_source["src"], tmp_path / "reinit"
+    check_ok(expand_cli(str(src), str(dst), "-m", "2", "--reinit-fraction", str(fraction)))
+    source, out = read_checkpoint(src), read_checkpoint(dst)
+    init_std = source.meta.run_record.model.init_std
+    for layer, sources in enumerate(_layer_sources(dst)):
+        seen = set()
+        for expert, origin in enumerate(sources):
+            old, new = source.expert_state(layer, origin), out.expert_state(layer, expert)
+            if origin not in seen:  # the first copy is the source expert, weights and moments
+                seen.add(origin)
+                assert all(torch.equal(old[n].fp32, new[n].fp32) and torch.equal(old[n].exp_avg_sq, new[n].exp_avg_sq)
+                           for n in old)
+                continue
+            hidden = old["w_gate.weight"].fp32.shape[0]
+            changed = {n: (old[n].fp32 != new[n].fp32).all(dim=1 if n != "w_down.weight" else 0) for n in old}
+            units = changed["w_gate.weight"]
+            assert int(units.sum()) == round(fraction * hidden)  # whole rows / columns, the same units in all three
+            assert torch.equal(changed["w_up.weight"], units) and torch.equal(changed["w_down.weight"], units)
+            keep = ~units
+            assert torch.equal(new["w_gate.weight"].fp32[keep], old["w_gate.weight"].fp32[keep])
+            assert torch.equal(new["w_down.weight"].fp32[:, keep], old["w_down.weight"].fp32[:, keep])
+            assert new["w_up.weight"].exp_avg[units].abs().sum() == 0
+            assert new["w_down.weight"].exp_avg_sq[:, units].abs().sum() == 0
+            assert new["w_up.weight"].fp32[units].std().item() == pytest.approx(init_std, rel=0.25)
+
+
+def test_lift_groups_after_steps_is_recorded_and_honoured_by_a_resumed_run(trained_source, tmp_path):
+    src, cache = trained_source["src"], trained_source["cache"]
+    expanded, cpt = tmp_path / "expanded", tmp_path / "cpt"
+    check_ok(expand_cli(str(src), str(expanded), "-m", "2", "--distinct-copies", "--lift-groups-after", "2",
+                        "--world-size", "1", "--ep-size", "1"))
+    assert load_model(expanded).record.lift_groups_at == 14  # the source's step 12 + 2
+    args = tiny_run_args(trained_source["cfg"], 4, cache, *SOURCE_MODEL, "--eval-samples", "8", "--load",
+                         str(expanded), "--fresh-schedule", "--eval-interval", "1", "--save", str(cpt))
+    check_ok(run_train([*args, "--exit-at", "13"]))  # saved before the lift step ...
+    assert load_model(cpt).model.cfg.route_groups is not None
+    check_ok(run_train(args))  # ... and resumed without the expand flag: the record says when
+    records = [r for r in read_metrics(cpt / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in records] == [13, 14, 15, 16]
+    assert [bool(r.get("groups_lifted")) for r in records] == [False, True, False, False]
+    co = [max(layer["co_selected"] for layer in r["copies"]) for r in records]
+    assert co[0] == 0 and co[1] > 0  # groups forbid two copies of one expert; lifted, tokens take both again
+    assert load_model(cpt).model.cfg.route_groups is None

@@ -175,6 +175,8 @@ def test_same_seed_same_bytes_and_dry_run(work):
     (["{src}", "{dst}"], "exactly one of --num-experts and --multiplier"),
     (["{src}", "{dst}", "-m", "2", "--layers", "4"], "--layers 4: the source has 4 MoE layers (0 to 3)"),
     (["{src}", "{dst}", "-m", "2", "--layers", "one"], "--layers takes comma-separated MoE layer indices"),
+    (["{src}", "{dst}", "-m", "2", "--lift-groups-after", "5"], "--lift-groups-after lifts the groups of --distinct"),
+    (["{src}", "{dst}", "-m", "2", "--reinit-fraction", "1.5"], "--reinit-fraction must lie in [0, 1]"),
 ])
 def test_bad_input_one_line_and_source_untouched(work, args, message):
     existing = work["root"] / "existing"

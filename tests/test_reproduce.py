@@ -174,7 +174,7 @@ def test_miniature_experiment_end_to_end(tmp_path, data_cache):
     # The budget plot needs a gap to close (Fixed-mE better than Fixed-E), which 16 steps may not give.
     gap_defined = summary["fixed_me"]["val_loss"] < summary["fixed_e"]["val_loss"]
     assert (results / "cpt_budget.png").is_file() == gap_defined
-    for name in ("loss.png", "routing.png"):
+    for name in ("loss.png", "routing.png", "copies.png"):
         data = (results / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
         import matplotlib.image
@@ -197,6 +197,8 @@ def test_miniature_experiment_end_to_end(tmp_path, data_cache):
     cpt = read_metrics(out / main.cpt / "metrics.jsonl")
     for layer in cpt[0]["load"]:
         assert len(layer["shares"]) == cfg.big_experts and sum(layer["shares"]) == pytest.approx(1, abs=1e-4)
+    # and at every evaluation, how far the copies have moved apart (the copies plot)
+    assert all(len(r["copies"]) == len(cpt[0]["load"]) for r in cpt if "val_loss" in r)
 
     # The table's gap closed and the ledger follow from the recorded numbers.
     table = json.loads((results / "compare.json").read_text())

@@ -58,6 +58,8 @@ class RunRecord:
             read that every expert was copied from (the runs that continue it keep it, and record
             at evaluations how far the copies have moved apart: trained/copies.py); None: never
             expanded.
+        lift_groups_at: the global step after which train.py lifts the model's routing groups
+            (`ds-upcycle expand --lift-groups-after`); None: never.
         version: the ds-upcycle version that wrote it.
     """
 
@@ -71,6 +73,7 @@ class RunRecord:
     imported_from: ImportOrigin | None = None
     optimizer_state: bool = True
     copy_of: tuple[tuple[int, ...], ...] | None = None
+    lift_groups_at: int | None = None
     version: str = __version__
 
     def __post_init__(self) -> None:
@@ -111,6 +114,8 @@ class RunRecord:
             out["imported_from"] = asdict(self.imported_from)
         if self.copy_of is not None:
             out["copy_of"] = [list(layer) for layer in self.copy_of]
+        if self.lift_groups_at is not None:
+            out["lift_groups_at"] = self.lift_groups_at
         out["ds_upcycle_version"] = self.version
         return out
 
@@ -132,7 +137,7 @@ class RunRecord:
                 run=dict(values.get("run") or {}),
                 imported_from=ImportOrigin(**imported) if imported else None,
                 optimizer_state=values.get("optimizer_state", True) is not False,
-                copy_of=values.get("copy_of"),
+                copy_of=values.get("copy_of"), lift_groups_at=values.get("lift_groups_at"),
                 version=str(values.get("ds_upcycle_version", "unknown")))
         except TypeError as err:
             raise UserError(f"{where} is not a ds-upcycle run record: {err}") from None

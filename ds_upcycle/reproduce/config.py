@@ -47,6 +47,10 @@ class ReproduceConfig:
             expert); False runs the paper's plain operator.
         split_copies: expand with `--split-copies` too (each expert's copies split its tokens
             along their main direction of variation; needs distinct_copies).
+        lift_groups_after: with distinct_copies, expand with `--lift-groups-after`: the copies'
+            groups are lifted after this many CPT steps. None: they stay.
+        reinit_fraction: expand with `--reinit-fraction` (the paper's negative baselines: 1 gives
+            randomly initialised replicas, a fraction in between partial re-initialisation).
         transition: "annealed" (the paper's protocol: the E-expert source ends with its own
             anneal at T0, and CPT warms up again and anneals at its end) or "stable" (the source is
             Fixed-E's own checkpoint at T0, taken in its stable phase, and CPT continues at the
@@ -87,6 +91,8 @@ class ReproduceConfig:
     router_noise: float = 0.01
     distinct_copies: bool = False
     split_copies: bool = False
+    lift_groups_after: int | None = None
+    reinit_fraction: float = 0.0
     transition: str = "annealed"
     data: str | None = DataConfig.source
     text_field: str = DataConfig.text_field
@@ -136,6 +142,11 @@ class ReproduceConfig:
             raise UserError(f"transition must be one of {', '.join(TRANSITIONS)}, got {self.transition!r}")
         if self.split_copies and not self.distinct_copies:
             raise UserError("split_copies needs distinct_copies: without group routing a token takes both copies")
+        if self.lift_groups_after is not None and (not self.distinct_copies or self.lift_groups_after < 1):
+            raise UserError(f"lift_groups_after lifts the groups of distinct_copies (set that too) after >= 1 CPT "
+                            f"steps, got {self.lift_groups_after}")
+        if not 0 <= self.reinit_fraction <= 1:
+            raise UserError(f"reinit_fraction must lie in [0, 1], got {self.reinit_fraction}")
         if self.transition == "stable":
             for fraction in self.cpt_fractions:
                 t0 = self.transition_step(fraction)

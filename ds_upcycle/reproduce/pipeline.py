@@ -20,7 +20,7 @@ from .evaluate import evaluate_arm
 from .experiment import Experiment
 from .outdir import check_out_dir
 from .plan import FIXED_E, BranchStage, ExpandStage, Plan, make_plan
-from .plots import plot_cpt_budget, plot_loss, plot_routing
+from .plots import plot_copies, plot_cpt_budget, plot_loss, plot_routing
 from .report import manifest, results_path, write_report
 from .seeds import run_seeds
 
@@ -92,6 +92,7 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, data_cache: str | None 
     figures = out / "results"
     plot_loss(out, plan, manifests, figures / "loss.png", cfg.num_experts, cfg.big_experts)
     plot_routing(out, plan.main, manifests[plan.main.expanded], figures / "routing.png")
+    plot_copies(out, plan, figures / "copies.png")
     if summary["fixed_me"]["val_loss"] < summary["fixed_e"]["val_loss"]:  # a gap to close
         plot_cpt_budget(summary["upcycled"], cfg.select, figures / "cpt_budget.png", cfg.total_steps)
     say(f"results in {figures} ({time.perf_counter() - started:.0f} s this invocation)")

@@ -3,6 +3,8 @@
 loss.png     validation loss of Fixed-E, Upcycled and Fixed-mE against tokens, the transition marked
 routing.png  share of routed tokens of every replica over CPT, coloured by the expert it copies
 cpt_budget.png  gap closed against the CPT share of the budget (with `cpt_sweep`), one dot per seed
+copies.png   how far the copies move apart over CPT (sibling against cross distance) and how often a
+             token takes two copies of one source, every upcycled arm (trained/copies.py)
 """
 
 from __future__ import annotations
@@ -120,6 +122,42 @@ def plot_routing(out: Path, arm: UpcycledArm, manifest: dict, path: Path, max_la
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"share of routed tokens (mean of {window} steps)")
     fig.suptitle(f"{arm.label}: each copy of a source expert (same colour; black line = even share)", fontsize=10)
+    return _save(fig, path, plt)
+
+
+def copy_curves(records: list[dict]) -> dict[str, list]:
+    """Steps and the means over MoE layers of each copy measure, at the evaluations that have them."""
+    evals = [r for r in records if r.get("copies")]
+    curves: dict[str, list] = {"step": [r["step"] for r in evals]}
+    for key in ("sibling_distance", "cross_distance", "co_selected"):
+        curves[key] = [statistics.fmean(v) if (v := [x[key] for x in r["copies"] if x[key] is not None]) else None
+                       for r in evals]
+    return curves
+
+
+def plot_copies(out: Path, plan: Plan, path: Path) -> Path | None:
+    """Left: sibling (solid) and cross (dashed) relative weight distance; right: co-selection share;
+    one colour per upcycled arm, means over MoE layers. None when no arm recorded them."""
+    arms = [(arm, copy_curves(read_metrics(out / arm.cpt / "metrics.jsonl"))) for arm in plan.upcycled]
+    arms = [(arm, c) for arm, c in arms if c["step"]]
+    if not arms:
+        return None
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    cmap = plt.get_cmap("tab10")
+    for n, (arm, c) in enumerate(arms):
+        color = cmap(n % cmap.N)
+        left.plot(c["step"], c["sibling_distance"], color=color, marker=".", label=f"{arm.label}: siblings")
+        left.plot(c["step"], c["cross_distance"], color=color, linestyle="--", alpha=0.7, label="other sources")
+        right.plot(c["step"], c["co_selected"], color=color, marker=".", label=arm.label)
+    left.set_ylabel("relative weight distance")
+    left.set_title("copies of one expert (solid) vs experts of different sources (dashed)", fontsize=9)
+    right.set_ylabel("share of tokens taking two copies of one expert")
+    right.set_title("co-selection of siblings", fontsize=9)
+    for ax in (left, right):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     return _save(fig, path, plt)
 
 

@@ -160,6 +160,7 @@ def run_expand_stage(exp: Experiment, stage: ExpandStage) -> dict:
     expand_cfg = ExpandConfig(source=str(out / stage.source), destination=str(out / stage.name),
                               multiplier=cfg.multiplier, select=stage.select, router_noise=cfg.router_noise,
                               distinct_copies=cfg.distinct_copies, split_copies=cfg.split_copies,
+                              lift_groups_after=cfg.lift_groups_after, reinit_fraction=cfg.reinit_fraction,
                               seed=cfg.seed, force=True, check_data=True, check_samples=cfg.eval_samples,
                               data_cache=exp.data_cache)
     result = expand_checkpoint(expand_cfg, progress=False)

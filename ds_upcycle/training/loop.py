@@ -199,6 +199,7 @@ class Trainer:
     position: Position
     origin: ImportOrigin | None = None   # the transformers model the run started from, kept in every record
     copy_of: tuple[tuple[int, ...], ...] | None = None   # an expansion's lineage, kept in every record
+    lift_groups_at: int | None = None   # the step after which the routing groups go, kept in every record
 
     def __post_init__(self) -> None:
         self.is_main = comm.rank() == 0
@@ -225,10 +226,22 @@ class Trainer:
             record = RunRecord(self.model.cfg, global_step=step, tokens_seen=self.position.tokens,
                                split=self.position.split, data=replace(self.data_cfg, cache_dir=None),
                                run=_run_settings(self.cfg, self.data_cfg, self.engine.train_batch_size()),
-                               imported_from=self.origin, copy_of=self.copy_of)
+                               imported_from=self.origin, copy_of=self.copy_of, lift_groups_at=self.lift_groups_at)
             write_run_files(Path(self.cfg.save_dir) / tag, record, self.prepared.tokenizer_path)
         self.engine.save_checkpoint(self.cfg.save_dir, tag=tag,
                                     client_state={"ds_upcycle": {"position": asdict(self.position)}})
+
+    def lift_groups_if_due(self) -> bool:
+        """Past the recorded lift step, a token may take two copies of an expert again: the routers
+        drop their groups, and so does the model config that the next save records."""
+        due = self.lift_groups_at is not None and self.engine.global_steps >= self.lift_groups_at
+        if not due or self.model.cfg.route_groups is None:
+            return False
+        for router in self.model.routers:
+            router.route_group = None
+        self.model.cfg = self.model.cfg.replace(route_groups=None)
+        note(f"routing groups lifted after step {self.engine.global_steps} (recorded lift step {self.lift_groups_at})")
+        return True
 
     def train_step(self) -> dict:
         started, lr = time.perf_counter(), self.schedule.get_lr()[0]
@@ -250,8 +263,11 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.engine.global_steps - self.schedule.stage_start,
                    disable=not self.is_main, desc=f"train ({cfg.split})", unit="step", dynamic_ncols=True)
         history, val_loss = [], float("nan")
+        self.lift_groups_if_due()  # a run resumed past the lift step from a save taken before it
         while self.engine.global_steps < stage_end:
             record = self.train_step()
+            if self.lift_groups_if_due():
+                record["groups_lifted"] = True
             step, last = record["step"], record["step"] >= stage_end
             if last or (cfg.eval_interval and step % cfg.eval_interval == 0):
                 record.update(self.evaluate())
@@ -302,8 +318,9 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict, 
     engine, _, _, schedule = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                   config=ds_config, lr_scheduler=schedule_fn)
     position = _restore(engine, schedule, start, resuming, train_cfg, data_cfg) if start else Position(train_cfg.split)
-    origin, copy_of = (start.run_record.imported_from, start.run_record.copy_of) if start else (None, None)
-    trainer = Trainer(engine, model, schedule, train_cfg, data_cfg, prepared, position, origin, copy_of)
+    record = start.run_record if start else RunRecord(model_cfg)
+    trainer = Trainer(engine, model, schedule, train_cfg, data_cfg, prepared, position, record.imported_from,
+                      record.copy_of, record.lift_groups_at)
     if resuming:
         trainer.metrics.truncate_after(engine.global_steps)
     return trainer.run()

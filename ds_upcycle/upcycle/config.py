@@ -47,6 +47,15 @@ class ExpandConfig:
             takes the tokens on its side; see operator.split_router_rows.
         split_scale: the difference between two copies' router logits for a token one standard
             deviation from the middle of the expert's tokens along that direction.
+        lift_groups_after: with distinct_copies, lift the groups (a token may take two copies of an
+            expert again) after this many training steps of the expanded model. The step is recorded
+            in its run record (lift_groups_at), so every train.py run that continues it lifts there,
+            resumed or not.
+        reinit_fraction: share of each replica's hidden units (rows of its gate and up projections,
+            columns of its down projection) redrawn from the model's initialisation, their Adam
+            moments zeroed: 1 gives randomly initialised new experts, a fraction in between partial
+            re-initialisation (Drop-Upcycling style). The first copy of every expert stays exact.
+            The paper's negative baselines; 0 is its operator.
     """
 
     source: str
@@ -72,6 +81,8 @@ class ExpandConfig:
     distinct_copies: bool = False
     split_copies: bool = False
     split_scale: float = 0.5
+    lift_groups_after: int | None = None
+    reinit_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.num_experts is None) == (self.multiplier is None):
@@ -89,6 +100,13 @@ class ExpandConfig:
         if self.split_copies and not self.distinct_copies:
             raise UserError("--split-copies needs --distinct-copies: without group routing a token takes both "
                             "copies of an expert, whichever side of the split it lies on")
+        if self.lift_groups_after is not None:
+            if not self.distinct_copies:
+                raise UserError("--lift-groups-after lifts the groups of --distinct-copies; give that too")
+            if self.lift_groups_after < 1:
+                raise UserError(f"--lift-groups-after must be >= 1, got {self.lift_groups_after}")
+        if not 0 <= self.reinit_fraction <= 1:
+            raise UserError(f"--reinit-fraction must lie in [0, 1], got {self.reinit_fraction}")
         if not self.split_scale > 0:
             raise UserError(f"--split-scale must be > 0, got {self.split_scale}")
         if self.calibration_data is not None:

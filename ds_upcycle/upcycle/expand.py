@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -36,7 +37,7 @@ from ..trained.scores import ExpertScores, GradientStats, expert_score
 from .calibration import calibrate
 from .config import ExpandConfig
 from .operator import (NOISE_ON_BIAS, LayerExpansion, LayerPlan, copy_groups, copy_moment, expand_router, expand_rows,
-                       plan_layer, route_bias_scale)
+                       plan_layer, redraw, redrawn_units, route_bias_scale)
 from .split import measure_splits
 from .warmstart import WarmStart, warm_start
 
@@ -135,8 +136,33 @@ class ExpandedSource:
     def expert_state(self, layer: int, expert: int) -> dict[str, ParamState]:
         plan, mode = self.layers[layer].plan, self.cfg.optimizer_state
         # The reader assembles new tensors on every call, so they can be handed on without copying.
-        return {name: ParamState(state.fp32, *(copy_moment(t, plan, expert, m, mode) for m, t in _moments(state)))
-                for name, state in self.source.expert_state(layer, plan.sources[expert]).items()}
+        state = {name: ParamState(state.fp32, *(copy_moment(t, plan, expert, m, mode) for m, t in _moments(state)))
+                 for name, state in self.source.expert_state(layer, plan.sources[expert]).items()}
+        if self.cfg.reinit_fraction > 0 and bool(plan.replicas[expert]):
+            state = self._reinitialised(state, layer, expert)
+        return state
+
+    def _reinitialised(self, state: dict[str, ParamState], layer: int, expert: int) -> dict[str, ParamState]:
+        """A replica with cfg.reinit_fraction of its hidden units drawn as the model initialises them
+        (train.py's init_weights: std init_std, the down projection init_std / sqrt(2 n_layers)) and
+        their moments zeroed; seeded by (seed, layer, expert), as the writer may ask twice."""
+        model = self.meta.run_record.model
+        if set(state) != {*HIDDEN_ROWS, *HIDDEN_COLUMNS}:
+            raise UserError(f"--reinit-fraction: MoE layer {layer}'s experts hold {sorted(state)}, not a train.py "
+                            f"SwiGLU expert's {[*HIDDEN_ROWS, *HIDDEN_COLUMNS]}")
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + layer * 10_007 + expert)
+        units = redrawn_units(state[HIDDEN_ROWS[0]].fp32.shape[0], self.cfg.reinit_fraction, gen)
+        out = {}
+        for name, param in state.items():
+            dim = 0 if name in HIDDEN_ROWS else 1
+            std = model.init_std / (math.sqrt(2 * model.n_layers) if dim == 1 else 1.0)
+            out[name] = ParamState(redraw(param.fp32, units, dim, std, gen),
+                                   *(None if t is None else redraw(t, units, dim, 0.0, gen) for _, t in _moments(param)))
+        return out
+
+
+# A train.py expert's weights with one row per hidden unit; its down projection has one column each.
+HIDDEN_ROWS, HIDDEN_COLUMNS = ("w_gate.weight", "w_up.weight"), ("w_down.weight",)
 
 
 def _moments(state: ParamState):
@@ -154,7 +180,11 @@ def _expanded_record(plan: ExpansionPlan, cfg: ExpandConfig) -> RunRecord | None
     old_groups = record.model.route_groups or [None] * len(layers)
     groups = [copy_groups(old, layer) for old, layer in zip(old_groups, layers)] if cfg.distinct_copies else None
     expanded = record.with_experts([layer.num_target for layer in layers], groups)
-    return replace(expanded, copy_of=tuple(layer.sources for layer in layers))
+    # A lift belongs to the groups of one expansion: a reshard keeps a pending one, growing replaces it.
+    grows = any(layer.num_target > layer.num_source for layer in layers)
+    lift = (plan.source.meta.global_steps + cfg.lift_groups_after if cfg.lift_groups_after is not None
+            else None if grows else record.lift_groups_at)
+    return replace(expanded, copy_of=tuple(layer.sources for layer in layers), lift_groups_at=lift)
 
 
 def router_noise_target(source: CheckpointSource, layer: MoELayer, noise: float) -> str:
@@ -211,6 +241,9 @@ def open_source(cfg: ExpandConfig) -> tuple[CheckpointReader, RunData | None]:
         raise UserError(f"{source.path} has no MoE layers to expand")
     cfg.check_layers(len(source.moe_layers))
     _check_groups(cfg, source)
+    if cfg.reinit_fraction > 0 and (source.meta.run_record is None or any(layer.autoep for layer in source.moe_layers)):
+        raise UserError("--reinit-fraction draws new weights as train.py initialises them, which needs a train.py "
+                        "model's ds_upcycle.json (this checkpoint has none, or AutoEP experts)")
     run = None
     needs = (("--check-data", cfg.check_data), ("--calibration-data", cfg.calibration_data is not None),
              ("--split-copies", cfg.split_copies))

@@ -12,7 +12,8 @@ For one MoE layer with E source experts and a target of N > E experts:
    so that the source experts' routing is unchanged (a router without a bias gets the noise on the
    replicas' rows);
 4. the symmetry-breaking variants: routing groups for distinct copies (`copy_groups`) and copies
-   pulled apart along their tokens' main direction (`split_directions`, `split_router_rows`).
+   pulled apart along their tokens' main direction (`split_directions`, `split_router_rows`);
+   and the paper's negative baselines, replicas partly or wholly redrawn (`redrawn_units`).
 
 It knows nothing of files, DeepSpeed or ranks: tensors and plans in, tensors out.
 
@@ -272,6 +273,22 @@ def copy_groups(groups_E: Sequence[int] | None, plan: LayerPlan) -> list[int]:
     after a second expansion."""
     before = list(groups_E) if groups_E is not None else list(range(plan.num_source))
     return [before[source] for source in plan.sources]
+
+
+def redrawn_units(hidden: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Which of an expert's `hidden` units a re-initialisation of `fraction` redraws (sorted ids)."""
+    count = round(fraction * hidden)
+    return torch.randperm(hidden, generator=generator)[:count].sort().values
+
+
+def redraw(tensor: torch.Tensor, units: torch.Tensor, dim: int, std: float, generator: torch.Generator) -> torch.Tensor:
+    """`tensor` with the slices `units` along `dim` drawn anew from N(0, std^2) (zeros for std 0:
+    the Adam moments of the redrawn weights)."""
+    out = tensor.clone()
+    shape = list(tensor.shape)
+    shape[dim] = len(units)
+    fresh = torch.randn(shape, generator=generator, dtype=torch.float64) * std if std > 0 else torch.zeros(shape)
+    return out.index_copy_(dim, units, fresh.to(tensor.dtype))
 
 
 def route_bias_scale(plan: LayerPlan, score_func: str | None) -> float:
