@@ -51,6 +51,12 @@ class ReproduceConfig:
             groups are lifted after this many CPT steps. None: they stay.
         reinit_fraction: expand with `--reinit-fraction` (the paper's negative baselines: 1 gives
             randomly initialised replicas, a fraction in between partial re-initialisation).
+        growth: one more arm, grown in stages: each (share of T, experts) grows every MoE layer to
+            that many experts at that step, the counts rising to m * E (e.g. [[0.25, 6], [0.5, 8]]).
+            The first growth takes Fixed-E's stable-phase checkpoint (transition "stable"); every
+            stage runs at peak LR and is the first part of a stage that would end at T with
+            Fixed-E's anneal, so the next growth takes a stable-phase checkpoint too, and each stage
+            continues the data of the one before. Compared with the main arm's single jump.
         transition: "annealed" (the paper's protocol: the E-expert source ends with its own
             anneal at T0, and CPT warms up again and anneals at its end) or "stable" (the source is
             Fixed-E's own checkpoint at T0, taken in its stable phase, and CPT continues at the
@@ -93,6 +99,7 @@ class ReproduceConfig:
     split_copies: bool = False
     lift_groups_after: int | None = None
     reinit_fraction: float = 0.0
+    growth: tuple[tuple[float, int], ...] = ()
     transition: str = "annealed"
     data: str | None = DataConfig.source
     text_field: str = DataConfig.text_field
@@ -156,6 +163,8 @@ class ReproduceConfig:
                 if t0 % self.branch_interval:
                     raise UserError(f"transition stable: T0 = {t0} (cpt_fraction {fraction}) is not a multiple of "
                                     f"Fixed-E's checkpoint interval {self.branch_interval} (total_steps / 20)")
+        if self.growth:
+            self._check_growth()
         if self.router_noise < 0:
             raise UserError(f"router_noise must be >= 0, got {self.router_noise}")
         if self.data is not None and not self.data.strip():
@@ -179,6 +188,25 @@ class ReproduceConfig:
             raise UserError(f"seeds must be distinct non-negative integers, got {list(self.seeds)}")
         if self.eval_dtype not in DTYPES:
             raise UserError(f"eval_dtype must be one of {', '.join(DTYPES)}, got {self.eval_dtype!r}")
+
+    def _check_growth(self) -> None:
+        shares, counts = [f for f, _ in self.growth], [n for _, n in self.growth]
+        if any(not 0 < f < 1 for f in shares) or shares != sorted(set(shares)):
+            raise UserError(f"growth: the shares of T must rise strictly between 0 and 1, got {shares}")
+        if counts != sorted(set(counts)) or counts[0] <= self.num_experts or counts[-1] != self.big_experts:
+            raise UserError(f"growth: the expert counts must rise from above num_experts {self.num_experts} to "
+                            f"num_experts * multiplier = {self.big_experts}, got {counts}")
+        if self.transition != "stable":
+            raise UserError("growth takes Fixed-E's stable-phase checkpoint: set transition: stable")
+        steps, anneal = self.growth_steps, self.total_steps - self.decay_steps(self.total_steps)
+        if steps[0] % self.branch_interval or steps[-1] > anneal or len(set(steps)) < len(steps):
+            raise UserError(f"growth steps {steps}: the first must be a multiple of Fixed-E's checkpoint interval "
+                            f"{self.branch_interval}, all distinct and before the final anneal (step {anneal})")
+        check_expert_parallel(self.ep_size, counts, self.num_procs, world_name="num_procs")
+
+    @property
+    def growth_steps(self) -> list[int]:
+        return [round(share * self.total_steps) for share, _ in self.growth]
 
     @property
     def big_experts(self) -> int:
@@ -283,6 +311,9 @@ def config_from_dict(data: dict, origin: str) -> ReproduceConfig:
     for key, value in data.items():
         if key not in _FIELDS:
             raise UserError(f"{origin}: unknown field {key!r}{did_you_mean(key, _FIELDS)}")
+        if key == "growth":
+            values[key] = growth_value(value)
+            continue
         try:
             values[key] = field_value(_FIELDS[key], value)
         except ValueError as err:
@@ -292,6 +323,17 @@ def config_from_dict(data: dict, origin: str) -> ReproduceConfig:
         return ReproduceConfig(**values)
     except TypeError as err:
         raise UserError(f"{origin}: {err}") from None
+
+
+def growth_value(value) -> tuple[tuple[float, int], ...]:
+    """[[share, experts], ...] from a config file (none or [] for no staged arm)."""
+    if value is None:
+        return ()
+    pairs = value if isinstance(value, (list, tuple)) else [None]
+    if not all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], (int, float))
+               and isinstance(p[1], int) and not isinstance(p[1], bool) for p in pairs):
+        raise UserError(f"config field growth must be a list of [share of T, experts] pairs, got {value!r}")
+    return tuple((float(share), count) for share, count in pairs)
 
 
 def load_config(name_or_file: str, **changes) -> ReproduceConfig:

@@ -36,7 +36,8 @@ def run_stages(exp: Experiment, plan: Plan) -> None:
             say(f"[{stage.name}] {stage.branch[0]} at step {stage.branch[1]}")
             record = stages.run_branch_stage(exp, stage)
         elif isinstance(stage, ExpandStage):
-            say(f"[{stage.name}] expanding {stage.source} to {cfg.big_experts} experts ({stage.select})")
+            say(f"[{stage.name}] expanding {stage.source} to {stage.num_experts or cfg.big_experts} experts "
+                f"({stage.select})")
             record = stages.run_expand_stage(exp, stage)
             ws = record["warm_start"]
             say(f"[{stage.name}] warm start: validation loss {ws['source_loss']:.4f} -> {ws['expanded_loss']:.4f} "

@@ -8,6 +8,8 @@ Arms (directories under the output directory):
     expanded-cptNN-RULE     source-cptNN expanded to m*E experts with selection RULE
     upcycled-cptNN-RULE     continued pre-training of the expansion for T - T0 steps on the cpt split
     continued-e-cptNN       control: the same CPT stage from source-cptNN without expansion
+    staged-expanded-N       with `growth`: the checkpoint before, grown to N experts
+    staged-N                its continued pre-training up to the next growth step (the last: to T)
 
 A source run and Fixed-E are the same run until the source's anneal begins (same init, data order
 and warmup; the LR is flat in between), so a source run starts from a Fixed-E checkpoint taken
@@ -17,6 +19,7 @@ before that point and only trains the rest, with its own schedule end. Fixed-E s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .config import ReproduceConfig
@@ -44,6 +47,8 @@ class TrainStage:
     save_interval: int = 0
     warmup: int | None = None
     decay_fraction: float | None = None
+    exit_at: int | None = None          # stop at this global step (a stage of staged growth)
+    keep_data_position: bool = False    # continue the loaded checkpoint's data (staged growth)
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class ExpandStage:
     name: str
     source: str
     select: str
+    num_experts: int | None = None      # target experts; None: the config's multiplier
 
 
 @dataclass(frozen=True)
@@ -76,18 +82,46 @@ class UpcycledArm:
 
 
 @dataclass(frozen=True)
+class StagedArm:
+    """Growth in stages: grown to counts[i] experts at steps[i], from `source` (Fixed-E at steps[0])."""
+
+    num_experts: int
+    steps: tuple[int, ...]
+    counts: tuple[int, ...]
+    source: str
+
+    @property
+    def expanded(self) -> tuple[str, ...]:
+        return tuple(f"staged-expanded-{n}" for n in self.counts)
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        return tuple(f"staged-{n}" for n in self.counts)
+
+    @property
+    def cpt(self) -> str:
+        return self.trained[-1]
+
+    @property
+    def label(self) -> str:
+        counts = " -> ".join(map(str, (self.num_experts, *self.counts)))
+        return f"staged {counts} at steps {', '.join(map(str, self.steps))}"
+
+
+@dataclass(frozen=True)
 class Plan:
     stages: tuple[TrainStage | BranchStage | ExpandStage, ...]
     upcycled: tuple[UpcycledArm, ...]
     main: UpcycledArm
     branch_steps: tuple[int, ...]
     control: str | None = None
+    staged: StagedArm | None = None
 
     @property
     def evaluated(self) -> tuple[str, ...]:
         """Arms whose final checkpoints are evaluated, Fixed-E first."""
         return (FIXED_E, self.main.cpt, FIXED_ME, *(a.cpt for a in self.upcycled if a != self.main),
-                *((self.control,) if self.control else ()))
+                *((self.control,) if self.control else ()), *((self.staged.cpt,) if self.staged else ()))
 
 
 def branch_step(cfg: ReproduceConfig, transition: int) -> int | None:
@@ -120,6 +154,12 @@ def make_plan(cfg: ReproduceConfig) -> Plan:
     main = next(a for a in arms if a.cpt_fraction == cfg.cpt_fraction and a.select == cfg.select)
 
     sources = {a.source: a.transition for a in arms}
+    staged = None
+    if cfg.growth:
+        steps = tuple(cfg.growth_steps)
+        staged = StagedArm(cfg.num_experts, steps, tuple(n for _, n in cfg.growth),
+                           f"source-{_tag(1 - steps[0] / cfg.total_steps)}")
+        sources.setdefault(staged.source, steps[0])
     stable = cfg.transition == "stable"
     branches = {name: t0 if stable else branch_step(cfg, t0) for name, t0 in sources.items()}
     steps = tuple(sorted({b for b in branches.values() if b is not None}))
@@ -139,7 +179,21 @@ def make_plan(cfg: ReproduceConfig) -> Plan:
     control = f"continued-e-{_tag(main.cpt_fraction)}" if cfg.control else None
     if control:
         stages.append(_cpt_stage(cfg, control, main.transition, main.source))
-    return Plan(tuple(stages), tuple(arms), main, steps, control)
+    if staged:
+        stages += _staged_stages(cfg, staged)
+    return Plan(tuple(stages), tuple(arms), main, steps, control, staged)
+
+
+def _staged_stages(cfg: ReproduceConfig, arm: StagedArm) -> list:
+    """Expand, train to the next growth step (exiting a stage that would end at T), expand again, ..."""
+    out, previous = [], arm.source
+    ends = (*arm.steps[1:], None)
+    for i, (step, count, end) in enumerate(zip(arm.steps, arm.counts, ends)):
+        out.append(ExpandStage(arm.expanded[i], previous, cfg.select, count))
+        stage = _cpt_stage(cfg, arm.trained[i], step, arm.expanded[i])
+        out.append(dataclasses.replace(stage, exit_at=end, keep_data_position=i > 0))
+        previous = arm.trained[i]
+    return out
 
 
 def _cpt_stage(cfg: ReproduceConfig, name: str, transition: int, load: str) -> TrainStage:

@@ -49,10 +49,19 @@ def summarize(cfg: ReproduceConfig, plan: Plan, out: Path) -> dict:
         loss = json.loads(results_path(out, plan.control).read_text())["ds_upcycle"].get("val_loss")
         control = {"arm": plan.control, "source": plan.main.source, "cpt_fraction": plan.main.cpt_fraction,
                    "val_loss": loss}
+    staged = None
+    if plan.staged:
+        arm = plan.staged
+        runs = [results_path(out, FIXED_E), results_path(out, arm.cpt), results_path(out, FIXED_ME)]
+        loss_row = next(row for row in compare([str(p) for p in runs], _labels(cfg, arm.label)).rows
+                        if row.kind == "loss")
+        staged = {"arm": arm.cpt, "label": arm.label, "growth": [[s, n] for s, n in zip(arm.steps, arm.counts)],
+                  "warm_starts": [manifest(out, name).get("warm_start") for name in arm.expanded],
+                  "val_loss": loss_row.values[1], "gap_closed": loss_row.gap_closure()}
     return {"config": cfg.to_dict(), "total_steps": cfg.total_steps,
             "fixed_e": {"num_experts": cfg.num_experts, "val_loss": fixed[FIXED_E].get("val_loss")},
             "fixed_me": {"num_experts": cfg.big_experts, "val_loss": fixed[FIXED_ME].get("val_loss")},
-            "main_arm": plan.main.cpt, "upcycled": arms, "control": control}
+            "main_arm": plan.main.cpt, "upcycled": arms, "control": control, "staged": staged}
 
 
 def _pct(value: float | None) -> str:
@@ -78,6 +87,12 @@ def summary_markdown(summary: dict) -> str:
     if control:
         lines.append(f"| {control['arm']} (control: {e['num_experts']} experts, no expansion) | "
                      f"{_pct(control['cpt_fraction'])} | - | - | {control['val_loss']:.4f} | - |")
+    staged = summary.get("staged")
+    if staged:
+        jumps = ", ".join("-" if not ws else f"{ws['jump']:+.4f}" for ws in staged["warm_starts"])
+        gap = _pct(staged["gap_closed"]) if defined else "n/a"
+        lines.append(f"| {staged['arm']} ({staged['label']}) | - | {cfg['select']} | jumps {jumps} | "
+                     f"{staged['val_loss']:.4f} | {gap} |")
     lines.append(f"| Fixed-mE ({me['num_experts']}) | - | - | - | {me['val_loss']:.4f} | - |")
     lines += ["", "Gap closed = (L_fixedE - L_upcycled) / (L_fixedE - L_fixedmE) on validation loss; the warm "
               "start is measured on the first validation sequences right after expansion."

@@ -99,6 +99,10 @@ def aggregate(summaries: dict[int, dict]) -> dict:
               "capacity_gap": {**gap, "in_pooled_std": gap["mean"] / pooled if pooled else None},
               "main_arm": first["main_arm"],
               "upcycled": [_arm_figures(summaries, a["arm"]) for a in first["upcycled"]], "control": None}
+    if first.get("staged"):
+        report["staged"] = {"arm": first["staged"]["arm"], "label": first["staged"]["label"],
+                            "val_loss": spread({s: x["staged"]["val_loss"] for s, x in summaries.items()}),
+                            "gap_closed": spread({s: x["staged"]["gap_closed"] for s, x in summaries.items()})}
     if first.get("control"):
         report["control"] = {"arm": first["control"]["arm"], "cpt_fraction": first["control"]["cpt_fraction"],
                              "val_loss": spread({s: x["control"]["val_loss"] for s, x in summaries.items()})}
@@ -133,6 +137,11 @@ def seed_markdown(report: dict) -> str:
     if control:
         lines.append(f"| {control['arm']} (control: no expansion) | {100 * control['cpt_fraction']:.1f}% | - | "
                      f"{_show(control['val_loss'])} | - | - | - |")
+    staged = report.get("staged")
+    if staged:
+        closed = _show(staged["gap_closed"], True) if defined else "n/a"
+        lines.append(f"| {staged['arm']} ({staged['label']}) | - | - | {_show(staged['val_loss'])} | {closed} "
+                     f"| - | - |")
     lines.append(f"| Fixed-mE ({me['num_experts']}) | - | - | {_show(me['val_loss'])} | - | - | - |")
     ratio = gap["in_pooled_std"]
     lines += ["", f"Capacity gap L(Fixed-E) - L(Fixed-mE): {_show(gap)}"
@@ -154,6 +163,8 @@ def plot_seeds(report: dict, path: Path) -> Path:
     rows += [(arm["arm"], arm["val_loss"]) for arm in report["upcycled"]]
     if report.get("control"):
         rows.append(("control", report["control"]["val_loss"]))
+    if report.get("staged"):
+        rows.append((report["staged"]["arm"], report["staged"]["val_loss"]))
     rows.append((f"Fixed-mE ({report['fixed_me']['num_experts']})", report["fixed_me"]["val_loss"]))
     fig, ax = plt.subplots(figsize=(7.5, 0.6 * len(rows) + 1.5))
     for y, (label, figure) in enumerate(rows):

@@ -79,6 +79,10 @@ def train_args(exp: Experiment, stage: TrainStage) -> list[str]:
                  "--set", f"num_experts={stage.experts}", "--split", stage.split]
     if stage.save_interval:
         args += ["--save-interval", str(stage.save_interval)]
+    if stage.exit_at is not None:
+        args += ["--exit-at", str(stage.exit_at)]
+    if stage.keep_data_position:
+        args.append("--keep-data-position")
     return args
 
 
@@ -158,7 +162,8 @@ def run_expand_stage(exp: Experiment, stage: ExpandStage) -> dict:
     cfg, out = exp.cfg, exp.out
     started = time.perf_counter()
     expand_cfg = ExpandConfig(source=str(out / stage.source), destination=str(out / stage.name),
-                              multiplier=cfg.multiplier, select=stage.select, router_noise=cfg.router_noise,
+                              multiplier=None if stage.num_experts else cfg.multiplier,
+                              num_experts=stage.num_experts, select=stage.select, router_noise=cfg.router_noise,
                               distinct_copies=cfg.distinct_copies, split_copies=cfg.split_copies,
                               lift_groups_after=cfg.lift_groups_after, reinit_fraction=cfg.reinit_fraction,
                               seed=cfg.seed, force=True, check_data=True, check_samples=cfg.eval_samples,

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-lr-ratio", type=float, default=TrainConfig.min_lr_ratio)
     t.add_argument("--fresh-schedule", action="store_true",
                    help="start a new LR stage from --load, keeping its optimizer state (CPT)")
+    t.add_argument("--keep-data-position", action="store_true",
+                   help="with --fresh-schedule: continue from the --load checkpoint's place in the same split")
     t.add_argument("--micro-batch-size", type=int, default=None, help="overrides the DeepSpeed config")
     t.add_argument("--grad-accum-steps", type=int, default=None, help="overrides the DeepSpeed config")
     t.add_argument("--ep-size", type=int, default=TrainConfig.ep_size, help="expert-parallel size")
@@ -96,7 +98,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, DataConfig
                       cpt_fraction=args.cpt_fraction, cache_dir=args.data_cache)
     train = TrainConfig(steps=args.steps, split=args.split, warmup_steps=args.warmup_steps,
                         decay_fraction=args.decay_fraction, min_lr_ratio=args.min_lr_ratio,
-                        fresh_schedule=args.fresh_schedule, eval_interval=args.eval_interval,
+                        fresh_schedule=args.fresh_schedule, keep_data_position=args.keep_data_position,
+                        eval_interval=args.eval_interval,
                         eval_samples=args.eval_samples, save_interval=args.save_interval, seed=args.seed,
                         ep_size=args.ep_size, save_dir=args.save_dir, load_dir=args.load_dir, exit_at=args.exit_at)
     return train, data

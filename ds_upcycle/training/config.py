@@ -20,6 +20,9 @@ class TrainConfig:
         min_lr_ratio: LR at the end of the decay, as a fraction of the peak.
         fresh_schedule: start a new LR stage (and data position) from the --load checkpoint
             while keeping its optimizer state; use it when CPT starts from an expanded checkpoint.
+        keep_data_position: with fresh_schedule, go on from the --load checkpoint's place in its
+            data split (when it trained on the same split) rather than from the split's first
+            sample: a stage of staged growth continues the data of the stage before it.
         eval_interval: validation every this many steps (and at the end); 0 = only at the end.
         eval_samples: validation sequences (the first ones of the val split, the same for every run).
         save_interval: checkpoint every this many steps (and at the end); 0 = only at the end.
@@ -40,6 +43,7 @@ class TrainConfig:
     decay_fraction: float = 0.1
     min_lr_ratio: float = 0.0
     fresh_schedule: bool = False
+    keep_data_position: bool = False
     eval_interval: int = 50
     eval_samples: int = 256
     save_interval: int = 0
@@ -60,6 +64,9 @@ class TrainConfig:
             raise UserError(f"--ep-size must be >= 1, got {self.ep_size}")
         if self.fresh_schedule and not self.load_dir:
             raise UserError("--fresh-schedule needs --load")
+        if self.keep_data_position and not self.fresh_schedule:
+            raise UserError("--keep-data-position applies to a new stage: give --fresh-schedule too "
+                            "(a resumed run always keeps its data position)")
         if self.exit_at is not None and (self.exit_at < 1 or not self.save_dir):
             raise UserError("--exit-at needs a step >= 1 and --save (the run resumes from what it saves)")
 

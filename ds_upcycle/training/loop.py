@@ -184,7 +184,7 @@ def _restore(engine, schedule: WSDSchedule, start: CheckpointRef, resuming: bool
                            f"sample (the run was saved on {saved.split})")
     for line in changes:
         note(line)
-    same_data = saved.split == cfg.split and not new_stage
+    same_data = saved.split == cfg.split and (not new_stage or cfg.keep_data_position)
     return Position(cfg.split, saved.samples if same_data else 0, saved.tokens)
 
 
