@@ -1,6 +1,6 @@
 """How a reproduce config's bigger model builds its lead: Fixed-E and Fixed-mE alone, over seeds.
 
-    python scripts/regime_lead.py --config stream --seeds 0,1,2,3 --out runs/stream-lead [--upcycled]
+    python scripts/regime_lead.py --config stream --seeds 0,1,2,3 --out runs/stream-lead [--upcycled] [--staged]
 
 Runs the two fixed-size arms of `ds-upcycle reproduce` (the same train.py commands, from its own
 plan, in the same directories: OUT/seed-<s>/fixed-e, ...) for every seed, two runs at a time,
@@ -11,6 +11,7 @@ of the final mean lead already held at that step. This measures the regime befor
 applied to it. With --upcycled it also runs the config's main upcycled arm (its cpt_fraction and
 select: source, expansion, CPT) and prints its warm-start jump and the gap it closes at T, per seed
 (paired: (L_E - L_up) / (L_E - L_mE) of the same seed), all from the evaluations during training.
+With --staged, the same for the config's staged-growth arm (`growth`), with the jump of each growth.
 """
 
 from __future__ import annotations
@@ -32,12 +33,17 @@ from ds_upcycle.reproduce.stages import (MARKER, is_complete, mark_complete, run
                                          run_train_stage)
 
 
-def jobs_of(exp: Experiment, upcycled: bool) -> list[list]:
-    """Chains of stages to run in order: Fixed-mE alone; Fixed-E, then (--upcycled) the main arm."""
+def jobs_of(exp: Experiment, upcycled: bool, staged: bool) -> list[list]:
+    """Chains of stages to run in order: Fixed-mE alone; Fixed-E, then (--upcycled) the main arm and
+    (--staged) the staged-growth arm."""
     plan = make_plan(exp.cfg)
+    if staged and plan.staged is None:
+        raise UserError(f"--staged: config {exp.cfg.name} has no growth schedule")
     by_name = {stage.name: stage for stage in plan.stages}
-    main = [by_name[n] for n in (plan.main.source, plan.main.expanded, plan.main.cpt)] if upcycled else []
-    return [[by_name[FIXED_ME]], [by_name[FIXED_E], *main]]
+    names = [plan.main.source, plan.main.expanded, plan.main.cpt] if upcycled else []
+    if staged:
+        names += [plan.staged.source, *(n for pair in zip(plan.staged.expanded, plan.staged.trained) for n in pair)]
+    return [[by_name[FIXED_ME]], [by_name[FIXED_E], *(by_name[n] for n in dict.fromkeys(names))]]
 
 
 def run_chain(exp: Experiment, chain: list) -> None:
@@ -80,20 +86,21 @@ def lead_table(curves: dict[int, tuple[dict[int, float], dict[int, float]]], exp
     return "\n".join(lines)
 
 
-def upcycled_table(exps: list[Experiment]) -> str:
-    plan = make_plan(exps[0].cfg)
-    lines = [f"| seed | Fixed-E at T | Fixed-mE at T | {plan.main.label} at T | warm-start jump | gap closed |",
+def upcycled_table(exps: list[Experiment], label: str, arm: str, expansions: tuple[str, ...]) -> str:
+    """Per seed: the fixed arms and `arm` at T, the warm-start jump of each of its expansions, the gap closed."""
+    lines = [f"| seed | Fixed-E at T | Fixed-mE at T | {label} at T | warm-start jump | gap closed |",
              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
     closed = []
     for exp in exps:
-        final = {arm: val_curve(exp.out / arm) for arm in (FIXED_E, FIXED_ME, plan.main.cpt)}
+        final = {name: val_curve(exp.out / name) for name in (FIXED_E, FIXED_ME, arm)}
         step = exp.cfg.total_steps
         if any(step not in curve for curve in final.values()):
             raise UserError(f"{exp.out}: an arm has no evaluation at step {step}")
-        e, m, up = (final[arm][step] for arm in (FIXED_E, FIXED_ME, plan.main.cpt))
+        e, m, up = (final[name][step] for name in (FIXED_E, FIXED_ME, arm))
         closed.append((e - up) / (e - m))
-        jump = json.loads((exp.out / plan.main.expanded / MARKER).read_text())["warm_start"]["jump"]
-        lines.append(f"| {exp.cfg.seed} | {e:.4f} | {m:.4f} | {up:.4f} | {jump:+.4f} | {closed[-1]:.1%} |")
+        jumps = ", ".join(f"{json.loads((exp.out / name / MARKER).read_text())['warm_start']['jump']:+.4f}"
+                          for name in expansions)
+        lines.append(f"| {exp.cfg.seed} | {e:.4f} | {m:.4f} | {up:.4f} | {jumps} | {closed[-1]:.1%} |")
     mean, std = mean_std(closed)
     lines.append(f"| mean ± std | | | | | {mean:.1%} ± {std:.1%} |")
     return "\n".join(lines)
@@ -107,6 +114,7 @@ def main() -> None:
     parser.add_argument("--data-cache", default=None)
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (each one process)")
     parser.add_argument("--upcycled", action="store_true", help="also run and report the main upcycled arm")
+    parser.add_argument("--staged", action="store_true", help="also run and report the staged-growth arm")
     args = parser.parse_args()
     try:
         base = load_config(args.config)
@@ -114,16 +122,20 @@ def main() -> None:
         exps = [Experiment(dataclasses.replace(base, seed=s, seeds=()), Path(args.out) / f"seed-{s}",
                            args.data_cache) for s in seeds]
         # Runs that start together may each prepare the data; the cache keeps the first complete copy.
-        jobs = [(exp, chain) for exp in exps for chain in jobs_of(exp, args.upcycled)]
+        jobs = [(exp, chain) for exp in exps for chain in jobs_of(exp, args.upcycled, args.staged)]
         with ThreadPoolExecutor(args.parallel) as pool:
             list(pool.map(lambda job: run_chain(*job), jobs))
         curves = {exp.cfg.seed: (val_curve(exp.out / FIXED_E), val_curve(exp.out / FIXED_ME)) for exp in exps}
         print(f"{base.name}: {base.num_experts} vs {base.big_experts} experts, {base.total_steps} steps, "
               f"data {base.data}, seeds {args.seeds}")
         print(lead_table(curves, (base.num_experts, base.big_experts)))
+        plan = make_plan(exps[0].cfg)
         if args.upcycled:
             print()
-            print(upcycled_table(exps))
+            print(upcycled_table(exps, plan.main.label, plan.main.cpt, (plan.main.expanded,)))
+        if args.staged:
+            print()
+            print(upcycled_table(exps, plan.staged.label, plan.staged.cpt, plan.staged.expanded))
     except UserError as err:
         sys.exit(f"regime_lead: {err}")
 

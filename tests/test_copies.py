@@ -11,7 +11,8 @@ import torch
 from conftest import SOURCE_MODEL, check_ok, expand_cli, run_train, tiny_run_args
 from ds_upcycle.checkpoint import read_checkpoint, read_metrics
 from ds_upcycle.trained import RunData, load_model, validation_loss
-from ds_upcycle.trained.copies import co_selected, counting, expert_vectors, pair_distances
+from ds_upcycle.trained.copies import (checkpoint_copy_diagnostics, co_selected, counting, expert_vectors,
+                                      pair_distances)
 
 
 def test_pair_distances_of_known_vectors():
@@ -63,6 +64,10 @@ def test_expanded_run_records_copy_diagnostics(trained_source, tmp_path):
         assert 0 < record["sibling_distance"] < record["cross_distance"]  # copies start equal
         # the same tokens, split over two ranks there: a near-tie may route one differently
         assert record["co_selected"] == pytest.approx(shares[i], abs=0.01)
+    # the same from the checkpoint on disk, lineage from its record (scripts/copy_diagnostics.py)
+    offline = checkpoint_copy_diagnostics(cpt, samples=8)
+    assert [r["sibling_distance"] for r in offline] == pytest.approx([r["sibling_distance"] for r in final], rel=1e-5)
+    assert [r["co_selected"] for r in offline] == pytest.approx(shares)
 
 
 def _layer_sources(dst):

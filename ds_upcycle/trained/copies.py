@@ -24,7 +24,11 @@ from typing import Iterator, Sequence
 import torch
 
 from .. import comm
+from ..errors import UserError
 from ..model import Transformer
+from .data import RunData
+from .loss import validation_loss
+from .model import load_model
 
 
 def pair_distances(vectors_EP: torch.Tensor, copy_of: Sequence[int]) -> dict[str, float | None]:
@@ -95,3 +99,16 @@ def copy_diagnostics(model: Transformer, copy_of: Sequence[Sequence[int]], count
     shares = counter.shares()
     return [{"layer": layer_id, **pair_distances(expert_vectors(model, i), copy_of[i]), "co_selected": shares[i]}
             for i, layer_id in enumerate(model.cfg.moe_layer_ids)]
+
+
+def checkpoint_copy_diagnostics(path, copy_of: Sequence[Sequence[int]] | None = None, samples: int = 128,
+                                data_cache: str | None = None) -> list[dict]:
+    """The same records for a checkpoint on disk, in one process: distances of its weights, co-selection
+    over the first `samples` sequences of its validation split. `copy_of` defaults to its record's."""
+    loaded = load_model(path)
+    lineage = copy_of if copy_of is not None else loaded.record.copy_of
+    if lineage is None:
+        raise UserError(f"{loaded.ref.path} records no expansion (copy_of); give the sources of its experts")
+    with counting(loaded.model, lineage) as counter:
+        validation_loss(loaded.model, RunData(loaded.ref, data_cache).split("val"), samples, 8)
+    return copy_diagnostics(loaded.model, lineage, counter)
