@@ -12,6 +12,7 @@ applied to it. With --upcycled it also runs the config's main upcycled arm (its 
 select: source, expansion, CPT) and prints its warm-start jump and the gap it closes at T, per seed
 (paired: (L_E - L_up) / (L_E - L_mE) of the same seed), all from the evaluations during training.
 With --staged, the same for the config's staged-growth arm (`growth`), with the jump of each growth.
+Each seed's directory gets copies.png: the copy diagnostics of the arms run there (plots.plot_copies).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ds_upcycle.errors import UserError
 from ds_upcycle.reproduce.config import load_config
 from ds_upcycle.reproduce.experiment import Experiment
 from ds_upcycle.reproduce.plan import FIXED_E, FIXED_ME, BranchStage, ExpandStage, make_plan
+from ds_upcycle.reproduce.plots import plot_copies
 from ds_upcycle.reproduce.stages import (MARKER, is_complete, mark_complete, run_branch_stage, run_expand_stage,
                                          run_train_stage)
 
@@ -136,6 +138,8 @@ def main() -> None:
         if args.staged:
             print()
             print(upcycled_table(exps, plan.staged.label, plan.staged.cpt, plan.staged.expanded))
+        for exp in exps:  # the copy diagnostics of the arms run here, where they were recorded
+            plot_copies(exp.out, plan, exp.out / "copies.png")
     except UserError as err:
         sys.exit(f"regime_lead: {err}")
 

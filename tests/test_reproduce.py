@@ -291,3 +291,4 @@ def test_staged_growth_runs_each_stage_at_fixed_e_learning_rate_and_continues_it
     assert staged["gap_closed"] == pytest.approx((e - staged["val_loss"]) / (e - me))
     assert staged["growth"] == [[4, 6], [8, 8]] and len(staged["warm_starts"]) == 2
     assert "staged 4 -> 6 -> 8 at steps 4, 8" in (out / "results" / "summary.md").read_text()
+    assert (out / "results" / "copies.png").stat().st_size > 5000  # the staged stages' diagnostics too

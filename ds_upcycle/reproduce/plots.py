@@ -135,21 +135,34 @@ def copy_curves(records: list[dict]) -> dict[str, list]:
     return curves
 
 
+def _copy_runs(out: Path, plan: Plan) -> list[tuple[str, list[dict]]]:
+    """(label, metrics records) of every upcycled arm that has run, the staged arm's stages joined."""
+    runs = [(arm.label, [arm.cpt]) for arm in plan.upcycled]
+    if plan.staged:
+        runs.append((plan.staged.label, list(plan.staged.trained)))
+    found = []
+    for label, arms in runs:
+        files = [out / arm / "metrics.jsonl" for arm in arms]
+        if all(f.is_file() for f in files):
+            found.append((label, [r for f in files for r in read_metrics(f)]))
+    return found
+
+
 def plot_copies(out: Path, plan: Plan, path: Path) -> Path | None:
     """Left: sibling (solid) and cross (dashed) relative weight distance; right: co-selection share;
     one colour per upcycled arm, means over MoE layers. None when no arm recorded them."""
-    arms = [(arm, copy_curves(read_metrics(out / arm.cpt / "metrics.jsonl"))) for arm in plan.upcycled]
-    arms = [(arm, c) for arm, c in arms if c["step"]]
+    arms = [(label, copy_curves(records)) for label, records in _copy_runs(out, plan)]
+    arms = [(label, c) for label, c in arms if c["step"]]
     if not arms:
         return None
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     cmap = plt.get_cmap("tab10")
-    for n, (arm, c) in enumerate(arms):
+    for n, (label, c) in enumerate(arms):
         color = cmap(n % cmap.N)
-        left.plot(c["step"], c["sibling_distance"], color=color, marker=".", label=f"{arm.label}: siblings")
+        left.plot(c["step"], c["sibling_distance"], color=color, marker=".", label=f"{label}: siblings")
         left.plot(c["step"], c["cross_distance"], color=color, linestyle="--", alpha=0.7, label="other sources")
-        right.plot(c["step"], c["co_selected"], color=color, marker=".", label=arm.label)
+        right.plot(c["step"], c["co_selected"], color=color, marker=".", label=label)
     left.set_ylabel("relative weight distance")
     left.set_title("copies of one expert (solid) vs experts of different sources (dashed)", fontsize=9)
     right.set_ylabel("share of tokens taking two copies of one expert")
