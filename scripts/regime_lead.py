@@ -10,7 +10,9 @@ evaluation: both arms (mean ± sample std over seeds), the paired lead Fixed-E -
 of the final mean lead already held at that step. This measures the regime before any method is
 applied to it. With --upcycled it also runs the config's main upcycled arm (its cpt_fraction and
 select: source, expansion, CPT) and prints its warm-start jump and the gap it closes at T, per seed
-(paired: (L_E - L_up) / (L_E - L_mE) of the same seed), all from the evaluations during training.
+(paired: (L_E - L_up) / (L_E - L_mE) of the same seed), from the evaluation during training at T
+and again from reproduce's final evaluation of the three checkpoints (the first final_val_samples
+validation sequences), which reproduce's own tables report.
 With --staged, the same for the config's staged-growth arm (`growth`), with the jump of each growth.
 Each seed's directory gets copies.png: the copy diagnostics of the arms run there (plots.plot_copies).
 """
@@ -19,18 +21,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ds_upcycle.checkpoint import read_metrics
+from ds_upcycle.checkpoint import find_checkpoint, read_metrics
 from ds_upcycle.errors import UserError
 from ds_upcycle.reproduce.config import load_config
 from ds_upcycle.reproduce.experiment import Experiment
 from ds_upcycle.reproduce.plan import FIXED_E, FIXED_ME, BranchStage, ExpandStage, make_plan
 from ds_upcycle.reproduce.plots import plot_copies
+from ds_upcycle.trained import RunData, checkpoint_loss
 from ds_upcycle.reproduce.stages import (MARKER, is_complete, mark_complete, run_branch_stage, run_expand_stage,
                                          run_train_stage)
 
@@ -88,11 +92,24 @@ def lead_table(curves: dict[int, tuple[dict[int, float], dict[int, float]]], exp
     return "\n".join(lines)
 
 
-def upcycled_table(exps: list[Experiment], label: str, arm: str, expansions: tuple[str, ...]) -> str:
+@functools.cache
+def _final_loss(checkpoint: Path, samples: int, data_cache: str | None) -> float:
+    ref = find_checkpoint(checkpoint)
+    data = RunData(ref, data_cache).split("val")
+    return checkpoint_loss(ref.path, data, min(samples, data.num_samples))
+
+
+def final_loss(exp: Experiment, arm: str, samples: int) -> float:
+    """reproduce's final evaluation of an arm's last checkpoint (evaluate.py, validation loss only)."""
+    return _final_loss((exp.out / arm).resolve(), samples, exp.data_cache)
+
+
+def upcycled_table(exps: list[Experiment], label: str, arm: str, expansions: tuple[str, ...], samples: int) -> str:
     """Per seed: the fixed arms and `arm` at T, the warm-start jump of each of its expansions, the gap closed."""
-    lines = [f"| seed | Fixed-E at T | Fixed-mE at T | {label} at T | warm-start jump | gap closed |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
-    closed = []
+    lines = [f"| seed | Fixed-E at T | Fixed-mE at T | {label} at T | warm-start jump | gap closed "
+             f"| final eval ({samples} seq): Fixed-E | Fixed-mE | {label} | gap closed |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    closed, closed_final = [], []
     for exp in exps:
         final = {name: val_curve(exp.out / name) for name in (FIXED_E, FIXED_ME, arm)}
         step = exp.cfg.total_steps
@@ -100,11 +117,15 @@ def upcycled_table(exps: list[Experiment], label: str, arm: str, expansions: tup
             raise UserError(f"{exp.out}: an arm has no evaluation at step {step}")
         e, m, up = (final[name][step] for name in (FIXED_E, FIXED_ME, arm))
         closed.append((e - up) / (e - m))
+        fe, fm, fup = (final_loss(exp, name, samples) for name in (FIXED_E, FIXED_ME, arm))
+        closed_final.append((fe - fup) / (fe - fm))
         jumps = ", ".join(f"{json.loads((exp.out / name / MARKER).read_text())['warm_start']['jump']:+.4f}"
                           for name in expansions)
-        lines.append(f"| {exp.cfg.seed} | {e:.4f} | {m:.4f} | {up:.4f} | {jumps} | {closed[-1]:.1%} |")
+        lines.append(f"| {exp.cfg.seed} | {e:.4f} | {m:.4f} | {up:.4f} | {jumps} | {closed[-1]:.1%} "
+                     f"| {fe:.4f} | {fm:.4f} | {fup:.4f} | {closed_final[-1]:.1%} |")
     mean, std = mean_std(closed)
-    lines.append(f"| mean ± std | | | | | {mean:.1%} ± {std:.1%} |")
+    fmean, fstd = mean_std(closed_final)
+    lines.append(f"| mean ± std | | | | | {mean:.1%} ± {std:.1%} | | | | {fmean:.1%} ± {fstd:.1%} |")
     return "\n".join(lines)
 
 
@@ -117,6 +138,8 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (each one process)")
     parser.add_argument("--upcycled", action="store_true", help="also run and report the main upcycled arm")
     parser.add_argument("--staged", action="store_true", help="also run and report the staged-growth arm")
+    parser.add_argument("--final-samples", type=int, default=None,
+                        help="validation sequences of the final evaluation (default: the config's final_val_samples)")
     args = parser.parse_args()
     try:
         base = load_config(args.config)
@@ -132,12 +155,13 @@ def main() -> None:
               f"data {base.data}, seeds {args.seeds}")
         print(lead_table(curves, (base.num_experts, base.big_experts)))
         plan = make_plan(exps[0].cfg)
+        samples = args.final_samples or base.final_val_samples
         if args.upcycled:
             print()
-            print(upcycled_table(exps, plan.main.label, plan.main.cpt, (plan.main.expanded,)))
+            print(upcycled_table(exps, plan.main.label, plan.main.cpt, (plan.main.expanded,), samples))
         if args.staged:
             print()
-            print(upcycled_table(exps, plan.staged.label, plan.staged.cpt, plan.staged.expanded))
+            print(upcycled_table(exps, plan.staged.label, plan.staged.cpt, plan.staged.expanded, samples))
         for exp in exps:  # the copy diagnostics of the arms run here, where they were recorded
             plot_copies(exp.out, plan, exp.out / "copies.png")
     except UserError as err:
