@@ -156,8 +156,8 @@ class ExpandedSource:
         for name, param in state.items():
             dim = 0 if name in HIDDEN_ROWS else 1
             std = model.init_std / (math.sqrt(2 * model.n_layers) if dim == 1 else 1.0)
-            out[name] = ParamState(redraw(param.fp32, units, dim, std, gen),
-                                   *(None if t is None else redraw(t, units, dim, 0.0, gen) for _, t in _moments(param)))
+            moments = (None if t is None else redraw(t, units, dim, 0.0, gen) for _, t in _moments(param))
+            out[name] = ParamState(redraw(param.fp32, units, dim, std, gen), *moments)
         return out
 
 
