@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install, then run the whole test suite (15-25 minutes on 2 CPU cores).
+# Install, then run the whole test suite (25-30 minutes on 2 CPU cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
