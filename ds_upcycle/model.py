@@ -154,6 +154,14 @@ class Block(nn.Module):
         return x_BTD + ffn_BTD, aux_loss
 
 
+def init_std(cfg: ModelConfig, name: str) -> float:
+    """Standard deviation of the normal init of weight `name`: projections back into the residual
+    stream (attention output, expert and dense down projections) are scaled by 1 / sqrt(2 n_layers)."""
+    if name.endswith(("wo.weight", "w_down.weight")):
+        return cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    return cfg.init_std
+
+
 class Transformer(nn.Module):
     """forward(tokens [B, T]) -> (logits [B, T, V], auxiliary balance loss summed over layers).
 
@@ -194,14 +202,13 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Seed every tensor by its global name, so the model is the same on any parallel layout."""
-        residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         for name, global_name in self.global_param_names().items():
             param = self.get_parameter(name)
             if "norm" in name:
                 param.fill_(1.0)
                 continue
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(global_name.encode()))
-            std = residual_std if name.endswith(("wo.weight", "w_down.weight")) else self.cfg.init_std
+            std = init_std(self.cfg, name)
             param.copy_(torch.randn(param.shape, generator=gen) * std)
 
     def forward(self, tokens_BT: torch.Tensor, cache: KVCache | None = None,

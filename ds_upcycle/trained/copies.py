@@ -27,7 +27,7 @@ from .. import comm
 from ..errors import UserError
 from ..model import Transformer
 from .data import RunData
-from .loss import validation_loss
+from .loss import BATCH_SIZE, validation_loss
 from .model import load_model
 
 
@@ -110,5 +110,5 @@ def checkpoint_copy_diagnostics(path, copy_of: Sequence[Sequence[int]] | None = 
     if lineage is None:
         raise UserError(f"{loaded.ref.path} records no expansion (copy_of); give the sources of its experts")
     with counting(loaded.model, lineage) as counter:
-        validation_loss(loaded.model, RunData(loaded.ref, data_cache).split("val"), samples, 8)
+        validation_loss(loaded.model, RunData(loaded.ref, data_cache).split("val"), samples, BATCH_SIZE)
     return copy_diagnostics(loaded.model, lineage, counter)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import time
@@ -31,6 +30,7 @@ from ..atomic import check_destination, write_json_atomic
 from ..checkpoint import (CheckpointReader, CheckpointSource, MoELayer, NonExpertState, ParamState, RunRecord,
                           autoep_score_func, read_checkpoint, write_checkpoint)
 from ..errors import UserError
+from ..model import init_std
 from ..trained import RunData
 from ..trained.calibration_data import check_calibration_source
 from ..trained.scores import ExpertScores, GradientStats, expert_score
@@ -144,8 +144,8 @@ class ExpandedSource:
 
     def _reinitialised(self, state: dict[str, ParamState], layer: int, expert: int) -> dict[str, ParamState]:
         """A replica with cfg.reinit_fraction of its hidden units drawn as the model initialises them
-        (train.py's init_weights: std init_std, the down projection init_std / sqrt(2 n_layers)) and
-        their moments zeroed; seeded by (seed, layer, expert), as the writer may ask twice."""
+        (model.init_std, the rule of init_weights) and their moments zeroed; seeded by (seed, layer,
+        expert), as the writer may ask twice."""
         model = self.meta.run_record.model
         if set(state) != {*HIDDEN_ROWS, *HIDDEN_COLUMNS}:
             raise UserError(f"--reinit-fraction: MoE layer {layer}'s experts hold {sorted(state)}, not a train.py "
@@ -155,7 +155,7 @@ class ExpandedSource:
         out = {}
         for name, param in state.items():
             dim = 0 if name in HIDDEN_ROWS else 1
-            std = model.init_std / (math.sqrt(2 * model.n_layers) if dim == 1 else 1.0)
+            std = init_std(model, name)
             moments = (None if t is None else redraw(t, units, dim, 0.0, gen) for _, t in _moments(param))
             out[name] = ParamState(redraw(param.fp32, units, dim, std, gen), *moments)
         return out
