@@ -18,7 +18,7 @@ from .dtypes import EXPORT_DTYPES
 from .errors import UserError, user_errors
 from .evaluation.cli import compare_command, eval_command
 from .upcycle.config import ExpandConfig, parse_layers
-from .upcycle.operator import OPTIMIZER_STATE_MODES
+from .upcycle.operator import ALLOCATIONS, OPTIMIZER_STATE_MODES
 from .trained.scores import SELECTION_RULES
 
 
@@ -59,12 +59,21 @@ def main() -> None:
 @click.option("--reinit-fraction", type=float, default=ExpandConfig.reinit_fraction, show_default=True,
               help="redraw this share of each replica's hidden units from the model's init (1: random new "
                    "experts; the paper's negative baselines)")
-@click.option("--max-copies", type=int, default=None, help="cap on the copies of one expert")
+@click.option("--allocate", default=ExpandConfig.allocate, show_default=True, type=click.Choice(ALLOCATIONS),
+              help="how a utility score becomes copy counts: in proportion to the scores, or the paper's "
+                   "rank fill (best-ranked experts first, up to --max-copies each, the rest single)")
+@click.option("--max-copies", type=int, default=None,
+              help="cap on the copies of one expert (--allocate rank: default 4, raised only where 4 cannot reach "
+                   "the target)")
 @click.option("--router-noise", type=float, default=ExpandConfig.router_noise, show_default=True,
               help="std of the N(0, sigma^2) noise on the replicas' routing bias")
+@click.option("--router-noise-relative", is_flag=True,
+              help="the noise's std is --router-noise times the spread of the replicas' copied biases (the "
+                   "paper's code; zero when the biases are all equal)")
 @click.option("--optimizer-state", default=ExpandConfig.optimizer_state, show_default=True,
               type=click.Choice(OPTIMIZER_STATE_MODES),
-              help="replicas' Adam moments: the source's, zeros, or the source's scaled by 1/copies")
+              help="replicas' Adam moments: the source's, zeros, or the source's scaled by 1/copies; 'fresh' "
+                   "writes no Adam state at all (training continues with a new Adam, as in the paper's code)")
 @click.option("--world-size", type=int, default=None, help="target data-parallel world size (default: source's)")
 @click.option("--ep-size", type=int, default=None, help="target expert-parallel size (default: source's)")
 @click.option("--seed", type=int, default=ExpandConfig.seed, show_default=True)
@@ -91,7 +100,7 @@ def main() -> None:
                    "on the training hardware), instead of the Adam state")
 @user_errors
 def expand(source, destination, num_experts, multiplier, select, layers, distinct_copies, split_copies, split_scale,
-           lift_groups_after, reinit_fraction, max_copies, router_noise, optimizer_state,
+           lift_groups_after, reinit_fraction, allocate, max_copies, router_noise, router_noise_relative, optimizer_state,
            world_size, ep_size, seed, dry_run, force, check_data, check_samples, data_cache, calibration_data,
            calibration_batches, calibration_batch_size, scores_file) -> None:
     """Expand a DeepSpeed MoE checkpoint SOURCE to more experts per layer, written to DESTINATION.
@@ -107,7 +116,8 @@ def expand(source, destination, num_experts, multiplier, select, layers, distinc
                        select=select, layers=parse_layers(layers), distinct_copies=distinct_copies,
                        split_copies=split_copies, split_scale=split_scale, lift_groups_after=lift_groups_after,
                        reinit_fraction=reinit_fraction,
-                       max_copies=max_copies, router_noise=router_noise,
+                       allocate=allocate, max_copies=max_copies, router_noise=router_noise,
+                       router_noise_relative=router_noise_relative,
                        optimizer_state=optimizer_state, world_size=world_size, ep_size=ep_size, seed=seed,
                        force=force, check_data=check_data, check_samples=check_samples, data_cache=data_cache,
                        calibration_data=calibration_data, calibration_batches=calibration_batches,

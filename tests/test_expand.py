@@ -21,6 +21,7 @@ from conftest import (ROOT, SOURCE_MODEL, check_ok, expand_cli, free_port, run_t
                       write_ds_config)
 from ds_upcycle.cli import main as cli_main
 from ds_upcycle.moe.names import GATE, expert_param, router_weight, split_expert_param, with_expert_id
+from ds_upcycle.upcycle.operator import allocate_copies
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -39,7 +40,7 @@ def expected_state(source: dict, manifest: dict, mode: str) -> dict:
         prefix, sources, counts = layer["prefix"], layer["sources"], layer["counts"]
         first = {s: sources.index(s) for s in set(sources)}
         def factor(j, moment):
-            if moment == 0 or mode == "copy":
+            if moment == 0 or mode in ("copy", "fresh"):
                 return 1.0
             if mode == "reset":
                 return 1.0 if first[sources[j]] == j else 0.0
@@ -54,6 +55,8 @@ def expected_state(source: dict, manifest: dict, mode: str) -> dict:
                 if parts is not None and parts[:2] == (prefix, s):
                     out[with_expert_id(name, j)] = {"fp32": tensors["fp32"], "exp_avg": tensors["exp_avg"] * factor(j, 1),
                                      "exp_avg_sq": tensors["exp_avg_sq"] * factor(j, 2)}
+    if mode == "fresh":  # no Adam state at all: the weights alone
+        out = {name: {"fp32": tensors["fp32"]} for name, tensors in out.items()}
     return out
 
 
@@ -73,8 +76,9 @@ def source_dump(work):
 def assert_matches(expected: dict, dump: dict) -> None:
     assert sorted(expected) == sorted(dump["params"])
     for name, tensors in expected.items():
-        for key in ("fp32", "exp_avg", "exp_avg_sq"):
-            assert torch.equal(tensors[key], dump["params"][name][key]), (name, key)
+        assert set(dump["params"][name]) - {"module"} == set(tensors), name
+        for key, tensor in tensors.items():
+            assert torch.equal(tensor, dump["params"][name][key]), (name, key)
 
 
 @pytest.mark.parametrize("args,world,ep,mode", [
@@ -82,6 +86,9 @@ def assert_matches(expected: dict, dump: dict) -> None:
     (["--num-experts", "6", "--select", "uniform", "--optimizer-state", "scale", "--world-size", "2"], 2, 2,
      "scale"),
     (["-m", "3", "--select", "saliency", "--optimizer-state", "reset", "--ep-size", "1"], 2, 1, "reset"),
+    # the paper's code: rank fill, no optimizer state, noise relative to the biases' spread
+    (["-m", "2", "--allocate", "rank", "--optimizer-state", "fresh", "--router-noise-relative", "--router-noise",
+      "0.5"], 2, 2, "fresh"),
 ])
 def test_expand_loads_in_deepspeed_with_expected_state(work, source_dump, args, world, ep, mode):
     dst = work["root"] / f"out-{world}-{ep}-{mode}"
@@ -92,8 +99,12 @@ def test_expand_loads_in_deepspeed_with_expected_state(work, source_dump, args, 
     dump = load_with_deepspeed(work, dst.name, dst, world, ep, step=True)
     assert_matches(expected_state(source_dump, manifest, mode), dump)
     # routing bias: sources scaled as their softmax scores shrink (E/N), replicas noisy scaled copies
+    if mode == "fresh":  # DeepSpeed loaded an optimizer without state: a new Adam's first step comes next
+        assert dump["step"] == [] and manifest["options"]["allocate"] == "rank"
     for layer in manifest["layers"]:
         assert sum(layer["counts"]) == layer["num_target"] == dump["num_experts"]
+        rule = manifest["options"]["allocate"]
+        assert layer["counts"] == allocate_copies(layer["num_source"], layer["num_target"], layer["scores"], rule=rule)
         assert layer["route_bias_scale"] == layer["num_source"] / layer["num_target"]
         name = layer["prefix"] + GATE + ".route_bias"
         before, after = source_dump["buffers"][name] * layer["route_bias_scale"], dump["buffers"][name]

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from ds_upcycle.errors import UserError
-from ds_upcycle.upcycle.operator import (LayerPlan, allocate_copies, expand_router_bias, expand_rows,
-                                         place_copies, plan_layer, replica_mask, split_router_rows)
+from ds_upcycle.upcycle.operator import (LayerExpansion, LayerPlan, allocate_copies, copy_moment, expand_router,
+                                         expand_router_bias, expand_rows, place_copies, plan_layer, replica_mask,
+                                         split_router_rows)
 from ds_upcycle.trained.scores import GradientStats, expert_score
 
 
@@ -25,6 +26,64 @@ def test_utility_allocation_is_proportional_greedy():
     # equal scores give the uniform allocation; ties go to the lower id
     assert allocate_copies(4, 6, [2.0] * 4) == allocate_copies(4, 6) == [2, 2, 1, 1]
     assert allocate_copies(2, 5, [0.0, 0.0]) == [3, 2]
+
+
+def test_rank_fill_is_the_authors_rule():
+    # Only the order matters: the best expert takes up to 4 copies (3 extra), then the next.
+    assert allocate_copies(4, 8, [1.0, 1.1, 0.9, 1.05], rule="rank") == [1, 4, 1, 2]
+    assert allocate_copies(4, 8, [9.0, 4.0, 1.0, 0.5], rule="rank") == [4, 2, 1, 1]
+    # 32 -> 64: eleven experts copied (ten to 4 copies, one to 3), 21 left single
+    counts = allocate_copies(32, 64, [float(32 - i) for i in range(32)], rule="rank")
+    assert counts[:11] == [4] * 10 + [3] and counts[11:] == [1] * 21
+    # proportional spreads similar scores evenly; rank does not
+    assert allocate_copies(4, 8, [1.0, 1.1, 0.9, 1.05]) == [2, 2, 2, 2]
+    # ties: the lower id ranks first
+    assert allocate_copies(4, 6, [2.0] * 4, rule="rank") == [3, 1, 1, 1]
+    # the cap is --max-copies when given...
+    assert allocate_copies(4, 8, [9.0, 4.0, 1.0, 0.5], max_copies=2, rule="rank") == [2, 2, 2, 2]
+    assert allocate_copies(4, 8, [9.0, 4.0, 1.0, 0.5], max_copies=3, rule="rank") == [3, 3, 1, 1]
+    # ...and refused where it cannot reach the target; the default cap of 4 rises to what the target needs
+    with pytest.raises(UserError, match="at most 2 copies of each of 4 experts cannot reach 12"):
+        allocate_copies(4, 12, [9.0, 4.0, 1.0, 0.5], max_copies=2, rule="rank")
+    assert allocate_copies(4, 24, [9.0, 4.0, 1.0, 0.5], rule="rank") == [6, 6, 6, 6]
+    assert allocate_copies(4, 20, [9.0, 4.0, 1.0, 0.5], rule="rank") == [5, 5, 5, 5]
+    # without scores (--select uniform) every rule is uniform
+    assert allocate_copies(4, 8, rule="rank") == [2, 2, 2, 2]
+    assert plan_layer(4, 8, [9.0, 4.0, 1.0, 0.5], rule="rank").counts == [4, 2, 1, 1]
+
+
+def test_relative_router_noise_scales_with_the_replicas_biases():
+    plan = LayerPlan(3, (0, 1, 2, 0, 1))  # replicas at new ids 3 (of 0) and 4 (of 1)
+    bias = torch.tensor([0.5, -0.5, 2.0])
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    absolute = expand_router_bias(bias, plan, 0.1, gen())
+    relative = expand_router_bias(bias, plan, 0.1, gen(), relative=True)
+    spread = torch.tensor([0.5, -0.5], dtype=torch.float64).std()  # sample std of the copied biases
+    noise = torch.randn(2, generator=gen(), dtype=torch.float64)
+    torch.testing.assert_close(absolute[3:].double(), torch.tensor([0.5, -0.5], dtype=torch.float64) + 0.1 * noise,
+                               rtol=0, atol=1e-7)
+    torch.testing.assert_close(relative[3:].double(),
+                               torch.tensor([0.5, -0.5], dtype=torch.float64) + 0.1 * spread * noise,
+                               rtol=0, atol=1e-7)
+    assert torch.equal(relative[:3], bias)
+    # equal biases (a fresh bias): no relative noise at all, as in the authors' code
+    equal = torch.full((3,), 0.25)
+    assert torch.equal(expand_router_bias(equal, plan, 0.1, gen(), relative=True), expand_rows(equal, plan))
+    # on router rows (no bias) it is relative to the spread of the replicas' row entries
+    rows = torch.tensor([[1.0, -1.0], [3.0, 1.0], [0.0, 0.0]])
+    out, _ = expand_router(rows, None, LayerExpansion(plan, noise_on="rows"), 0.1, gen(), relative=True)
+    entries = torch.tensor([[1.0, -1.0], [3.0, 1.0]], dtype=torch.float64)
+    expected = entries + 0.1 * entries.std() * torch.randn(2, 2, generator=gen(), dtype=torch.float64)
+    torch.testing.assert_close(out[3:].double(), expected, rtol=0, atol=1e-6)
+    assert torch.equal(out[:3], rows)
+
+
+def test_fresh_optimizer_state_keeps_no_moment():
+    plan = LayerPlan(2, (0, 1, 0))
+    m = torch.ones(3)
+    assert all(copy_moment(m, plan, slot, moment, "fresh") is None for slot in range(3) for moment in (1, 2))
+    assert expand_rows(torch.ones(2, 2), plan, moment=1, mode="fresh").abs().sum() == 0
+    assert expand_rows(torch.ones(2, 2), plan, moment=0, mode="fresh").tolist() == [[1, 1]] * 3
 
 
 def test_allocation_errors():

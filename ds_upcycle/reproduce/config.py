@@ -15,7 +15,8 @@ from ..config import PRESETS, check_expert_parallel, field_value
 from ..data import DataConfig
 from ..dtypes import DTYPES
 from ..errors import UserError, did_you_mean
-from ..trained.scores import SELECTION_RULES
+from ..trained.scores import GRADIENT_FREE_RULES, SELECTION_RULES
+from ..upcycle.operator import ALLOCATIONS, OPTIMIZER_STATE_MODES
 
 
 TRANSITIONS = ("annealed", "stable")
@@ -43,6 +44,14 @@ class ReproduceConfig:
             data without expanding it, which separates the operator's effect from the two-stage
             schedule's.
         router_noise: sigma of the replicas' routing-bias noise at expansion.
+        router_noise_relative: expand with `--router-noise-relative` (sigma relative to the spread of
+            the copied biases, the paper's code).
+        allocate: expand with `--allocate` ("proportional" or the paper's "rank" fill).
+        optimizer_state: expand with `--optimizer-state` ("copy", "reset", "scale", or "fresh": CPT
+            starts Adam anew, as the paper's code does).
+        calibration_data: expand with `--calibration-data` (e.g. "source": utility scores from exact
+            gradients on the source's cpt split instead of its Adam state); gradient-free rules
+            (uniform) ignore it.
         distinct_copies: expand with `--distinct-copies` (a token takes at most one copy of an
             expert); False runs the paper's plain operator.
         split_copies: expand with `--split-copies` too (each expert's copies split its tokens
@@ -95,6 +104,10 @@ class ReproduceConfig:
     select: str = "grad_sq"
     control: bool = True
     router_noise: float = 0.01
+    router_noise_relative: bool = False
+    allocate: str = "proportional"
+    optimizer_state: str = "copy"
+    calibration_data: str | None = None
     distinct_copies: bool = False
     split_copies: bool = False
     lift_groups_after: int | None = None
@@ -167,6 +180,13 @@ class ReproduceConfig:
             self._check_growth()
         if self.router_noise < 0:
             raise UserError(f"router_noise must be >= 0, got {self.router_noise}")
+        if self.allocate not in ALLOCATIONS:
+            raise UserError(f"allocate must be one of {', '.join(ALLOCATIONS)}, got {self.allocate!r}")
+        if self.optimizer_state not in OPTIMIZER_STATE_MODES:
+            raise UserError(f"optimizer_state must be one of {', '.join(OPTIMIZER_STATE_MODES)}, "
+                            f"got {self.optimizer_state!r}")
+        if self.calibration_data is not None and self.select in GRADIENT_FREE_RULES:
+            raise UserError(f"calibration_data measures gradients, which select {self.select} does not use")
         if self.data is not None and not self.data.strip():
             raise UserError("data must name a data source")
         check_expert_parallel(self.ep_size, [self.num_experts], self.num_procs, world_name="num_procs")

@@ -19,6 +19,7 @@ import ds_upcycle
 from ..atomic import staged_dir, write_json_atomic
 from ..comm import free_port
 from ..errors import UserError
+from ..trained.scores import GRADIENT_FREE_RULES
 from ..upcycle.config import ExpandConfig
 from ..upcycle.expand import expand_checkpoint
 from .config import ReproduceConfig
@@ -164,6 +165,9 @@ def run_expand_stage(exp: Experiment, stage: ExpandStage) -> dict:
     expand_cfg = ExpandConfig(source=str(out / stage.source), destination=str(out / stage.name),
                               multiplier=None if stage.num_experts else cfg.multiplier,
                               num_experts=stage.num_experts, select=stage.select, router_noise=cfg.router_noise,
+                              router_noise_relative=cfg.router_noise_relative, allocate=cfg.allocate,
+                              optimizer_state=cfg.optimizer_state,
+                              calibration_data=None if stage.select in GRADIENT_FREE_RULES else cfg.calibration_data,
                               distinct_copies=cfg.distinct_copies, split_copies=cfg.split_copies,
                               lift_groups_after=cfg.lift_groups_after, reinit_fraction=cfg.reinit_fraction,
                               seed=cfg.seed, force=True, check_data=True, check_samples=cfg.eval_samples,

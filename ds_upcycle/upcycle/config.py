@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..config import check_expert_parallel
 from ..errors import UserError
-from .operator import OPTIMIZER_STATE_MODES
+from .operator import ALLOCATIONS, OPTIMIZER_STATE_MODES
 from ..trained.scores import GRADIENT_FREE_RULES, SELECTION_RULES
 
 
@@ -19,9 +19,16 @@ class ExpandConfig:
             destination is a new save dir).
         num_experts: target experts per layer N; or `multiplier` m, N = m * E. m = 1 reshards.
         select: how copies are allocated: "uniform" or a utility score (see scores.py).
-        max_copies: cap on the copies of one expert.
+        allocate: how a utility score becomes copy counts: "proportional" (slots in proportion to
+            the scores) or "rank" (the paper's authors' rank fill: the best-ranked experts get up to
+            max_copies copies each, the rest one); see operator.allocate_copies.
+        max_copies: cap on the copies of one expert (rank: default 4, the authors' cap).
         router_noise: standard deviation of the N(0, sigma^2) noise on the replicas' routing bias.
-        optimizer_state: what replicas get of the source's Adam moments: copy, reset or scale.
+        router_noise_relative: sigma is router_noise times the spread of the replicas' copied biases
+            (the authors' rule) instead of router_noise itself.
+        optimizer_state: what replicas get of the source's Adam moments: copy, reset or scale; or
+            "fresh": no Adam state for any parameter, as the authors' upcycled checkpoint holds
+            (continued training starts Adam anew; fp32 master weights are kept).
         world_size, ep_size: target layout (default: the source's).
         seed: seeds the router noise; same inputs and seed give identical output.
         force: replace an existing non-empty destination.
@@ -63,8 +70,10 @@ class ExpandConfig:
     num_experts: int | None = None
     multiplier: int | None = None
     select: str = "grad_sq"
+    allocate: str = "proportional"
     max_copies: int | None = None
     router_noise: float = 0.01
+    router_noise_relative: bool = False
     optimizer_state: str = "copy"
     world_size: int | None = None
     ep_size: int | None = None
@@ -91,6 +100,8 @@ class ExpandConfig:
             raise UserError(f"--multiplier must be >= 1, got {self.multiplier}")
         if self.select not in SELECTION_RULES:
             raise UserError(f"--select must be one of {', '.join(SELECTION_RULES)}, got {self.select!r}")
+        if self.allocate not in ALLOCATIONS:
+            raise UserError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, got {self.allocate!r}")
         if self.optimizer_state not in OPTIMIZER_STATE_MODES:
             raise UserError(f"--optimizer-state must be one of {', '.join(OPTIMIZER_STATE_MODES)}")
         if self.router_noise < 0:

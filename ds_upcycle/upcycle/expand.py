@@ -74,7 +74,7 @@ def make_plans(source: CheckpointSource, cfg: ExpandConfig, ep_size: int,
         # A layer that keeps its experts needs no scores: there is nothing to allocate.
         rule = cfg.select if target > layer.num_experts else "uniform"
         plans[layer.index] = plan_layer(layer.num_experts, target, layer_scores(source, layer, rule, measured),
-                                        cfg.max_copies, ep_size)
+                                        cfg.max_copies, ep_size, cfg.allocate)
     return plans
 
 
@@ -114,6 +114,10 @@ class ExpandedSource:
         self.moe_layers = [layer.with_experts(plan.layers[layer.index].plan.num_target)
                            for layer in self.source.moe_layers]
         self.meta = replace(self.source.meta, run_record=_expanded_record(plan, cfg))
+        if cfg.optimizer_state == "fresh":
+            # An optimizer without state, as DeepSpeed saves one before its first step: the writer then
+            # writes no moments and no step, and the next step is a new Adam's first.
+            self.meta = replace(self.meta, optimizer_step=None)
 
     def non_expert_state(self) -> NonExpertState:
         state = self.source.non_expert_state()
@@ -126,11 +130,13 @@ class ExpandedSource:
                 raise UserError(f"{layer.prefix}: no router weight {weight_name} in the checkpoint")
             weight, expansion = params[weight_name], self.layers[layer.index]
             rows, bias = expand_router(weight.fp32, buffers.get(bias_name), expansion, self.cfg.router_noise, gen,
-                                       self.cfg.split_scale)
+                                       self.cfg.split_scale, self.cfg.router_noise_relative)
             params[weight_name] = ParamState(rows, *(None if t is None else expand_rows(t, expansion.plan, m, mode)
                                                      for m, t in _moments(weight)))
             if bias is not None:
                 buffers[bias_name] = bias
+        if mode == "fresh":
+            params = {name: ParamState(state.fp32) for name, state in params.items()}
         return NonExpertState(params, buffers)
 
     def expert_state(self, layer: int, expert: int) -> dict[str, ParamState]:

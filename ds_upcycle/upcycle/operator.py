@@ -31,20 +31,29 @@ from ..config import check_expert_parallel
 from ..errors import UserError
 
 
+ALLOCATIONS = ("proportional", "rank")
+# The authors' rank fill gives one expert at most 3 extra copies (their max_duplicates_per_expert).
+RANK_FILL_CAP = 4
+
+
 def allocate_copies(num_experts: int, target: int, scores: Sequence[float] | None = None,
-                    max_copies: int | None = None) -> list[int]:
+                    max_copies: int | None = None, rule: str = "proportional") -> list[int]:
     """Replication counts c_i (>= 1, sum = target).
 
-    Without scores every expert gets target // E copies and the remainder goes to the lowest ids.
-    With scores, each expert starts with one copy and the target - E extra slots are handed out one
-    at a time, with replacement, to the expert with the highest score per copy, s_i / c_i (a copy
-    shares its expert's utility with the other copies); ties go to the expert with fewer copies,
-    then to the lower id. This is a
-    proportional (D'Hondt) apportionment of slots to utility. `max_copies` caps any c_i.
+    Without scores every expert gets target // E copies and the remainder goes to the lowest ids,
+    whatever the rule. With scores, every expert starts with one copy and the target - E extra
+    slots are handed out as `rule` says (see proportional_fill and rank_fill). `max_copies` caps
+    any c_i; a cap that cannot reach the target is refused.
     """
     if target < num_experts:
         raise UserError(f"target of {target} experts is fewer than the {num_experts} source experts")
-    cap = max_copies if max_copies is not None else target
+    if rule not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation rule {rule!r}")
+    if max_copies is None:
+        # The rank fill's own cap, raised where it could not reach the target (the authors only double).
+        cap = max(RANK_FILL_CAP, -(-target // num_experts)) if rule == "rank" and scores is not None else target
+    else:
+        cap = max_copies
     if cap < 1 or cap * num_experts < target:
         raise UserError(f"at most {cap} copies of each of {num_experts} experts cannot reach {target} experts")
     if scores is None:
@@ -54,11 +63,34 @@ def allocate_copies(num_experts: int, target: int, scores: Sequence[float] | Non
         raise ValueError(f"{len(scores)} scores for {num_experts} experts")
     if any(not (s >= 0) for s in scores):  # also catches NaN
         raise UserError("utility scores must be finite and non-negative")
-    counts = [1] * num_experts
-    for _ in range(target - num_experts):
-        open_ids = [i for i in range(num_experts) if counts[i] < cap]
+    fill = rank_fill if rule == "rank" else proportional_fill
+    return fill(scores, target, cap)
+
+
+def proportional_fill(scores: Sequence[float], target: int, cap: int) -> list[int]:
+    """Extra slots one at a time, with replacement, to the expert with the highest score per copy,
+    s_i / c_i (a copy shares its expert's utility with the other copies); ties go to the expert
+    with fewer copies, then to the lower id. A proportional (D'Hondt) apportionment: experts of
+    similar scores get similar counts."""
+    counts = [1] * len(scores)
+    for _ in range(target - len(scores)):
+        open_ids = [i for i in range(len(scores)) if counts[i] < cap]
         best = max(open_ids, key=lambda i: (scores[i] / counts[i], -counts[i], -i))
         counts[best] += 1
+    return counts
+
+
+def rank_fill(scores: Sequence[float], target: int, cap: int) -> list[int]:
+    """The paper's authors' rule: experts ranked by score (ties: the lower id first), the best one
+    filled up to `cap` copies, then the next, until the target is reached; the rest keep one copy.
+    Only the order of the scores matters: 4 -> 8 with cap 4 gives [4, 2, 1, 1] in rank order
+    however close the scores are, 32 -> 64 copies 11 experts and leaves 21 single."""
+    counts = [1] * len(scores)
+    extra = target - len(scores)
+    for i in sorted(range(len(scores)), key=lambda i: (-scores[i], i)):
+        take = min(cap - 1, extra)
+        counts[i] += take
+        extra -= take
     return counts
 
 
@@ -135,14 +167,14 @@ class LayerPlan:
 
 
 def plan_layer(num_experts: int, target: int, scores: Sequence[float] | None = None,
-               max_copies: int | None = None, ep_size: int = 1) -> LayerPlan:
-    counts = allocate_copies(num_experts, target, scores, max_copies)
+               max_copies: int | None = None, ep_size: int = 1, rule: str = "proportional") -> LayerPlan:
+    counts = allocate_copies(num_experts, target, scores, max_copies, rule)
     # Nothing to balance without copies: keep every expert at its id (a reshard leaves experts in place).
     sources = range(num_experts) if target == num_experts else place_copies(counts, ep_size)
     return LayerPlan(num_experts, tuple(sources), tuple(scores) if scores is not None else None)
 
 
-OPTIMIZER_STATE_MODES = ("copy", "reset", "scale")
+OPTIMIZER_STATE_MODES = ("copy", "reset", "scale", "fresh")
 
 
 def moment_factor(plan: LayerPlan, slot: int, moment: int, mode: str) -> float:
@@ -150,12 +182,16 @@ def moment_factor(plan: LayerPlan, slot: int, moment: int, mode: str) -> float:
 
     "copy": replicas inherit the source's moments (factor 1); "reset": replicas start at zero;
     "scale": every copy of expert i gets (1/c_i)**moment, since each copy can expect about 1/c_i of
-    its expert's tokens and so of its gradient. Weights (moment 0) are always copied exactly.
+    its expert's tokens and so of its gradient; "fresh": no moments for any parameter (factor 0
+    here; the checkpoint is then written without optimizer state, see expand.py). Weights
+    (moment 0) are always copied exactly.
     """
     if mode not in OPTIMIZER_STATE_MODES:
         raise ValueError(f"unknown optimizer-state mode {mode!r}")
     if moment == 0 or mode == "copy":
         return 1.0
+    if mode == "fresh":
+        return 0.0
     if mode == "reset":
         return 0.0 if bool(plan.replicas[slot]) else 1.0
     return (1.0 / plan.counts[plan.sources[slot]]) ** moment
@@ -180,25 +216,41 @@ def softmax_bias_scale(plan: LayerPlan) -> float:
     return plan.num_source / plan.num_target
 
 
+def replica_noise(values_N: torch.Tensor, plan: LayerPlan, noise_std: float, generator: torch.Generator,
+                  relative: bool = False) -> torch.Tensor:
+    """`values_N` (one row per new expert, fp64) with N(0, sigma^2) noise added to the replicas' rows.
+
+    sigma is `noise_std`, or with `relative` noise_std times the sample standard deviation of the
+    replicas' copied values (the authors' rule: 0 where those values are all equal, as a fresh
+    routing bias is, or where there is only one).
+    """
+    replicas = plan.replicas
+    copied = values_N[replicas]
+    sigma = noise_std
+    if relative:
+        sigma *= float(copied.std()) if copied.numel() > 1 else 0.0
+    out = values_N.clone()
+    if sigma > 0:
+        out[replicas] = copied + torch.randn(copied.shape, generator=generator, dtype=torch.float64) * sigma
+    return out
+
+
 def expand_router_bias(bias: torch.Tensor | None, plan: LayerPlan, noise_std: float,
-                       generator: torch.Generator, scale: float = 1.0) -> torch.Tensor:
-    """Routing bias of the new experts: copied and multiplied by `scale`, plus N(0, noise_std^2) on
-    the replicas only.
+                       generator: torch.Generator, scale: float = 1.0, relative: bool = False) -> torch.Tensor:
+    """Routing bias of the new experts: copied and multiplied by `scale`, plus N(0, sigma^2) on
+    the replicas only (sigma: replica_noise).
 
     The bias is added to the scores to choose experts, so it must shrink as the scores do:
     `scale` is softmax_bias_scale for a softmax router (the biased choice is then the source's
     whenever every expert has the same number of copies) and 1 for sigmoid, whose scores do not
-    change. The noise breaks the exact ties between an expert and its copies in top-K selection; it
-    is drawn independently of the existing biases, so it is non-zero even when they are all equal
-    (e.g. a freshly initialised bias). A missing bias counts as zeros.
+    change. The noise breaks the exact ties between an expert and its copies in top-K selection;
+    absolute noise is non-zero even when the biases are all equal (e.g. a freshly initialised
+    bias), relative noise is not. A missing bias counts as zeros.
     """
     if bias is None:
         bias = torch.zeros(plan.num_source)
-    new = expand_rows(bias.float(), plan) * scale
-    replicas = plan.replicas
-    noise = torch.randn(int(replicas.sum()), generator=generator, dtype=torch.float64) * noise_std
-    new[replicas] += noise.to(new.dtype)
-    return new.to(bias.dtype)
+    new = (expand_rows(bias.float(), plan) * scale).double()
+    return replica_noise(new, plan, noise_std, generator, relative).to(bias.dtype)
 
 
 def split_router_rows(rows_ND: torch.Tensor, plan: LayerPlan, directions_ED: torch.Tensor,
@@ -318,30 +370,33 @@ class LayerExpansion:
 
 def copy_moment(tensor: torch.Tensor | None, plan: LayerPlan, slot: int, moment: int, mode: str) -> torch.Tensor | None:
     """New expert `slot`'s Adam moment (1: exp_avg, 2: exp_avg_sq) from its source expert's, as
-    `mode` says (moment_factor); the tensor itself is handed on where it keeps its value."""
+    `mode` says (moment_factor), None for "fresh"; the tensor itself is handed on where it keeps
+    its value."""
+    if mode == "fresh":
+        return None
     factor = moment_factor(plan, slot, moment, mode)
     return tensor if tensor is None or factor == 1.0 else tensor * factor
 
 
 def expand_router(rows_ED: torch.Tensor, bias_E: torch.Tensor | None, layer: LayerExpansion, noise_std: float,
-                  generator: torch.Generator, split_scale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  generator: torch.Generator, split_scale: float = 0.0,
+                  relative: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One layer's router for the new experts: (rows [N, D], routing bias [N] or None).
 
     Rows follow the plan; with split directions the copies' rows move apart (split_router_rows).
     The bias is scaled by layer.bias_scale and, where the noise goes on it, noised by
     expand_router_bias. Otherwise (DeepSpeed's stock gate has no bias; a bias that is not trained
     would keep the noise for good) the noise goes on the replicas' rows, which breaks the ties token
-    by token rather than expert by expert. The rows' Adam moments follow expand_rows.
+    by token rather than expert by expert; relative noise is then relative to the spread of the
+    replicas' row entries. The rows' Adam moments follow expand_rows.
     """
     plan = layer.plan
     rows_ND = expand_rows(rows_ED, plan)
     if layer.split is not None:
         rows_ND = split_router_rows(rows_ND, plan, layer.split.directions_ED, split_offsets(layer.split, split_scale))
     if bias_E is not None and layer.noise_on == NOISE_ON_BIAS:
-        return rows_ND, expand_router_bias(bias_E, plan, noise_std, generator, layer.bias_scale)
+        return rows_ND, expand_router_bias(bias_E, plan, noise_std, generator, layer.bias_scale, relative)
     if noise_std > 0:
-        noise_ND = torch.randn(rows_ND.shape, generator=generator, dtype=torch.float64) * noise_std
-        noise_ND[~plan.replicas] = 0
-        rows_ND = rows_ND + noise_ND.to(rows_ND.dtype)
+        rows_ND = replica_noise(rows_ND.double(), plan, noise_std, generator, relative).to(rows_ND.dtype)
     bias_N = None if bias_E is None else (expand_rows(bias_E.float(), plan) * layer.bias_scale).to(bias_E.dtype)
     return rows_ND, bias_N
