@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The operator swap (docs/RESULTS.md): the upcycled arm of `stream` at 50% CPT under each config
+# given, every one from the same stable-phase source as the plain operator's run in BASE.
+#
+#   bash scripts/operator_swap.sh BASE SEEDS CONFIG...
+#   e.g. bash scripts/operator_swap.sh runs/stream 0,1,2,3 configs/swap-authors.yaml configs/swap-rank.yaml
+#
+# BASE is `python scripts/regime_lead.py --config stream --seeds SEEDS --out BASE --upcycled`'s
+# output (Fixed-E, Fixed-mE and the plain arm). Each CONFIG runs in BASE-<config name>, its Fixed-E,
+# Fixed-mE and source linked to BASE's, then its final checkpoints are evaluated on 1,024
+# validation sequences (regime_lead --final-samples 1024) beside BASE's.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+base=$(realpath "$1"); seeds=$2; shift 2
+for config in "$@"; do
+  out="$base-$(basename "$config" .yaml)"
+  for seed in ${seeds//,/ }; do
+    mkdir -p "$out/seed-$seed"
+    for arm in fixed-e fixed-me source-cpt50; do
+      [ -e "$out/seed-$seed/$arm" ] || ln -s "$base/seed-$seed/$arm" "$out/seed-$seed/$arm"
+    done
+  done
+  python scripts/regime_lead.py --config "$config" --seeds "$seeds" --out "$out" --upcycled --final-samples 1024
+done
