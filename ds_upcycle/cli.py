@@ -11,7 +11,7 @@ import importlib.util
 
 import click
 
-from . import __version__
+from . import __version__, trust
 from .config import PRESETS, count_parameters
 from .data import DataConfig, prepare_data
 from .dtypes import EXPORT_DTYPES
@@ -24,11 +24,16 @@ from .trained.scores import SELECTION_RULES
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ds-upcycle")
-def main() -> None:
+@click.option("--trust-checkpoints", is_flag=True,
+              help="read checkpoint files whose pickles hold classes outside DeepSpeed's own (unpickling such a "
+                   "file can run code: only for checkpoints you vouch for); default: such files are refused")
+def main(trust_checkpoints: bool) -> None:
     """Expert upcycling for DeepSpeed Mixture-of-Experts models.
 
     Train with `deepspeed train.py --deepspeed_config ds_configs/<name>.json ...`.
     """
+    if trust_checkpoints:
+        trust.trust_checkpoints()
 
 
 @main.command()
@@ -231,7 +236,7 @@ def prepare_data_cmd(data, text_field, vocab_size, tokenizer, val_fraction, cpt_
 
 @main.command()
 @click.option("--config", "config", required=True,
-              help="named config (tiny, stream, pd-english, gpu) or a .yaml/.json file of config fields")
+              help="named config (tiny, stream, stream-staged, pd-english, gpu) or a .yaml/.json file of config fields")
 @click.option("--out", required=True, type=click.Path(), help="experiment directory (re-run to resume)")
 @click.option("--data", default=None, help="training text: replaces the config's data source")
 @click.option("--data-cache", default=None, help="prepared-data cache (default $DS_UPCYCLE_CACHE or ~/.cache/ds_upcycle)")

@@ -113,9 +113,10 @@ def upcycled_table(exps: list[Experiment], label: str, arm: str, expansions: tup
     for exp in exps:
         final = {name: val_curve(exp.out / name) for name in (FIXED_E, FIXED_ME, arm)}
         step = exp.cfg.total_steps
-        if any(step not in curve for curve in final.values()):
-            raise UserError(f"{exp.out}: an arm has no evaluation at step {step}")
-        e, m, up = (final[name][step] for name in (FIXED_E, FIXED_ME, arm))
+        if any(step not in final[name] for name in (FIXED_E, FIXED_ME)) or not final[arm]:
+            raise UserError(f"{exp.out}: an arm has no evaluation at its end")
+        # The arm's last evaluation: at T, or later in steps where CPT takes smaller steps (cpt_batch_split).
+        e, m, up = final[FIXED_E][step], final[FIXED_ME][step], final[arm][max(final[arm])]
         closed.append((e - up) / (e - m))
         fe, fm, fup = (final_loss(exp, name, samples) for name in (FIXED_E, FIXED_ME, arm))
         closed_final.append((fe - fup) / (fe - fm))

@@ -1,5 +1,6 @@
 """`ds-upcycle reproduce`: configs, the plan, and a miniature run of the whole experiment."""
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -7,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +18,8 @@ from conftest import ROOT, SMALL_DATA
 from ds_upcycle.errors import UserError
 from ds_upcycle.moe.balance import load_stats
 from ds_upcycle.reproduce.config import NAMED_CONFIGS, load_config
+from ds_upcycle.reproduce.experiment import Experiment
+from ds_upcycle.reproduce.stages import train_args
 from ds_upcycle.reproduce.plots import budget_rows
 from ds_upcycle.reproduce.plan import BranchStage, ExpandStage, TrainStage, branch_step, make_plan
 from ds_upcycle.checkpoint import read_metrics
@@ -27,13 +31,22 @@ MINI = {"base": "tiny", "name": "mini", "model_overrides": ["dim=64", "dense_ffn
         "transition": "annealed", "cpt_sweep": [], "seeds": []}
 
 
+def lrs(total, warmup, decay_fraction, steps):
+    """The learning-rate factor of a WSD stage at the given steps."""
+    schedule = WSDSchedule(SimpleNamespace(param_groups=[{"lr": 1.0}]), total, warmup, decay_fraction)
+    return [schedule.factor(step) for step in steps]
+
+
 def test_load_stats_records_every_share():
     stats = load_stats(torch.tensor([1.0, 1.0, 2.0, 0.0]))
     assert stats["shares"] == [0.25, 0.25, 0.5, 0.0]
 
 
 def test_named_and_file_configs(tmp_path):
-    assert set(NAMED_CONFIGS) == {"tiny", "stream", "pd-english", "gpu"}
+    assert set(NAMED_CONFIGS) == {"tiny", "stream", "stream-staged", "pd-english", "gpu"}
+    staged = make_plan(load_config("stream-staged")).staged
+    assert (staged.steps, staged.counts) == ((1200, 2400), (6, 8))
+    assert dataclasses.replace(NAMED_CONFIGS["stream-staged"], name="stream", growth=()) == NAMED_CONFIGS["stream"]
     tiny = load_config("tiny")
     assert (tiny.num_experts, tiny.big_experts, tiny.data) == (4, 8, "synthetic:entities=400,values=64")
     assert load_config("pd-english", data="texts/").data == "texts/"
@@ -114,9 +127,6 @@ def test_stable_transition_continues_fixed_e_schedule_from_its_checkpoint():
     cpt = [s for s in plan.stages if isinstance(s, TrainStage) and s.load]
     assert {s.name for s in cpt} >= {"upcycled-cpt50-grad_sq", "continued-e-cpt50"}
 
-    def lrs(total, warmup, decay_fraction, steps):
-        schedule = WSDSchedule(SimpleNamespace(param_groups=[{"lr": 1.0}]), total, warmup, decay_fraction)
-        return [schedule.factor(step) for step in steps]
 
     # Every CPT step has the learning rate Fixed-E has at the same global step: no re-warm, same anneal
     # (also for a transition at the first step of Fixed-E's anneal, cpt10).
@@ -151,6 +161,25 @@ def _reproduce(config, out, cache):
 
 
 @pytest.mark.slow
+def test_cpt_batch_split_takes_smaller_steps_over_the_same_tokens():
+    cfg = load_config("stream", cpt_batch_split=2)
+    plan = make_plan(cfg)
+    fixed = [s for s in plan.stages if isinstance(s, TrainStage) and not s.load]
+    assert all(s.micro_batch_size is None for s in fixed)  # the fixed arms keep the config's batch
+    fixed_lr = lrs(cfg.total_steps, cfg.stage_warmup(cfg.total_steps), cfg.decay_fraction, range(cfg.total_steps))
+    for stage in (s for s in plan.stages if isinstance(s, TrainStage) and s.load):
+        t0 = cfg.total_steps - stage.steps // 2
+        assert stage.micro_batch_size == 8 and stage.steps * 8 == (cfg.total_steps - t0) * 16, stage.name
+        # a small step has the LR of the Fixed-E step over the same tokens, to within one small step of the anneal
+        small = lrs(stage.steps, stage.warmup, stage.decay_fraction, range(stage.steps))
+        same_tokens = [fixed_lr[t0 + j // 2] for j in range(stage.steps)]
+        assert small == pytest.approx(same_tokens, abs=1 / (cfg.decay_steps(cfg.total_steps) * 2) + 1e-12), stage.name
+    args = train_args(Experiment(cfg, Path("out")), plan.stages[-1])
+    assert args[args.index("--micro-batch-size") + 1] == "8"
+    with pytest.raises(UserError, match="cpt_batch_split must divide"):
+        load_config("stream", cpt_batch_split=3)
+
+
 def test_miniature_experiment_end_to_end(tmp_path, data_cache):
     config = tmp_path / "mini.json"
     config.write_text(json.dumps({**MINI, "cpt_sweep": [0.75]}))  # grad_sq at 25%, 50%, 75% CPT

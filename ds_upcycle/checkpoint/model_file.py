@@ -77,10 +77,10 @@ def agreed_step(steps: list, where: Path | str) -> torch.Tensor | None:
 def read_module_weights(tag_dir: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Every module tensor as stored (dtype unchanged), experts keyed by their global id.
 
-    Only the module weights are read (no optimizer state), tensors only (weights_only=True). With
+    Only the module weights are read (no optimizer state), with the safe loader (files.py). With
     mmap the tensors stay in their files (the page cache) until read.
     """
-    model = load_file(tag_dir / MODEL_STATES, mmap=mmap, weights_only=True)
+    model = load_file(tag_dir / MODEL_STATES, mmap=mmap)
     state = dict(model["module"])
     counts = model.get("num_experts") or []
     files = [expert_file(layer, expert) for layer, count in enumerate(counts) for expert in range(count)]
@@ -90,7 +90,7 @@ def read_module_weights(tag_dir: Path, mmap: bool = False) -> dict[str, torch.Te
         raise UserError(f"{tag_dir} lacks expert file {missing[0]}{more} "
                         f"(its model file says {counts} experts in its MoE layers)")
     for file in files:
-        state.update(load_file(tag_dir / file, mmap=mmap, weights_only=True))
+        state.update(load_file(tag_dir / file, mmap=mmap))
     return state
 
 

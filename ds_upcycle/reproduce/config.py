@@ -77,6 +77,8 @@ class ReproduceConfig:
         num_procs, ep_size: processes per training stage and expert-parallel size.
         micro_batch_size, grad_accum_steps: per process; the global batch is their product times
             num_procs.
+        cpt_batch_split: continued pre-training (and the control) runs at micro_batch_size / k for
+            k times the steps, at the same learning rate: the same tokens in more, smaller steps.
         warmup_fraction, decay_fraction: warmup-stable-decay shape of every stage (each stage ends
             with its own anneal, as in the paper).
         eval_interval, eval_samples: validation during training (the curves of the loss plot);
@@ -125,6 +127,7 @@ class ReproduceConfig:
     ep_size: int = 1
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
+    cpt_batch_split: int = 1
     warmup_fraction: float = 0.05
     decay_fraction: float = 0.1
     eval_interval: int = 50
@@ -190,6 +193,9 @@ class ReproduceConfig:
         if self.data is not None and not self.data.strip():
             raise UserError("data must name a data source")
         check_expert_parallel(self.ep_size, [self.num_experts], self.num_procs, world_name="num_procs")
+        if self.cpt_batch_split < 1 or self.micro_batch_size % self.cpt_batch_split:
+            raise UserError(f"cpt_batch_split must divide micro_batch_size {self.micro_batch_size}, "
+                            f"got {self.cpt_batch_split}")
         for name in ("micro_batch_size", "grad_accum_steps", "seq_len", "eval_samples", "final_val_samples",
                      "eval_batch_size", "threads"):
             if getattr(self, name) < 1:
@@ -218,6 +224,8 @@ class ReproduceConfig:
                             f"num_experts * multiplier = {self.big_experts}, got {counts}")
         if self.transition != "stable":
             raise UserError("growth takes Fixed-E's stable-phase checkpoint: set transition: stable")
+        if self.cpt_batch_split > 1:
+            raise UserError("growth stages end at growth steps counted in Fixed-E's steps: leave cpt_batch_split at 1")
         steps, anneal = self.growth_steps, self.total_steps - self.decay_steps(self.total_steps)
         if steps[0] % self.branch_interval or steps[-1] > anneal or len(set(steps)) < len(steps):
             raise UserError(f"growth steps {steps}: the first must be a multiple of Fixed-E's checkpoint interval "
@@ -297,6 +305,11 @@ NAMED_CONFIGS: dict[str, ReproduceConfig] = {
         eval_batch_size=32, threads=4),
 }
 
+# `stream` with one more arm, grown in stages: 4 -> 6 experts at 25% of T, 6 -> 8 at 50%, compared with
+# the single jump at 50% (docs/RESULTS.md, "Growth in stages"). Its Fixed arms are stream's.
+NAMED_CONFIGS["stream-staged"] = dataclasses.replace(NAMED_CONFIGS["stream"], name="stream-staged",
+                                                     growth=((0.25, 6), (0.5, 8)))
+
 _FIELDS = {f.name: f for f in dataclasses.fields(ReproduceConfig)}
 
 
@@ -357,7 +370,7 @@ def growth_value(value) -> tuple[tuple[float, int], ...]:
 
 
 def load_config(name_or_file: str, **changes) -> ReproduceConfig:
-    """A named config (tiny, stream, pd-english, gpu) or a .yaml/.yml/.json file; `changes` replace fields."""
+    """A named config (NAMED_CONFIGS) or a .yaml/.yml/.json file; `changes` replace fields."""
     changes = {k: v for k, v in changes.items() if v is not None}
     if name_or_file in NAMED_CONFIGS:
         cfg = NAMED_CONFIGS[name_or_file]

@@ -48,6 +48,7 @@ class TrainStage:
     warmup: int | None = None
     decay_fraction: float | None = None
     exit_at: int | None = None          # stop at this global step (a stage of staged growth)
+    micro_batch_size: int | None = None  # where it differs from the config's (cpt_batch_split)
     keep_data_position: bool = False    # continue the loaded checkpoint's data (staged growth)
 
 
@@ -197,8 +198,10 @@ def _staged_stages(cfg: ReproduceConfig, arm: StagedArm) -> list:
 
 
 def _cpt_stage(cfg: ReproduceConfig, name: str, transition: int, load: str) -> TrainStage:
-    steps = cfg.total_steps - transition
+    # With cpt_batch_split k: k times the steps of 1/k the batch, the anneal as many tokens as Fixed-E's.
+    k = cfg.cpt_batch_split
+    steps, micro = (cfg.total_steps - transition) * k, cfg.micro_batch_size // k if k > 1 else None
     if cfg.transition == "stable":  # no re-warm; the same final anneal as Fixed-E's
         return TrainStage(name, steps, split="cpt", load=load, warmup=0,
-                          decay_fraction=cfg.decay_steps(cfg.total_steps) / steps)
-    return TrainStage(name, steps, split="cpt", load=load)
+                          decay_fraction=cfg.decay_steps(cfg.total_steps) * k / steps, micro_batch_size=micro)
+    return TrainStage(name, steps, split="cpt", load=load, micro_batch_size=micro)

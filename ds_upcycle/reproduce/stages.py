@@ -68,7 +68,7 @@ def train_args(exp: Experiment, stage: TrainStage) -> list[str]:
     args = ["--deepspeed_config", str(deepspeed_config_path(cfg)), *data_args(exp),
             "--steps", str(stage.steps), "--warmup-steps", str(_warmup(cfg, stage)),
             "--decay-fraction", str(stage.decay_fraction if stage.decay_fraction is not None else cfg.decay_fraction),
-            "--micro-batch-size", str(cfg.micro_batch_size),
+            "--micro-batch-size", str(stage.micro_batch_size or cfg.micro_batch_size),
             "--grad-accum-steps", str(cfg.grad_accum_steps), "--ep-size", str(cfg.ep_size), "--seed", str(cfg.seed),
             "--eval-interval", str(cfg.eval_interval), "--eval-samples", str(cfg.eval_samples),
             "--save", str(out / stage.name)]

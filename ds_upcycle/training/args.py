@@ -6,6 +6,7 @@ import argparse
 
 from ..config import PRESETS
 from ..data import DataConfig
+from ..trust import trust_checkpoints
 from .config import TrainConfig
 from .scoring import ScoreConfig
 
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save", dest="save_dir", default=None, help="checkpoint directory (resumes if it has one)")
     t.add_argument("--save-interval", type=int, default=TrainConfig.save_interval)
     t.add_argument("--load", dest="load_dir", default=None, help="checkpoint to start from")
+    t.add_argument("--trust-checkpoints", action="store_true",
+                   help="load checkpoints whose pickles hold classes outside DeepSpeed's own (unpickling such a file "
+                        "can run code: only for checkpoints you vouch for); default: such files are refused")
     t.add_argument("--exit-at", type=int, default=None, metavar="STEP",
                    help="stop after this global step with a checkpoint; run again without it (or with a later step) to go on")
 
@@ -76,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.trust_checkpoints:
+        trust_checkpoints()
     if args.score_output is None and args.steps is None:
         parser.error("the following arguments are required: --steps (or --score-experts FILE)")
     if args.score_output is not None:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import comm
-from ..checkpoint import (CheckpointRef, ImportOrigin, MetricsLog, RunRecord, find_checkpoint, latest_checkpoint,
-                          read_checkpoint, write_run_files)
+from ..checkpoint import (CheckpointRef, ImportOrigin, MetricsLog, RunRecord, check_checkpoint_dir, find_checkpoint,
+                          latest_checkpoint, read_checkpoint, write_run_files)
 from ..config import ModelConfig, check_expert_parallel, parse_overrides, resolve_model_config
 from ..data import BatchOrder, DataConfig, PackedSequences, PreparedData, prepare_data
 from ..data.tokenizer import tokenizer_digest
@@ -161,6 +161,7 @@ def _restore(engine, schedule: WSDSchedule, start: CheckpointRef, resuming: bool
     # A checkpoint without optimizer state (imported from transformers) gives its module weights only:
     # they fit any layout and precision, and the fp32 masters are refreshed from them.
     module_only = not start.has_optimizer_state
+    check_checkpoint_dir(start.path)  # DeepSpeed unpickles the files in full: refuse unknown classes first
     try:
         load_path, client = engine.load_checkpoint(str(start.save_dir), tag=start.tag, load_module_only=module_only)
     except Exception as err:  # DeepSpeed raises assorted types for layout mismatches

@@ -24,7 +24,7 @@ import deepspeed
 import torch
 
 from .. import comm
-from ..checkpoint import find_checkpoint
+from ..checkpoint import check_checkpoint_dir, find_checkpoint
 from ..config import check_expert_parallel
 from ..errors import UserError
 from ..model import Transformer
@@ -85,6 +85,7 @@ def run_scoring(cfg: ScoreConfig, ds_config: dict) -> ExpertScores:
     started = time.perf_counter()
     model = Transformer(model_cfg, ep_size=cfg.ep_size, ep_rank=comm.rank() % cfg.ep_size)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    check_checkpoint_dir(start.path)  # DeepSpeed unpickles the files in full: refuse unknown classes first
     loaded, _ = engine.load_checkpoint(str(start.save_dir), tag=start.tag, load_module_only=True,
                                        load_optimizer_states=False, load_lr_scheduler_states=False)
     if loaded is None:
