@@ -4,9 +4,10 @@ from __future__ import annotations
 
 
 def describe_plans(manifest: dict) -> str:
-    src, dst = manifest["source"], manifest["target"]
+    src, dst, options = manifest["source"], manifest["target"], manifest["options"]
     lines = [f"source {src['path']} (tag {src['tag']}, world {src['world_size']}, ep {src['ep_size']}) -> "
-             f"world {dst['world_size']}, ep {dst['ep_size']}; select {manifest['options']['select']}"]
+             f"world {dst['world_size']}, ep {dst['ep_size']}; select {options['select']}, allocate "
+             f"{options.get('allocate', 'proportional')}, optimizer state {options.get('optimizer_state', 'copy')}"]
     for layer in manifest["layers"]:
         lines.append(f"MoE layer {layer['index']} ({layer['prefix']}): {layer['num_source']} -> "
                      f"{layer['num_target']} experts")
