@@ -186,7 +186,7 @@ def test_cli_expands_with_calibration_scores(source):
     cal = calibrate(read_checkpoint(source["src"]), RunData(source["src"]), str(source["text"]), 2, 4)
     for layer in manifest["layers"]:
         assert layer["scores"] == cal.layers[layer["prefix"]]["grad_sq"]
-        assert layer["counts"] == allocate_copies(4, 8, layer["scores"])
+        assert layer["counts"] == allocate_copies(4, 8, layer["scores"], rule=manifest["options"]["allocate"])
         assert layer["counts"][int(np.argmax(layer["scores"]))] == max(layer["counts"])
     # The data: the documents in order, each followed by EOS, tokenized with the checkpoint's tokenizer.
     import sentencepiece as spm

@@ -386,5 +386,6 @@ def test_a_release_is_scored_on_the_engine_and_expanded_from_the_scores(tmp_path
     result = expand_checkpoint(ExpandConfig(str(ckpt), str(tmp_path / "e8"), multiplier=2, scores=str(scores)),
                                progress=False)
     assert result.manifest["scores"]["from"] == "scoring pass"
-    assert [p.counts for p in result.plans.values()] == [allocate_copies(4, 8, ours.layers[f"layers.{i}.ffn.moe"]["grad_sq"])
-                                                         for i in range(2)]
+    rule = result.manifest["options"]["allocate"]
+    assert [p.counts for p in result.plans.values()] == [
+        allocate_copies(4, 8, ours.layers[f"layers.{i}.ffn.moe"]["grad_sq"], rule=rule) for i in range(2)]

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -101,3 +102,12 @@ def test_deepspeed_files_load_with_the_safe_loader(trained_source):
     state = optim["optimizer_state_dict"]
     assert int(state["zero_stage"]) == 2 and state["loss_scaler"] is not None
     assert all(type(a).__name__ == "fragment_address" for group in state["param_slice_mappings"] for a in group.values())
+
+
+@pytest.mark.slow
+def test_optimizer_files_load_in_many_threads_at_once(trained_source):
+    """reproduce expands several seeds at once in one process, each in a thread."""
+    path = trained_source["tag"] / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    with ThreadPoolExecutor(8) as pool:
+        loaded = list(pool.map(lambda _: load_file(path), range(64)))
+    assert all(int(state["optimizer_state_dict"]["zero_stage"]) == 2 for state in loaded)

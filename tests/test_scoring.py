@@ -80,7 +80,7 @@ def test_expand_from_a_scores_file_plans_as_the_scores_say(scored):
     scores = ExpertScores.read(file)
     for layer in manifest["layers"]:
         assert layer["scores"] == scores.layers[layer["prefix"]]["saliency"]
-        assert layer["counts"] == allocate_copies(4, 8, layer["scores"])
+        assert layer["counts"] == allocate_copies(4, 8, layer["scores"], rule=manifest["options"]["allocate"])
     # The same plan as scoring here on the CPU with the same batches.
     here = expand_checkpoint(ExpandConfig(source=str(scored["src"]), destination=str(scored["root"] / "never"),
                                           multiplier=2, select="saliency", calibration_data="source",

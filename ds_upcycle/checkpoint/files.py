@@ -25,8 +25,11 @@ from ..errors import UserError
 from ..trust import TRUST_ENV, trusting
 
 # What DeepSpeed 0.19's save paths pickle besides tensors and plain containers: the ZeRO stage, the
-# loss scaler and the parameter-to-partition map of the ZeRO and bf16 optimizer files.
+# loss scaler and the parameter-to-partition map of the ZeRO and bf16 optimizer files. Added to
+# torch's allowlist once for the process: torch's `safe_globals` context swaps one process-wide list,
+# so two threads reading checkpoints (reproduce runs seeds in threads) would clear it for each other.
 DEEPSPEED_GLOBALS = (ZeroStageEnum, fragment_address, LossScalerBase, LossScaler, DynamicLossScaler)
+torch.serialization.add_safe_globals(list(DEEPSPEED_GLOBALS))
 
 
 def check_globals(path: Path) -> None:
@@ -35,8 +38,7 @@ def check_globals(path: Path) -> None:
     if trusting():
         return
     try:
-        with torch.serialization.safe_globals(list(DEEPSPEED_GLOBALS)):
-            unknown = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        unknown = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
     except Exception as err:  # not a torch.save zip archive, or a damaged one
         raise UserError(f"cannot read {path}: truncated or corrupt file ({type(err).__name__}: {_first_line(err)})") \
             from None
@@ -54,10 +56,7 @@ def check_checkpoint_dir(tag_dir: Path) -> None:
 
 
 def _torch_load(path: Path, mmap: bool) -> dict:
-    if trusting():
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    with torch.serialization.safe_globals(list(DEEPSPEED_GLOBALS)):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    return torch.load(path, map_location="cpu", weights_only=not trusting(), mmap=mmap)
 
 
 def load_file(path: Path, mmap: bool = False) -> dict:

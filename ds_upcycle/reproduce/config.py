@@ -16,6 +16,7 @@ from ..data import DataConfig
 from ..dtypes import DTYPES
 from ..errors import UserError, did_you_mean
 from ..trained.scores import GRADIENT_FREE_RULES, SELECTION_RULES
+from ..upcycle.config import ExpandConfig
 from ..upcycle.operator import ALLOCATIONS, OPTIMIZER_STATE_MODES
 
 
@@ -46,7 +47,8 @@ class ReproduceConfig:
         router_noise: sigma of the replicas' routing-bias noise at expansion.
         router_noise_relative: expand with `--router-noise-relative` (sigma relative to the spread of
             the copied biases, the paper's code).
-        allocate: expand with `--allocate` ("proportional" or the paper's "rank" fill).
+        allocate: expand with `--allocate` (the paper's "rank" fill or "proportional"); the named
+            configs keep "proportional", the rule their recorded results used.
         optimizer_state: expand with `--optimizer-state` ("copy", "reset", "scale", or "fresh": CPT
             starts Adam anew, as the paper's code does).
         calibration_data: expand with `--calibration-data` (e.g. "source": utility scores from exact
@@ -107,7 +109,7 @@ class ReproduceConfig:
     control: bool = True
     router_noise: float = 0.01
     router_noise_relative: bool = False
-    allocate: str = "proportional"
+    allocate: str = ExpandConfig.allocate
     optimizer_state: str = "copy"
     calibration_data: str | None = None
     distinct_copies: bool = False
@@ -269,6 +271,9 @@ class ReproduceConfig:
 # softmax later, and that config keeps sigmoid so that it still reproduces those numbers.
 SIGMOID = "score_func=sigmoid"
 
+# The allocation rule the named configs' recorded results used (expand's default is now "rank").
+PROPORTIONAL = "proportional"
+
 NAMED_CONFIGS: dict[str, ReproduceConfig] = {
     # The README's main job: 4 -> 8 experts on one CPU process each, three seeds, in a regime where
     # 8 experts beat 4 clearly (docs/RESULTS.md): small experts against a corpus of 19,200 facts of
@@ -278,7 +283,7 @@ NAMED_CONFIGS: dict[str, ReproduceConfig] = {
         name="tiny", model_overrides=("dim=32", "n_heads=2", "n_kv_heads=1", "expert_ffn_dim=16", "dense_ffn_dim=64",
                                       "n_layers=2"),
         data="synthetic:entities=400,values=64", total_steps=4800, eval_interval=600, transition="stable",
-        cpt_sweep=(0.1, 0.75, 0.9), seeds=(0, 1, 2)),
+        cpt_sweep=(0.1, 0.75, 0.9), seeds=(0, 1, 2), allocate=PROPORTIONAL),
     # The `tiny` model where its lead is built the way it is in pre-training: one pass over a stream
     # of records whose entities (2,000 per domain: 96,000 facts, 576,000 bits, 9-15 times what
     # either model can hold at 2 bits per parameter) are mentioned with Zipf popularity, so that
@@ -288,7 +293,7 @@ NAMED_CONFIGS: dict[str, ReproduceConfig] = {
         name="stream", model_overrides=("dim=32", "n_heads=2", "n_kv_heads=1", "expert_ffn_dim=16",
                                         "dense_ffn_dim=64", "n_layers=2"),
         data="synthetic:docs=240000,entities=2000,values=64", total_steps=4800, eval_interval=600,
-        transition="stable", cpt_sweep=(0.1, 0.75, 0.9), seeds=(0, 1, 2, 3)),
+        transition="stable", cpt_sweep=(0.1, 0.75, 0.9), seeds=(0, 1, 2, 3), allocate=PROPORTIONAL),
     # Real text (pass its directory with --data): a small interleaved model, 8 -> 16 experts,
     # top-2. Each .txt file is one document, so the hash split holds out whole works.
     "pd-english": ReproduceConfig(
@@ -296,13 +301,13 @@ NAMED_CONFIGS: dict[str, ReproduceConfig] = {
                                                            "n_layers=4", SIGMOID),
         num_experts=8, multiplier=2, total_steps=600, data=None, seq_len=128, vocab_size=4096,
         val_fraction=0.12, cpt_split_fraction=0.35, micro_batch_size=16, eval_interval=50, eval_samples=64,
-        final_val_samples=256, tasks=(), task_limit=None),
+        final_val_samples=256, tasks=(), task_limit=None, allocate=PROPORTIONAL),
     # One GPU, bf16: the paper's interleaved layout at 8 layers, 16 -> 32 experts.
     "gpu": ReproduceConfig(
         name="gpu", model="paper-il8", num_experts=16, multiplier=2, total_steps=4000, seq_len=512,
         vocab_size=8192, deepspeed_config="zero2_bf16.json", micro_batch_size=32, eval_interval=200,
         eval_samples=256, final_val_samples=512, task_limit=None, eval_device="cuda", eval_dtype="bfloat16",
-        eval_batch_size=32, threads=4),
+        eval_batch_size=32, threads=4, allocate=PROPORTIONAL),
 }
 
 # `stream` with one more arm, grown in stages: 4 -> 6 experts at 25% of T, 6 -> 8 at 50%, compared with

@@ -19,9 +19,10 @@ class ExpandConfig:
             destination is a new save dir).
         num_experts: target experts per layer N; or `multiplier` m, N = m * E. m = 1 reshards.
         select: how copies are allocated: "uniform" or a utility score (see scores.py).
-        allocate: how a utility score becomes copy counts: "proportional" (slots in proportion to
-            the scores) or "rank" (the paper's authors' rank fill: the best-ranked experts get up to
-            max_copies copies each, the rest one); see operator.allocate_copies.
+        allocate: how a utility score becomes copy counts: "rank" (the paper's authors' rank fill:
+            the best-ranked experts get up to max_copies copies each, the rest one; the default, from
+            the operator swap in docs/RESULTS.md) or "proportional" (slots in proportion to the
+            scores); see operator.allocate_copies.
         max_copies: cap on the copies of one expert (rank: default 4, the authors' cap).
         router_noise: standard deviation of the N(0, sigma^2) noise on the replicas' routing bias.
         router_noise_relative: sigma is router_noise times the spread of the replicas' copied biases
@@ -70,7 +71,7 @@ class ExpandConfig:
     num_experts: int | None = None
     multiplier: int | None = None
     select: str = "grad_sq"
-    allocate: str = "proportional"
+    allocate: str = "rank"
     max_copies: int | None = None
     router_noise: float = 0.01
     router_noise_relative: bool = False
