@@ -37,14 +37,35 @@ def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 2) -> P
     return write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
 
 
+def check_writable(path: str | os.PathLike, what: str = "output") -> None:
+    """Refuse, in one line, an output `path` (file or directory) that could not be created.
+
+    Outputs are written beside their final name and renamed over it, so what must be writable is
+    the folder that will hold `path`: its nearest existing ancestor must be a directory in which a
+    folder can be made. Tried for real (a folder made and removed at once), because permission bits
+    do not tell a read-only file system, nor anything to a root user."""
+    path = Path(path).absolute()
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot write {what} {path}: {ancestor} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ds-upcycle-write-check.", dir=ancestor))
+    except OSError as err:
+        raise UserError(f"cannot write {what} {path}: {ancestor} is not writable ({err.strerror})") from None
+
+
 def check_destination(dst: Path, force: bool) -> None:
     """An output directory may be new or empty; a full one only with --force (replaced when done).
+    Its folder must be writable.
 
     Commands call this before their work, so that a refusal costs nothing; staged_dir checks again."""
     if dst.exists() and not dst.is_dir():
         raise UserError(f"destination {dst} exists and is not a directory")
     if _occupied(dst) and not force:
         raise UserError(f"destination {dst} is not empty; pass --force to replace it")
+    check_writable(dst, "destination")
 
 
 @contextmanager
@@ -61,8 +82,11 @@ def staged_dir(dst: str | os.PathLike, existing: str = "refuse") -> Iterator[Pat
     dst = Path(dst)
     if existing == "refuse" and _occupied(dst):
         raise UserError(f"output already exists: {dst}")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    except OSError as err:
+        raise UserError(f"cannot write {dst}: {err.strerror} ({err.filename})") from None
     try:
         yield tmp
         if existing == "keep":

@@ -15,7 +15,7 @@ from pathlib import Path
 import lm_eval
 from lm_eval.utils import handle_non_serializable
 
-from ..atomic import write_text_atomic
+from ..atomic import check_writable, write_text_atomic
 from ..checkpoint import CheckpointRef, find_checkpoint, read_metrics
 from ..data import PackedSequences
 from ..errors import UserError
@@ -147,6 +147,9 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
     ref = find_checkpoint(cfg.checkpoint)
     specs = resolve_tasks(list(cfg.tasks), cfg.num_fewshot)
     output = Path(cfg.output) if cfg.output else ref.path / RESULTS_FILE
+    if output.is_dir():
+        raise UserError(f"--output {output} is a directory; give the results file's path")
+    check_writable(output, "results file")  # before the evaluation, which it would otherwise lose
     # Tasks first: a missing dataset should fail before minutes of model loading.
     manager = UpcycleTaskManager(cfg.include_paths, cfg.data_dir,
                                  metadata={"synthetic_source": ref.run_record.data_source},

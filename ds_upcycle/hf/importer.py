@@ -106,11 +106,11 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, force: bool = Fal
     `imported`): its module weights in the release's dtype, as DeepSpeed saves an engine without an
     optimizer, which an engine on any layout loads."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
+    check_destination(out, force)
     family, hf = read_hf_config(hf_dir)
     cfg = release_balancing(family, family.config_from_hf(hf), hf)
     tokenizer = tokenizer_file(hf_dir)
     load_tokenizer(tokenizer)
-    check_destination(out, force)
     # Read one tensor at a time, as the writer asks: memory holds the non-expert weights and an expert.
     tensors = WeightFiles(hf_dir)
     _check_names(family, cfg, tensors, hf_dir)

@@ -6,7 +6,7 @@ import json
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
-from ..atomic import write_json_atomic
+from ..atomic import check_writable, write_json_atomic
 from ..errors import UserError
 from .config import ReproduceConfig
 
@@ -18,6 +18,9 @@ REPETITION_FIELDS = {"seeds"}
 
 def check_out_dir(cfg: ReproduceConfig, out: Path) -> None:
     """Refuse to mix two experiments in one directory; record the config otherwise."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    check_writable(out, "--out directory")
     out.mkdir(parents=True, exist_ok=True)
     path = out / CONFIG_FILE
     current = json.loads(json.dumps(asdict(cfg)))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import comm
+from ..atomic import check_writable
 from ..checkpoint import (CheckpointRef, ImportOrigin, MetricsLog, RunRecord, check_checkpoint_dir, find_checkpoint,
                           latest_checkpoint, read_checkpoint, write_run_files)
 from ..config import ModelConfig, check_expert_parallel, parse_overrides, resolve_model_config
@@ -296,6 +297,8 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict, 
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_expert_parallel(train_cfg.ep_size, [], world, "--ep-size")
+    if train_cfg.save_dir:  # before minutes of data preparation and training, not at the first save
+        check_writable(train_cfg.save_dir, "--save directory")
     start, resuming = _start_checkpoint(train_cfg)
     model_cfg = _model_config(preset, overrides or [], start)
     check_expert_parallel(train_cfg.ep_size, model_cfg.experts_per_layer, ep_name="--ep-size")

@@ -358,8 +358,8 @@ def check_warm_start(cfg: ExpandConfig, plan: ExpansionPlan) -> WarmStart:
 def expand_checkpoint(cfg: ExpandConfig, dry_run: bool = False, progress: bool = True) -> ExpandResult:
     """Expand (or, with multiplier 1, reshard) cfg.source into cfg.destination."""
     started = time.perf_counter()
-    source, run = open_source(cfg)
     check_destination(Path(cfg.destination), cfg.force)
+    source, run = open_source(cfg)
     plan = plan_expansion(cfg, source, run)
     record = manifest(cfg, plan)
     plans = {index: layer.plan for index, layer in plan.layers.items()}
