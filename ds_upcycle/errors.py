@@ -24,5 +24,7 @@ def user_errors(fn):
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest of `choices`, or '' when none is close: for refusals of unknown names."""
-    close = difflib.get_close_matches(str(name), list(choices), n=1)
+    # 0.8 rather than difflib's 0.6: among thousands of lm-eval task names 0.6 finds a "match" for
+    # nearly anything (an unknown task drew 'noor_stem_tasks'); a typo of one or two letters passes 0.8.
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.8)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,9 +1,11 @@
 """`ds-upcycle eval` and `ds-upcycle compare` as a user runs them."""
 
 import json
+import re
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 
 from ds_upcycle.evaluation.cli import compare_command, eval_command
@@ -45,10 +47,19 @@ def test_eval_writes_results_into_the_checkpoint(checkpoint, data_cache):
     recorded = [r for r in read_metrics(checkpoint / "metrics.jsonl") if r["step"] == 200][0]["val_loss"]
     assert summary["val_loss"] == pytest.approx(recorded, abs=1e-5)
     assert summary["val_loss_measured_on"] == {"split": "val", "sequences": 16}
-    assert any(line.startswith("validation loss") and line.endswith(f"{summary['val_loss']:.4f}")
-               for line in result.output.splitlines())
+    assert f"validation loss {summary['val_loss']:.4f}, measured on 16 sequences of the val split" in result.output
     score = summary["tasks"]["synthetic_facts_mc"]["value"]
-    assert f"synthetic_facts_mc  {100 * score:.1f}" in result.output
+    assert re.search(rf"^synthetic_facts_mc +acc,none +{100 * score:.1f}$", result.output, re.M), result.output
+    assert "scores in % on the first 16 documents of each task (--limit 16)" in result.output
+    assert summary["eval_config"]["device"] == "cpu"
+    skipped = CliRunner().invoke(cli, ["eval", str(checkpoint), "--tasks", "synthetic_facts_mc", "--limit", "2",
+                                       "--offline", "--val-samples", "0", "--device", "cuda", "--output",
+                                       str(checkpoint.parent / "skipped.json")])
+    assert skipped.exit_code == 0, skipped.output
+    assert f"recorded by training at step 200 (--val-samples 0: not measured)" in skipped.output
+    if not torch.cuda.is_available():  # the results name the device that ran, not the one asked for
+        assert json.loads((checkpoint.parent / "skipped.json").read_text())["ds_upcycle"]["eval_config"][
+            "device"] == "cpu"
     assert f"results written to {written}" in result.output
     assert summary["eval_config"]["limit"] == 16 and summary["eval_config"]["batch_size"] == 4
     # compare finds it through the checkpoint
@@ -115,3 +126,25 @@ def test_compute_ledger_arithmetic(tmp_path):
     assert summary["ledger"]["transition_step"] == 50 and summary["ledger"]["step_time_e"] == 1.0
     assert summary["rows"][-1]["gap_closed"] == pytest.approx(2 / 3)
     assert "Compute ledger" in (tmp_path / "out" / "compare.md").read_text()
+
+
+def test_compare_names_runs_by_role_and_plots_the_loss(tmp_path, checkpoint):
+    """Columns by what the run records say a run is: grown by `expand` or trained at its expert count."""
+    from conftest import check_ok, expand_cli
+    from ds_upcycle.checkpoint import find_checkpoint
+
+    check_ok(expand_cli(str(checkpoint), str(tmp_path / "up"), "-m", "2", "--select", "uniform"))
+    fixed, upcycled = find_checkpoint(checkpoint), find_checkpoint(tmp_path / "up")
+    experts = fixed.run_record.model.num_experts
+    runs = []
+    for name, ref, loss in (("e.json", fixed, 2.0), ("u.json", upcycled, 1.9), ("e2.json", fixed, 1.95)):
+        (tmp_path / name).write_text(json.dumps({"ds_upcycle": {"checkpoint": str(ref.path), "val_loss": loss,
+                                                                "tasks": {}}}))
+        runs.append(str(tmp_path / name))
+    result = CliRunner().invoke(cli, ["compare", *runs[:2], "--plot", str(tmp_path / "loss.png")])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == f"| task | Fixed-{experts} | Upcycled {experts}->{2 * experts} |"
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"  # no scores: the loss alone is plotted
+    twice = CliRunner().invoke(cli, ["compare", runs[0], runs[2]])
+    where = f"{fixed.path.parent.name}/{fixed.path.name}"
+    assert twice.output.splitlines()[0] == f"| task | Fixed-{experts} ({where}) | Fixed-{experts} ({where}) |"

@@ -47,6 +47,17 @@ def test_task_names_are_checked(manager):
         resolve_tasks(["arc_easy", "arc_easy"])
     with pytest.raises(UserError, match=r"unknown task 'arc_easyy' \(did you mean 'arc_easy'\?\)"):
         load_tasks(manager, resolve_tasks(["arc_easyy"]))
+    # among lm-eval's thousands of names a loose match finds something for anything: none is offered
+    with pytest.raises(UserError, match=r"unknown task 'nonsense_benchmark'$"):
+        load_tasks(manager, resolve_tasks(["nonsense_benchmark"]))
+
+
+def test_synthetic_tasks_on_other_data_say_what_to_run():
+    from ds_upcycle.evaluation.synthetic import spec_from_source
+
+    with pytest.raises(UserError, match=r"data ds-upcycle does not know \(an import\): name lm-eval tasks with "
+                                        r"--tasks, e.g. --tasks paper11"):
+        spec_from_source(None)
 
 
 def test_synthetic_questions_ask_for_facts_the_corpus_states():

@@ -71,15 +71,34 @@ def eval_command(checkpoint, tasks, num_fewshot, limit, batch_size, device, dtyp
                      seed=seed, bootstrap_iters=bootstrap_iters, val_samples=val_samples, val_split=val_split,
                      data_cache=data_cache)
     report = run_eval(cfg)
-    width = max(len(task) for task in report.scores)
-    for task, score in report.scores.items():
-        click.echo(f"{task:<{width}}  {'-' if score is None else f'{100 * score:.1f}'}")
-    if report.average is not None:
-        click.echo(f"{'average':<{width}}  {100 * report.average:.1f}")
-    val_loss = report.results["ds_upcycle"].get("val_loss")
-    if val_loss is not None:
-        click.echo(f"{'validation loss':<{width}}  {val_loss:.4f}")
+    click.echo(results_table(report.results["ds_upcycle"], cfg.limit, cfg.val_samples))
     click.echo(f"results written to {report.path}")
+
+
+def results_table(summary: dict, limit: float | None, val_samples: int) -> str:
+    """Scores with their metric, the average, the validation loss with where it comes from."""
+    tasks = summary["tasks"]
+    rows = [(task, str(t["metric"] or "-"), "-" if t["value"] is None else f"{100 * t['value']:.1f}")
+            for task, t in tasks.items()]
+    if summary.get("average") is not None:
+        rows.append(("average", "", f"{100 * summary['average']:.1f}"))
+    width = [max(len(r[i]) for r in rows + [("task", "metric", "score")]) for i in range(3)]
+    lines = [f"{'task':<{width[0]}}  {'metric':<{width[1]}}  {'score':>{width[2]}}"]
+    lines += [f"{a:<{width[0]}}  {b:<{width[1]}}  {c:>{width[2]}}" for a, b, c in rows]
+    documents = ("every document" if limit is None else
+                 f"the first {limit:g} documents" if limit >= 1 else f"the first {100 * limit:g}% of documents")
+    lines.append(f"scores in % on {documents} of each task{'' if limit is None else f' (--limit {limit:g})'}")
+    measured = summary.get("val_loss_measured_on")
+    if measured:
+        lines.append(f"validation loss {summary['val_loss']:.4f}, measured on {measured['sequences']} sequences "
+                     f"of the {measured['split']} split")
+    elif summary.get("val_loss") is not None:
+        why = "--val-samples 0: not measured" if val_samples == 0 else "not measured here"
+        lines.append(f"validation loss {summary['val_loss']:.4f}, recorded by training at step "
+                     f"{summary['global_step']} ({why})")
+    elif val_samples == 0:
+        lines.append("validation loss skipped (--val-samples 0)")
+    return "\n".join(lines)
 
 
 @click.command("compare")

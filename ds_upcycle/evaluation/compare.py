@@ -56,9 +56,34 @@ def load_results(path: str | Path) -> dict:
     return summary
 
 
-def _label(summary: dict, path: str) -> str:
+def _where(summary: dict, path: str) -> str:
     checkpoint = Path(summary.get("checkpoint") or path)
     return f"{checkpoint.parent.name}/{checkpoint.name}" if summary.get("checkpoint") else Path(path).stem
+
+
+def _role(summary: dict) -> str | None:
+    """The paper's name of a run, from its checkpoint's run record: "Upcycled 4->8" for a model
+    grown by `ds-upcycle expand`, "Fixed-8" for one trained at its expert count; None when the
+    checkpoint is gone or holds no MoE layer."""
+    try:
+        record = find_checkpoint(summary["checkpoint"]).run_record
+    except (KeyError, TypeError, UserError):
+        return None
+    experts = record.model.num_experts
+    if not experts:
+        return None
+    if record.copy_of:
+        sources = max(len(set(layer)) for layer in record.copy_of)
+        return f"Upcycled {sources}->{experts}"
+    return f"Fixed-{experts}"
+
+
+def _labels(summaries: list[dict], paths: list[str]) -> tuple[str, ...]:
+    """Each run by its role; where two share a role (or a run has none), by where it is too."""
+    roles = [_role(s) for s in summaries]
+    return tuple(role if role and roles.count(role) == 1 else
+                 f"{role} ({_where(s, p)})" if role else _where(s, p)
+                 for role, s, p in zip(roles, summaries, paths))
 
 
 def compare(paths: list[str], labels: list[str] | None = None) -> Comparison:
@@ -67,7 +92,7 @@ def compare(paths: list[str], labels: list[str] | None = None) -> Comparison:
     if labels and len(labels) != len(paths):
         raise UserError(f"{len(labels)} labels for {len(paths)} runs")
     summaries = [load_results(p) for p in paths]
-    labels = tuple(labels or [_label(s, p) for s, p in zip(summaries, paths)])
+    labels = tuple(labels) if labels else _labels(summaries, paths)
     tasks = list(dict.fromkeys(t for s in summaries for t in s["tasks"]))
     rows = [Row(t, tuple((s["tasks"].get(t) or {}).get("value") for s in summaries), "score") for t in tasks]
     common = [row for row in rows if None not in row.values]
@@ -133,24 +158,34 @@ def to_csv(comparison: Comparison) -> str:
 
 
 def plot(comparison: Comparison, path: str | Path) -> Path:
-    """Grouped bars of every score row, one colour per run."""
+    """Grouped bars, one colour per run: every score row, and the validation loss in a panel of its own."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [row for row in comparison.rows if row.kind == "score"]
-    if not rows:
-        raise UserError("nothing to plot: the runs have no task scores")
+    panels = [(rows, unit) for rows, unit in (([r for r in comparison.rows if r.kind == "score"], "score (%)"),
+                                              ([r for r in comparison.rows if r.kind == "loss"], "loss"))
+              if rows]
+    if not panels:
+        raise UserError("nothing to plot: the runs have no task scores and no validation loss")
+    scores = len(panels[0][0]) if panels[0][1] == "score (%)" else 0
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 1.2 * scores + 3.0 * (len(panels) - 1)), 4.0),
+                             gridspec_kw={"width_ratios": [max(len(rows), 1) for rows, _ in panels]}, squeeze=False)
     width = 0.8 / len(comparison.labels)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows)), 4.0))
-    for i, label in enumerate(comparison.labels):
-        ax.bar([x + i * width for x in range(len(rows))], [100 * (row.values[i] or 0.0) for row in rows],
-               width, label=label)
-    ax.set_xticks([x + width * (len(comparison.labels) - 1) / 2 for x in range(len(rows))])
-    ax.set_xticklabels([row.name for row in rows], rotation=30, ha="right")
-    ax.set_ylabel("score (%)")
-    ax.legend()
+    for ax, (rows, unit) in zip(axes[0], panels):
+        scale = 100 if unit == "score (%)" else 1
+        for i, label in enumerate(comparison.labels):
+            ax.bar([x + i * width for x in range(len(rows))], [scale * (row.values[i] or 0.0) for row in rows],
+                   width, label=label)
+        ax.set_xticks([x + width * (len(comparison.labels) - 1) / 2 for x in range(len(rows))])
+        ax.set_xticklabels([row.name for row in rows], rotation=30, ha="right")
+        ax.set_ylabel(unit)
+        if unit == "loss":  # differences of a few thousandths: bars from zero would hide them
+            values = [v for row in rows for v in row.values if v is not None]
+            spread = max(values) - min(values) or abs(max(values)) * 0.01 or 1.0
+            ax.set_ylim(min(values) - spread, max(values) + spread)
+    axes[0][0].legend()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,12 +7,17 @@ the headline score, with the average over tasks. `ds-upcycle compare` reads that
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lm_eval
+from lm_eval import evaluator as lm_eval_evaluator
+from lm_eval.loggers.utils import get_commit_from_path
 from lm_eval.utils import handle_non_serializable
 
 from ..atomic import check_writable, write_text_atomic
@@ -88,7 +93,8 @@ class EvalReport:
 
 
 def _validation_loss(ref: CheckpointRef, step: int | None) -> float | None:
-    """The run's validation loss at the checkpoint's step, when its metrics.jsonl has it."""
+    """The run's validation loss at the checkpoint's step, when its metrics.jsonl has it (recorded
+    during training; `val_loss_measured_on` is absent then)."""
     metrics = ref.save_dir / "metrics.jsonl"
     if step is None or not metrics.is_file():
         return None
@@ -140,6 +146,29 @@ def summarize(results: dict, specs: list[TaskSpec], ref: CheckpointRef) -> dict:
     return checkpoint_summary(ref, tasks, _validation_loss(ref, ref.run_record.global_step))
 
 
+def _quiet_git(evaluate):
+    """lm-eval records the git commit of the working directory by running `git describe`, whose
+    "fatal: not a git repository" reaches the terminal outside a repository. The same lookup, with
+    git's complaint kept off the terminal, for the duration of the call."""
+    @functools.wraps(evaluate)
+    def call(*args, **kwargs):
+        original = lm_eval_evaluator.get_git_commit_hash
+        lm_eval_evaluator.get_git_commit_hash = _git_commit_hash
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            lm_eval_evaluator.get_git_commit_hash = original
+    return call
+
+
+def _git_commit_hash() -> str | None:
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)  # noqa: S607
+        return out.stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
+
+
 def run_eval(cfg: EvalConfig) -> EvalReport:
     """Evaluate cfg.checkpoint on cfg.tasks with lm-eval; write and return the results."""
     if cfg.offline:
@@ -158,7 +187,7 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
     loss_data = _loss_data(ref, cfg)
     lm = UpcycleLM(checkpoint=str(ref.path), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
                    max_length=cfg.max_length, max_gen_toks=cfg.max_gen_toks, kv_cache=cfg.kv_cache)
-    results = lm_eval.simple_evaluate(
+    results = _quiet_git(lm_eval.simple_evaluate)(
         model=lm, tasks=objects, task_manager=manager, limit=cfg.limit, bootstrap_iters=cfg.bootstrap_iters,
         log_samples=cfg.log_samples, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
         torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
@@ -166,7 +195,8 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
     results["ds_upcycle"] = summarize(results, specs, ref)
     if loss_data is not None:
         results["ds_upcycle"].update(_measured_loss(lm, loss_data, cfg))
-    results["ds_upcycle"]["eval_config"] = asdict(cfg)
+    # The device that ran, which is not the one asked for where that one is missing (cuda on a CPU machine).
+    results["ds_upcycle"]["eval_config"] = {**asdict(cfg), "device": str(lm.device)}
 
     output.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output, json.dumps(results, indent=2, default=handle_non_serializable))

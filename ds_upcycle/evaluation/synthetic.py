@@ -28,8 +28,10 @@ CHOICES = 4
 
 def spec_from_source(source: str | None) -> SyntheticSpec:
     if not source or not (source == "synthetic" or source.startswith("synthetic:")):
-        raise UserError(f"the synthetic_facts tasks ask about the built-in synthetic corpus; this checkpoint "
-                        f"was trained on {source or 'an unknown source'}")
+        raise UserError(f"the synthetic tasks (eval's default) ask about the built-in synthetic corpus; this "
+                        f"checkpoint was trained on {source or 'data ds-upcycle does not know (an import)'}: "
+                        f"name lm-eval tasks with --tasks, e.g. --tasks paper11 (the paper's 11 benchmarks) or "
+                        f"--tasks arc_easy,hellaswag")
     try:
         return SyntheticSpec.parse(source)
     except (ValueError, TypeError) as err:
