@@ -8,11 +8,15 @@ Run `python train.py --help` for every option; README.md walks through a full up
 
 import sys
 
-from ds_upcycle import comm
-from ds_upcycle.errors import UserError
-from ds_upcycle.training.args import configs_from_args, parse_args, score_config_from_args
-from ds_upcycle.training.loop import read_ds_config, run_training
-from ds_upcycle.training.scoring import run_scoring
+from ds_upcycle.accelerator import use_cpu_without_gpu
+
+use_cpu_without_gpu()  # before DeepSpeed is imported
+
+from ds_upcycle import comm  # noqa: E402
+from ds_upcycle.errors import UserError  # noqa: E402
+from ds_upcycle.training.args import configs_from_args, parse_args, score_config_from_args  # noqa: E402
+from ds_upcycle.training.loop import read_ds_config, run_training  # noqa: E402
+from ds_upcycle.training.scoring import run_scoring  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -12,14 +12,18 @@ import importlib.util
 import click
 
 from . import __version__, trust
-from .config import PRESETS, count_parameters
-from .data import DataConfig, prepare_data
-from .dtypes import EXPORT_DTYPES
-from .errors import UserError, user_errors
-from .evaluation.cli import compare_command, eval_command
-from .upcycle.config import ExpandConfig, parse_layers
-from .upcycle.operator import ALLOCATIONS, OPTIMIZER_STATE_MODES
-from .trained.scores import SELECTION_RULES
+from .accelerator import use_cpu_without_gpu
+
+use_cpu_without_gpu()  # before DeepSpeed is first imported
+
+from .config import PRESETS, count_parameters  # noqa: E402
+from .data import DataConfig, prepare_data  # noqa: E402
+from .dtypes import EXPORT_DTYPES  # noqa: E402
+from .errors import UserError, user_errors  # noqa: E402
+from .evaluation.cli import compare_command, eval_command  # noqa: E402
+from .upcycle.config import ExpandConfig, parse_layers  # noqa: E402
+from .upcycle.operator import ALLOCATIONS, OPTIMIZER_STATE_MODES  # noqa: E402
+from .trained.scores import SELECTION_RULES  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
+from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups
+
+from .cache import extensions_dir
 
 
 def is_distributed() -> bool:
@@ -50,6 +55,7 @@ def init_distributed(**kwargs) -> None:
     unlinks it: every launch would leave them behind until the machine runs out of memory. Once all
     ranks are through initialisation (the barrier) the names can go; the mappings stay valid.
     """
+    _prepare_op_build()
     deepspeed.init_distributed(**kwargs)
     if not is_distributed():
         return
@@ -60,6 +66,22 @@ def init_distributed(**kwargs) -> None:
         os.unlink(name)
     except FileNotFoundError:  # no shared-memory op in use (GPU, or ranks on several machines)
         pass
+
+
+def _prepare_op_build() -> None:
+    """On CPU DeepSpeed compiles its communication op the first time it starts, silently, for about
+    a minute: keep the build in this environment's own folder (cache.extensions_dir; an explicit
+    TORCH_EXTENSIONS_DIR wins) and say, once per launch, that the wait is a build."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    if get_accelerator().device_name() != "cpu" or os.environ.get("RANK", "0") != "0":
+        return
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return
+    built = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / builder.NAME / f"{builder.NAME}.so"
+    if not built.exists():
+        print(f"ds-upcycle: DeepSpeed is compiling its CPU communication op for this environment, once "
+              f"(about a minute; later launches reuse {built.parent})", file=sys.stderr, flush=True)
 
 
 def agree_capacity(local_max: torch.Tensor, group) -> torch.Tensor:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import staged_dir
+from ..cache import cache_root
 from ..errors import UserError
 from .sources import TextSource, resolve_source
 from .tokenizer import (TRAINING_SETTINGS, Tokenizer, copy_tokenizer, find_tokenizer, load_tokenizer, tokenizer_digest,
@@ -29,7 +30,7 @@ SPLITS = ("pretrain", "cpt", "val")
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DS_UPCYCLE_CACHE", Path.home() / ".cache" / "ds_upcycle"))
+    return cache_root()
 
 
 @dataclass(frozen=True)
