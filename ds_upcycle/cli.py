@@ -87,6 +87,9 @@ def main(trust_checkpoints: bool) -> None:
 @click.option("--ep-size", type=int, default=None, help="target expert-parallel size (default: source's)")
 @click.option("--seed", type=int, default=ExpandConfig.seed, show_default=True)
 @click.option("--dry-run", is_flag=True, help="print the allocation plan per layer, write nothing")
+@click.option("--show-plan", is_flag=True,
+              help="print every expert's copies and new ids, not one summary line per layer (the manifest "
+                   "upcycle_manifest.json holds the full plan either way)")
 @click.option("--force", is_flag=True, help="replace a non-empty destination")
 @click.option("--check-data", is_flag=True,
               help="after writing, print the validation loss of the source and the expanded model on the "
@@ -110,7 +113,7 @@ def main(trust_checkpoints: bool) -> None:
 @user_errors
 def expand(source, destination, num_experts, multiplier, select, layers, distinct_copies, split_copies, split_scale,
            lift_groups_after, reinit_fraction, allocate, max_copies, router_noise, router_noise_relative, optimizer_state,
-           world_size, ep_size, seed, dry_run, force, check_data, check_samples, data_cache, calibration_data,
+           world_size, ep_size, seed, dry_run, show_plan, force, check_data, check_samples, data_cache, calibration_data,
            calibration_batches, calibration_batch_size, scores_file) -> None:
     """Expand a DeepSpeed MoE checkpoint SOURCE to more experts per layer, written to DESTINATION.
 
@@ -132,7 +135,7 @@ def expand(source, destination, num_experts, multiplier, select, layers, distinc
                        calibration_data=calibration_data, calibration_batches=calibration_batches,
                        calibration_batch_size=calibration_batch_size, scores=scores_file)
     result = expand_checkpoint(cfg, dry_run=dry_run)
-    click.echo(describe_plans(result.manifest))
+    click.echo(describe_plans(result.manifest, per_expert=show_plan))
     origin = result.manifest.get("scores", {})
     if origin.get("from") in ("calibration data", "scoring pass"):
         where = f" (train.py on {origin['world_size']} processes, {origin['file']})" if "file" in origin else ""
