@@ -12,6 +12,7 @@ from .files import check_checkpoint_dir
 from .fresh import MODULE_ONLY_CONFIG, module_state
 from .metrics import MetricsLog, read_metrics
 from .model_file import read_module_weights
+from .progress import ProgressSource
 from .reader import read_checkpoint
 from .run_record import (RUN_FILE, CheckpointRef, ImportOrigin, RunRecord, find_checkpoint, latest_checkpoint,
                          write_run_files)
@@ -21,6 +22,6 @@ from .writer import write_checkpoint
 
 __all__ = ["MODULE_ONLY_CONFIG", "RUN_FILE", "CheckpointMeta", "CheckpointReader", "CheckpointRef", "CheckpointSource",
            "CheckpointState", "autoep_score_func", "check_checkpoint_dir",
-           "ImportOrigin", "MetricsLog", "MoELayer", "NonExpertState", "ParamGroup", "ParamState", "RunRecord",
+           "ImportOrigin", "MetricsLog", "MoELayer", "NonExpertState", "ParamGroup", "ParamState", "ProgressSource", "RunRecord",
            "find_checkpoint", "latest_checkpoint", "load_state", "module_state", "named_param_states",
            "read_checkpoint", "read_metrics", "read_module_weights", "write_checkpoint", "write_run_files"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 from ..errors import UserError
 
@@ -45,8 +46,11 @@ def write_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_byt
         weight_map = {name: file for file, shard in zip(files, shards) for name in shard}
         index = {"metadata": {"total_size": sum(map(nbytes, tensors))}, "weight_map": weight_map}
         (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    for file, shard in zip(files, shards):
-        _write_safetensors(out_dir / file, shard, tensors, dtype)
+    # Export of a 7B model writes for minutes: a bar over the bytes, gone when done.
+    with tqdm(total=sum(map(nbytes, tensors)), unit="B", unit_scale=True, desc="writing weights", leave=False,
+              dynamic_ncols=True) as bar:
+        for file, shard in zip(files, shards):
+            _write_safetensors(out_dir / file, shard, tensors, dtype, bar.update)
     return files
 
 
@@ -57,7 +61,7 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float
 
 
 def _write_safetensors(path: Path, names: list[str], tensors: Mapping[str, torch.Tensor],
-                       dtype: Callable[[str], torch.dtype]) -> None:
+                       dtype: Callable[[str], torch.dtype], written: Callable[[int], object] = lambda n: None) -> None:
     """One safetensors file, written one tensor at a time (safetensors' own save_file takes them all at once)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -76,6 +80,7 @@ def _write_safetensors(path: Path, names: list[str], tensors: Mapping[str, torch
             data = tensors[name].detach().to(device="cpu", dtype=dtype(name)).contiguous()
             if data.numel():
                 f.write(data.reshape(-1).view(torch.uint8).numpy())
+            written(data.numel() * data.element_size())
 
 
 class WeightFiles(Mapping):

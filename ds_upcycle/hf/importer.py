@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig
 
 from ..atomic import check_destination
-from ..checkpoint import CheckpointSource, ImportOrigin, RunRecord, module_state, write_checkpoint
+from ..checkpoint import CheckpointSource, ImportOrigin, ProgressSource, RunRecord, module_state, write_checkpoint
 from ..config import ModelConfig
 from ..data.tokenizer import load_tokenizer, tokenizer_file
 from ..errors import UserError
@@ -119,8 +119,8 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, force: bool = Fal
     record = RunRecord(cfg, optimizer_state=False, context=min(positions, CONTEXT_CAP),
                        imported_from=ImportOrigin(family.model_type, family.architecture, positions,
                                                   hf_dir.resolve().name))
-    write_checkpoint(_checkpoint_state(cfg, state, tokenizer, record), out, IMPORT_TAG, world_size=1, ep_size=1,
-                     replace=force)
+    write_checkpoint(ProgressSource(_checkpoint_state(cfg, state, tokenizer, record)), out, IMPORT_TAG,
+                     world_size=1, ep_size=1, replace=force)
     return ImportResult(out, family, cfg)
 
 

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import deepspeed
 import torch
-from tqdm import tqdm
 
 from .. import __version__
 from ..atomic import check_destination, write_json_atomic
-from ..checkpoint import (CheckpointReader, CheckpointSource, MoELayer, NonExpertState, ParamState, RunRecord,
-                          autoep_score_func, read_checkpoint, write_checkpoint)
+from ..checkpoint import (CheckpointReader, CheckpointSource, MoELayer, NonExpertState, ParamState, ProgressSource,
+                          RunRecord, autoep_score_func, read_checkpoint, write_checkpoint)
 from ..errors import UserError
 from ..model import init_std
 from ..trained import RunData
@@ -387,30 +386,3 @@ def _checksums(tag_dir: Path) -> dict[str, str]:
     # hashlib releases the GIL on large blocks, so files hash in parallel on all cores.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return dict(zip((p.name for p in files), pool.map(_sha256, files)))
-
-
-class ProgressSource:
-    """Wraps a source so that the writer's walk over experts shows one progress bar per layer."""
-
-    def __init__(self, inner: ExpandedSource) -> None:
-        self.inner, self.meta, self.moe_layers = inner, inner.meta, inner.moe_layers
-        self._bars: dict[int, object] = {}
-        self._seen: dict[int, set[int]] = {}
-
-    def non_expert_state(self) -> NonExpertState:
-        return self.inner.non_expert_state()
-
-    def expert_state(self, layer: int, expert: int) -> dict[str, ParamState]:
-        bar = self._bars.get(layer)
-        if bar is None:
-            total = self.moe_layers[layer].num_experts
-            bar = self._bars[layer] = tqdm(total=total, desc=f"MoE layer {layer}", unit="expert",
-                                                 leave=False, dynamic_ncols=True)
-        state = self.inner.expert_state(layer, expert)
-        seen = self._seen.setdefault(layer, set())
-        if expert not in seen:  # the writer may ask twice for an expert split over two partitions
-            seen.add(expert)
-            bar.update(1)
-            if bar.n >= bar.total:
-                bar.close()
-        return state
