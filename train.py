@@ -7,10 +7,13 @@ Run `python train.py --help` for every option; README.md walks through a full up
 """
 
 import sys
+import warnings
 
 from ds_upcycle.accelerator import use_cpu_without_gpu
 
 use_cpu_without_gpu()  # before DeepSpeed is imported
+# DeepSpeed's ZeRO calls a collective torch has renamed; the warning is for DeepSpeed, once per process.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
 
 from ds_upcycle import comm  # noqa: E402
 from ds_upcycle.errors import UserError  # noqa: E402

@@ -12,7 +12,9 @@ NPROC=2
 if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   CONFIG=ds_configs/zero2_bf16.json
   NPROC=$(python3 -c "import torch; print(min(2, torch.cuda.device_count()))")
+else
+  export DS_ACCELERATOR=cpu  # DeepSpeed would choose it too, with a warning from every process
 fi
-deepspeed --num_gpus "$NPROC" train.py --deepspeed_config "$CONFIG" --model tiny --ep-size "$NPROC" \
+deepspeed --log_level warning --num_gpus "$NPROC" train.py --deepspeed_config "$CONFIG" --model tiny --ep-size "$NPROC" \
   --micro-batch-size $((16 / NPROC)) --steps "${STEPS:-300}" --eval-interval 100 --save "$RUN"
 echo "checkpoint: $RUN/$(cat "$RUN/latest"), metrics: $RUN/metrics.jsonl"
