@@ -4,8 +4,9 @@ difference from a reference arm, seed by seed.
     python scripts/paired_arms.py --base runs/stream --seeds 0,1,2,3 --samples 1024 \\
         plain=runs/stream authors=runs/stream-swap-authors rank=runs/stream-swap-rank
 
-Each LABEL=DIR names a run directory laid out as `regime_lead.py` / `reproduce` leave it
-(DIR/seed-<s>/<arm>); the arm is --arm (default the 50% CPT grad_sq arm). Fixed-E and Fixed-mE come
+Each LABEL=DIR[:ARM] names a run directory laid out as `regime_lead.py` / `reproduce` leave it
+(DIR/seed-<s>/<arm>); the arm is ARM, or --arm (default the 50% CPT grad_sq arm), e.g.
+uniform=runs/stream-table4-uniform:upcycled-cpt50-uniform. Fixed-E and Fixed-mE come
 from --base. Every checkpoint is evaluated on the first --samples validation sequences (one CPU
 process, fp32, as reproduce's final evaluation). Printed: per arm the warm-start jump, the gap
 closed (L_E - L_up) / (L_E - L_mE) per seed and mean ± sample std, and against the first arm the
@@ -54,7 +55,7 @@ def main() -> None:
     parser.add_argument("--seeds", required=True)
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--arm", default="upcycled-cpt50-grad_sq")
-    parser.add_argument("arms", nargs="+", metavar="LABEL=DIR")
+    parser.add_argument("arms", nargs="+", metavar="LABEL=DIR[:ARM]")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     cache: dict = {}
@@ -65,14 +66,16 @@ def main() -> None:
         print(f"| arm | warm-start jump (mean) | gap closed, {args.samples} sequences, % | per seed |")
         print("| --- | ---: | ---: | --- |")
         for item in args.arms:
-            label, _, path = item.partition("=")
+            label, _, where = item.partition("=")
+            path, _, arm = where.partition(":")
+            arm = arm or args.arm
             rows, jumps = [], []
             for s in seeds:
                 seed_dir = Path(path) / f"seed-{s}"
                 e, m = fixed[s]
-                up = final_loss(seed_dir / args.arm, args.samples, cache)
+                up = final_loss(seed_dir / arm, args.samples, cache)
                 rows.append(100 * (e - up) / (e - m))
-                j = jump(seed_dir / args.arm.replace("upcycled-", "expanded-", 1))
+                j = jump(seed_dir / arm.replace("upcycled-", "expanded-", 1))
                 if j is not None:
                     jumps.append(j)
             closed[label] = rows

@@ -121,3 +121,13 @@ def bf16_source(tmp_path_factory, data_cache) -> dict:
     cfg, src = bf16_ds_config(root / "bf16.json"), root / "src"
     check_ok(run_train(tiny_run_args(cfg, 3, data_cache, *SOURCE_MODEL, "--eval-samples", "8", "--save", str(src))))
     return {"cfg": cfg, "src": src}
+
+
+# Files that take minutes go first, so that with several workers (scripts/test.sh runs pytest-xdist,
+# a whole file per worker, in collection order) no worker is left running a long file alone at the end.
+LONG_FILES = ("test_reproduce.py", "test_expand.py", "test_checkpoint_io.py", "test_autoep_checkpoint.py",
+              "test_reproduce_seeds.py", "test_eval_tasks.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in LONG_FILES)  # stable: each file keeps its order

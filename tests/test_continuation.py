@@ -19,7 +19,7 @@ PEAK = 3e-3
 
 
 def wsd(step_in_stage: int, total: int, warmup: int, decay_fraction: float, min_ratio: float) -> float:
-    """The schedule's factor, written out from its definition (README, "Schedule")."""
+    """The schedule's factor, written out from its definition (docs/TRAINING.md, "Schedule")."""
     decay_steps = max(1, round(decay_fraction * total))
     if step_in_stage < warmup:
         return (step_in_stage + 1) / warmup

@@ -299,7 +299,7 @@ def test_a_tied_head_stored_anyway_is_accepted_only_when_equal(tmp_path, sp_mode
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", list(FAMILY_CONFIGS))
 def test_every_family_upcycles_trains_and_exports_as_itself(model_type, tmp_path, sp_model, data_cache):
-    """The README's path for each family that imports: import, expand -m 2 (default router noise),
+    """The path of docs/HF.md for each family that imports: import, expand -m 2 (default router noise),
     continue training with the balancing the import chose, export: the release's own class, computing
     what our model computes."""
     hf_dir, _ = hf_model_dir(model_type, tmp_path, sp_model)

@@ -90,7 +90,9 @@ def test_more_seeds_reuse_an_experiment_directory_another_config_is_refused(tmp_
 
 def test_two_seeds_end_to_end(tmp_path, data_cache):
     config = tmp_path / "mini.json"
-    config.write_text(json.dumps({**MINI, "selection_cpt_fraction": None, "control": False, "tasks": []}))
+    # the sources are Fixed-E's own checkpoints (transition stable): per seed two runs, a copy and a CPT
+    config.write_text(json.dumps({**MINI, "selection_cpt_fraction": None, "control": False, "tasks": [],
+                                  "transition": "stable"}))
     out = tmp_path / "exp"
     command = [sys.executable, "-m", "ds_upcycle.cli", "reproduce", "--config", str(config), "--out", str(out),
                "--data-cache", str(data_cache), "--seeds", "0,1"]
