@@ -68,16 +68,17 @@ def test_eval_writes_results_into_the_checkpoint(checkpoint, data_cache):
 
 
 def test_compare_measures_the_gap_closed(tmp_path):
-    runs = [write_results(tmp_path / "fixed4.json", {"a": 0.40, "b": 0.20}, 2.0),
-            write_results(tmp_path / "up8.json", {"a": 0.55, "b": 0.30}, 1.8),
-            write_results(tmp_path / "fixed8.json", {"a": 0.60, "b": 0.25}, 1.7)]
+    runs = [write_results(tmp_path / "fixed4.json", {"a": 0.40, "b": 0.20, "c": 0.50}, 2.0),
+            write_results(tmp_path / "up8.json", {"a": 0.55, "b": 0.30, "c": 0.60}, 1.8),
+            write_results(tmp_path / "fixed8.json", {"a": 0.60, "b": 0.25, "c": 0.45}, 1.7)]
     result = CliRunner().invoke(cli, ["compare", *runs, "--plot", str(tmp_path / "plot.png")])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == "| task | fixed4/global_step10 | up8/global_step10 | fixed8/global_step10 | gap closed |"
     assert "| a | 40.0 | 55.0 | 60.0 | 75.0% |" in lines            # (55 - 40) / (60 - 40)
     assert "| b | 20.0 | 30.0 | 25.0 | 200.0% |" in lines
-    assert "| average (2 tasks) | 30.0 | 42.5 | 42.5 | 100.0% |" in lines
+    assert "| c | 50.0 | 60.0 | 45.0 | - |" in lines  # Fixed-mE behind: no gap to close
+    assert "| average (3 tasks) | 36.7 | 48.3 | 43.3 | 175.0% |" in lines
     assert "| validation loss | 2.0000 | 1.8000 | 1.7000 | 66.7% |" in lines  # (2.0 - 1.8) / (2.0 - 1.7)
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
     csv = CliRunner().invoke(cli, ["compare", *runs[:2], "--format", "csv", "--label", "E", "--label", "U"])

@@ -26,10 +26,13 @@ class Row:
     kind: str                      # "score" (a fraction, higher is better) or "loss"
 
     def gap_closure(self) -> float | None:
+        """None where there is no gap to close: Fixed-mE not ahead of Fixed-E (a lower loss, a higher
+        score), where the ratio would divide by noise or by a gap of the wrong sign."""
         if len(self.values) != 3 or None in self.values:
             return None
         fixed_e, upcycled, fixed_me = self.values
-        return None if fixed_me == fixed_e else (upcycled - fixed_e) / (fixed_me - fixed_e)
+        ahead = fixed_me < fixed_e if self.kind == "loss" else fixed_me > fixed_e
+        return (upcycled - fixed_e) / (fixed_me - fixed_e) if ahead else None
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,8 @@ def to_markdown(comparison: Comparison) -> str:
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     note = "Scores in %, validation loss as is."
     if comparison.has_gap:
-        note += " Gap closed: (upcycled - fixed E) / (fixed mE - fixed E), columns in that order."
+        note += (" Gap closed: (upcycled - fixed E) / (fixed mE - fixed E), columns in that order; - where"
+                 " fixed mE is not ahead of fixed E.")
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
