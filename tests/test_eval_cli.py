@@ -93,6 +93,10 @@ def test_user_errors_are_one_line(tmp_path, checkpoint):
                                       f"run `ds-upcycle eval` first")
     labels = runner.invoke(cli, ["compare", str(tmp_path / "a.json"), "--label", "x", "--label", "y"])
     assert labels.exit_code == 2 and "2 labels for 1 runs" in labels.output
+    batch = runner.invoke(cli, ["eval", str(checkpoint), "--batch-size", "0"])
+    assert batch.exit_code == 2 and batch.output.strip() == "ds-upcycle: error: --batch-size must be >= 1, got 0"
+    limit = runner.invoke(cli, ["eval", str(checkpoint), "--limit", "-1"])
+    assert limit.exit_code == 2 and "Invalid value for '--limit': must be positive" in limit.output
     unknown = runner.invoke(cli, ["eval", str(checkpoint), "--tasks", "synthetic_facts_mcq", "--offline"])
     assert unknown.exit_code == 2
     assert unknown.output.strip().splitlines()[-1] == (

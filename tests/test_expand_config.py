@@ -37,9 +37,9 @@ def test_bad_targets():
         cfg(multiplier=None, num_experts=4).target_experts(4)
     with pytest.raises(UserError, match="must be larger"):
         cfg(multiplier=None, num_experts=3).target_experts(4)
-    with pytest.raises(UserError, match="not divisible by the target ep_size 4"):
+    with pytest.raises(UserError, match="num_experts 6 is not divisible by --ep-size 4"):
         cfg(multiplier=None, num_experts=6, ep_size=4, world_size=4).target_layout(2, 2, 6)
-    with pytest.raises(UserError, match="world size 3 is not divisible"):
+    with pytest.raises(UserError, match="--world-size 3 is not divisible by the source's ep_size"):
         cfg(world_size=3).target_layout(2, 2, 8)
 
 

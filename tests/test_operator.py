@@ -43,7 +43,7 @@ def test_rank_fill_is_the_authors_rule():
     assert allocate_copies(4, 8, [9.0, 4.0, 1.0, 0.5], max_copies=2, rule="rank") == [2, 2, 2, 2]
     assert allocate_copies(4, 8, [9.0, 4.0, 1.0, 0.5], max_copies=3, rule="rank") == [3, 3, 1, 1]
     # ...and refused where it cannot reach the target; the default cap of 4 rises to what the target needs
-    with pytest.raises(UserError, match="at most 2 copies of each of 4 experts cannot reach 12"):
+    with pytest.raises(UserError, match="max_copies 2: 2 copies of each of 4 experts make at most 8 experts, not 12"):
         allocate_copies(4, 12, [9.0, 4.0, 1.0, 0.5], max_copies=2, rule="rank")
     assert allocate_copies(4, 24, [9.0, 4.0, 1.0, 0.5], rule="rank") == [6, 6, 6, 6]
     assert allocate_copies(4, 20, [9.0, 4.0, 1.0, 0.5], rule="rank") == [5, 5, 5, 5]
@@ -89,7 +89,7 @@ def test_fresh_optimizer_state_keeps_no_moment():
 def test_allocation_errors():
     with pytest.raises(UserError, match="fewer than"):
         allocate_copies(4, 3)
-    with pytest.raises(UserError, match="at most 2 copies of each of 4 experts cannot reach 12"):
+    with pytest.raises(UserError, match="max_copies 2: 2 copies of each of 4 experts make at most 8 experts, not 12"):
         allocate_copies(4, 12, max_copies=2)
     with pytest.raises(UserError, match="non-negative"):
         allocate_copies(2, 4, [1.0, float("nan")])

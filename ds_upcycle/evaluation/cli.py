@@ -13,7 +13,8 @@ from ..dtypes import DTYPES
 from ..errors import user_errors
 
 
-def _limit(value: str | None) -> float | None:
+def _limit(ctx, param, value: str | None) -> float | None:
+    """--limit N (documents) or a fraction < 1; a click callback, so that a bad value names the option."""
     if value is None:
         return None
     try:
@@ -30,7 +31,8 @@ def _limit(value: str | None) -> float | None:
 @click.option("--tasks", default="synthetic", show_default=True,
               help="comma-separated suites (paper11, synthetic, or a suite .yaml) and lm-eval task/group names")
 @click.option("--num-fewshot", type=int, default=None, help="shots for every task (default: each task's setting)")
-@click.option("--limit", default=None, help="documents per task (N, or a fraction < 1), for quick checks")
+@click.option("--limit", default=None, callback=_limit,
+              help="documents per task (N, or a fraction < 1), for quick checks")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda or cuda:1")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)
@@ -65,7 +67,7 @@ def eval_command(checkpoint, tasks, num_fewshot, limit, batch_size, device, dtyp
     from .run import EvalConfig, run_eval
 
     cfg = EvalConfig(checkpoint=checkpoint, tasks=tuple(tasks.split(",")), num_fewshot=num_fewshot,
-                     limit=_limit(limit), batch_size=batch_size, device=device, dtype=dtype, max_length=max_length,
+                     limit=limit, batch_size=batch_size, device=device, dtype=dtype, max_length=max_length,
                      max_gen_toks=max_gen_toks, kv_cache=kv_cache, data_dir=data_dir,
                      include_paths=tuple(include_paths), offline=offline, output=output, log_samples=log_samples,
                      seed=seed, bootstrap_iters=bootstrap_iters, val_samples=val_samples, val_split=val_split,

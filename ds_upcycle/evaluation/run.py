@@ -78,6 +78,12 @@ class EvalConfig:
     data_cache: str | None = None
 
     def __post_init__(self) -> None:
+        for option, value in (("--batch-size", self.batch_size), ("--max-gen-toks", self.max_gen_toks),
+                              ("--max-length", self.max_length)):
+            if value is not None and value < 1:
+                raise UserError(f"{option} must be >= 1, got {value}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise UserError(f"--num-fewshot must be >= 0, got {self.num_fewshot}")
         if self.val_samples < 0:
             raise UserError(f"--val-samples must be >= 0, got {self.val_samples}")
         if self.val_split not in ("pretrain", "cpt", "val"):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..checkpoint import CheckpointReader
 from ..trained import RunData, load_master_model
 from ..trained.calibration_data import calibration_data
@@ -26,7 +28,9 @@ def calibrate(source: CheckpointReader, run: RunData, spec: str, num_batches: in
     batches = data.batches(batch_size)
     model = load_master_model(source)
     try:
-        stats = expert_gradient_stats(model, [[batch] for batch in batches])
+        # A forward and backward pass of the whole model per batch: minutes for a large one.
+        stats = expert_gradient_stats(model, tqdm([[batch] for batch in batches], desc="calibration", unit="batch",
+                                                  leave=False, dynamic_ncols=True))
         checkpoint = scored_checkpoint(Path(source.path).name, source.meta.global_steps)
         info = {"from": "calibration data", "data": spec, "description": data.description,
                 "batches": len(batches), "batch_size": batch_size, "sequences": int(data.windows.shape[0]),

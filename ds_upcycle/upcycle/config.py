@@ -177,7 +177,10 @@ class ExpandConfig:
     def target_layout(self, source_world: int, source_ep: int, target_experts: int) -> tuple[int, int]:
         world = self.world_size or source_world
         ep = self.ep_size or source_ep
-        check_expert_parallel(ep, [target_experts], world, "the target ep_size", "target world size")
+        # Named as the user gives them: the options, or the source's layout where an option was left out.
+        ep_name = "--ep-size" if self.ep_size else "the source's ep_size (--ep-size)"
+        world_name = "--world-size" if self.world_size else "the source's world size (--world-size)"
+        check_expert_parallel(ep, [target_experts], world, ep_name, world_name)
         return world, ep
 
 

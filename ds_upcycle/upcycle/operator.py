@@ -55,7 +55,8 @@ def allocate_copies(num_experts: int, target: int, scores: Sequence[float] | Non
     else:
         cap = max_copies
     if cap < 1 or cap * num_experts < target:
-        raise UserError(f"at most {cap} copies of each of {num_experts} experts cannot reach {target} experts")
+        raise UserError(f"max_copies {cap}: {cap} copies of each of {num_experts} experts make at most "
+                        f"{cap * num_experts} experts, not {target}")
     if scores is None:
         base, extra = divmod(target, num_experts)
         return [base + (i < extra) for i in range(num_experts)]
