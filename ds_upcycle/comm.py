@@ -7,6 +7,7 @@ the training loop run unchanged on one CPU.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
 from pathlib import Path
@@ -34,10 +35,32 @@ def rank() -> int:
 
 
 def free_port() -> int:
-    """A TCP port on the loopback interface that is free now: the rendezvous port of a new process group."""
-    with socket.socket() as sock:
+    """A TCP port on the loopback interface that is free now: the rendezvous port of a new process group.
+
+    Drawn below the kernel's ephemeral range: a port the kernel hands out for outgoing connections
+    (gloo opens many) can be taken by one of them between this check and the rendezvous binding it,
+    which jobs running side by side (a parallel test suite) then meet as EADDRINUSE."""
+    low = _ephemeral_low()
+    rng = random.Random()  # seeded from the OS: processes started together draw different ports
+    for _ in range(64):
+        port = rng.randrange(max(1024, low - 20000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # a crowded machine: any port the kernel calls free
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def single_process_env() -> None:

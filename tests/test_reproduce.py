@@ -243,7 +243,8 @@ def test_miniature_experiment_end_to_end(tmp_path, data_cache):
     recorded = [json.loads((results / f"{arm}.json").read_text())["ds_upcycle"]["val_loss"]
                 for arm in ("fixed-e", main.cpt, "fixed-me")]
     assert [l_e, l_up, l_me] == recorded
-    assert loss_row["gap_closed"] == pytest.approx((l_e - l_up) / (l_e - l_me))
+    # compare shows a gap closed only where Fixed-mE is ahead (16 steps may not give that)
+    assert loss_row["gap_closed"] == (pytest.approx((l_e - l_up) / (l_e - l_me)) if l_me < l_e else None)
     ledger = table["ledger"]
     t_e = _median([r["step_time"] for r in fixed_e])
     t_me = _median([r["step_time"] for r in read_metrics(out / "fixed-me" / "metrics.jsonl")])

@@ -26,13 +26,21 @@ class Row:
     kind: str                      # "score" (a fraction, higher is better) or "loss"
 
     def gap_closure(self) -> float | None:
-        """None where there is no gap to close: Fixed-mE not ahead of Fixed-E (a lower loss, a higher
-        score), where the ratio would divide by noise or by a gap of the wrong sign."""
+        """(upcycled - Fixed-E) / (Fixed-mE - Fixed-E), whatever the gap's sign (reproduce reports it per
+        seed beside the gap itself); None when there is no third run or no difference."""
         if len(self.values) != 3 or None in self.values:
             return None
         fixed_e, upcycled, fixed_me = self.values
+        return None if fixed_me == fixed_e else (upcycled - fixed_e) / (fixed_me - fixed_e)
+
+    def shown_gap_closure(self) -> float | None:
+        """The gap closed as `compare` shows it: only where Fixed-mE is ahead of Fixed-E (a lower loss,
+        a higher score); otherwise the ratio divides by noise or by a gap of the wrong sign."""
+        if len(self.values) != 3 or None in self.values:
+            return None
+        fixed_e, _, fixed_me = self.values
         ahead = fixed_me < fixed_e if self.kind == "loss" else fixed_me > fixed_e
-        return (upcycled - fixed_e) / (fixed_me - fixed_e) if ahead else None
+        return self.gap_closure() if ahead else None
 
 
 @dataclass(frozen=True)
@@ -120,7 +128,7 @@ def table_rows(comparison: Comparison) -> list[list[str]]:
     for row in comparison.rows:
         cells = [row.name, *(_cell(v, row.kind) for v in row.values)]
         if comparison.has_gap:
-            closure = row.gap_closure()
+            closure = row.shown_gap_closure()
             cells.append("-" if closure is None else f"{100 * closure:.1f}%")
         lines.append(cells)
     return lines
@@ -139,7 +147,7 @@ def to_markdown(comparison: Comparison) -> str:
 
 def to_json(comparison: Comparison, ledger=None) -> dict:
     rows = [{"name": row.name, "kind": row.kind, "values": dict(zip(comparison.labels, row.values)),
-             "gap_closed": row.gap_closure() if comparison.has_gap else None} for row in comparison.rows]
+             "gap_closed": row.shown_gap_closure() if comparison.has_gap else None} for row in comparison.rows]
     return {"labels": list(comparison.labels), "rows": rows, "ledger": ledger.to_dict() if ledger else None}
 
 
