@@ -275,7 +275,7 @@ SIGMOID = "score_func=sigmoid"
 PROPORTIONAL = "proportional"
 
 NAMED_CONFIGS: dict[str, ReproduceConfig] = {
-    # The README's main job: 4 -> 8 experts on one CPU process each, three seeds, in a regime where
+    # The experiment in miniature: 4 -> 8 experts, one CPU process each, three seeds, in a regime where
     # 8 experts beat 4 clearly (docs/RESULTS.md): small experts against a corpus of 19,200 facts of
     # 6 bits each. The transition is taken in Fixed-E's stable phase, and the main rule also runs at
     # 10%, 75% and 90% CPT: gap closure against the CPT budget (= transition step at fixed T).
