@@ -56,7 +56,7 @@ def test_eval_writes_results_into_the_checkpoint(checkpoint, data_cache):
                                        "--offline", "--val-samples", "0", "--device", "cuda", "--output",
                                        str(checkpoint.parent / "skipped.json")])
     assert skipped.exit_code == 0, skipped.output
-    assert f"recorded by training at step 200 (--val-samples 0: not measured)" in skipped.output
+    assert "recorded by training at step 200 (--val-samples 0: not measured)" in skipped.output
     if not torch.cuda.is_available():  # the results name the device that ran, not the one asked for
         assert json.loads((checkpoint.parent / "skipped.json").read_text())["ds_upcycle"]["eval_config"][
             "device"] == "cpu"

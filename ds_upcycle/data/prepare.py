@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,10 +26,6 @@ from .tokenizer import (TRAINING_SETTINGS, Tokenizer, copy_tokenizer, find_token
                         tokenizer_file, train_tokenizer)
 
 SPLITS = ("pretrain", "cpt", "val")
-
-
-def default_cache_dir() -> Path:
-    return cache_root()
 
 
 @dataclass(frozen=True)
@@ -156,7 +151,7 @@ def prepare_data(cfg: DataConfig, tokenizer: str | Path | None = None) -> Prepar
     The tokenizer is, in order: the `tokenizer` argument (e.g. the one stored in a checkpoint),
     `cfg.tokenizer`, or one trained on the pre-training split.
     """
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else cache_root()
     source = resolve_source(cfg.source, cfg.text_field)
     tokenizer_path = tokenizer_file(tokenizer or cfg.tokenizer or _trained_tokenizer(source, cfg, cache))
     load_tokenizer(tokenizer_path)  # fail early on a bad file

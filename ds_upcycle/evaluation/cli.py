@@ -121,9 +121,10 @@ def compare_command(results, labels, fmt, plot_path, train_runs, output_dir) -> 
     from .compare import compare, plot, to_csv, to_json, to_markdown, write_outputs
     from .ledger import ledger_from_runs
 
-    for path, what in ((output_dir and f"{output_dir}/compare.md", "--output-dir"), (plot_path, "--plot")):
-        if path:
-            check_writable(path, what)
+    if output_dir:
+        check_writable(f"{output_dir}/compare.md", "--output-dir")
+    if plot_path:
+        check_writable(plot_path, "--plot")
     comparison = compare(list(results), list(labels) or None)
     ledger = ledger_from_runs(*train_runs) if train_runs else None
     markdown = to_markdown(comparison) + ("\n" + ledger.to_markdown() if ledger else "")
