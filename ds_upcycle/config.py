@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 from .errors import UserError, did_you_mean
 
 SCORE_FUNCTIONS = ("sigmoid", "softmax")
-MOE_DISPATCHES = ("legacy", "grouped")
+MOE_DISPATCHES = ("legacy", "grouped", "autoep")
 QK_NORMS = ("head", "proj")
 
 
@@ -55,7 +55,11 @@ class ModelConfig:
             DeepSpeed's MOELayer (every expert's buffer padded to the busiest expert, one matmul per
             expert, any ep_size); "grouped", tokens sorted by expert and every expert in one grouped
             GEMM (torch._grouped_mm through DeepSpeed AutoEP's expert kernel), rows sent to their
-            expert's rank in a variable-size all-to-all, no padding (moe/grouped.py).
+            expert's rank in a variable-size all-to-all, no padding (moe/grouped.py); "autoep",
+            experts stacked one tensor per weight kind (moe/stacked.py), which DeepSpeed AutoEP
+            replaces with its own layer at deepspeed.initialize (its dispatch and grouped GEMM, its
+            checkpoint layout). The first two share weights and checkpoints; "autoep" has AutoEP's
+            parameter names, no auxiliary loss and no routing groups.
         tie_embeddings: share the token embedding with the output head.
         rope_theta: RoPE base.
         norm_eps: RMSNorm epsilon.
@@ -128,6 +132,12 @@ class ModelConfig:
             raise UserError(f"model config: score_func must be one of {SCORE_FUNCTIONS}, got {self.score_func!r}")
         if self.moe_dispatch not in MOE_DISPATCHES:
             raise UserError(f"model config: moe_dispatch must be one of {MOE_DISPATCHES}, got {self.moe_dispatch!r}")
+        if self.moe_dispatch == "autoep" and self.aux_loss_coef > 0:
+            raise UserError("model config: moe_dispatch=autoep has no auxiliary balance loss (DeepSpeed AutoEP's "
+                            "router computes none): set aux_loss_coef=0, or use moe_dispatch=legacy")
+        if self.moe_dispatch == "autoep" and self.route_groups is not None:
+            raise UserError("model config: moe_dispatch=autoep has no routing groups (expand --distinct-copies): "
+                            "AutoEP's router picks the top-K experts alone; use moe_dispatch=legacy")
         if self.route_bias_update < 0 or self.aux_loss_coef < 0:
             raise UserError("model config: route_bias_update and aux_loss_coef must be >= 0")
         if self.moe_layer_freq > self.n_layers:

@@ -19,8 +19,9 @@ from torch import nn
 
 from .config import ModelConfig
 from .moe.layer import MoEFeedForward, SwiGLU
-from .moe.names import moe_prefix, split_expert_param, with_expert_id
+from .moe.names import legacy_names, moe_prefix, split_expert_param, with_expert_id
 from .moe.router import LossFreeRouter
+from .moe.stacked import StackedFeedForward
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +137,10 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
-        if self.is_moe:
+        if self.is_moe and cfg.moe_dispatch == "autoep":  # every expert here; AutoEP keeps this rank's
+            self.ffn = StackedFeedForward(cfg.dim, cfg.expert_ffn_dim, cfg.experts_in_block(layer_id), cfg.top_k,
+                                          cfg.score_func, cfg.normalize_routes)
+        elif self.is_moe:
             num_experts = cfg.experts_in_block(layer_id)
             router = LossFreeRouter(cfg.dim, num_experts, cfg.top_k, cfg.score_func,
                                     cfg.normalize_routes, cfg.aux_loss_coef, groups=cfg.groups_in_block(layer_id))
@@ -162,6 +166,11 @@ def init_std(cfg: ModelConfig, name: str) -> float:
     return cfg.init_std
 
 
+def _draw(cfg: ModelConfig, global_name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(global_name.encode()))
+    return torch.randn(shape, generator=gen) * init_std(cfg, global_name)
+
+
 class Transformer(nn.Module):
     """forward(tokens [B, T]) -> (logits [B, T, V], auxiliary balance loss summed over layers).
 
@@ -183,16 +192,18 @@ class Transformer(nn.Module):
 
     @property
     def moe_layers(self) -> list[MoEFeedForward]:
-        return [block.ffn for block in self.layers if block.is_moe]
+        """The legacy (and grouped) MoE blocks; moe.live_moe_layers gives every kind."""
+        return [block.ffn for block in self.layers if isinstance(block.ffn, MoEFeedForward)]
 
     @property
     def routers(self) -> list[LossFreeRouter]:
         return [ffn.router for ffn in self.moe_layers]
 
     def global_param_names(self) -> dict[str, str]:
-        """Map each parameter name to its layout-independent name (experts by global id)."""
+        """Map each parameter name to its layout-independent name (experts by global id; a stacked
+        block holds every expert, so its names are already global)."""
         global_ids = {moe_prefix(block_id): block.ffn.expert_ids
-                      for block_id, block in enumerate(self.layers) if block.is_moe}
+                      for block_id, block in enumerate(self.layers) if isinstance(block.ffn, MoEFeedForward)}
         mapping = {}
         for name, _ in self.named_parameters():
             parts = split_expert_param(name)
@@ -201,15 +212,21 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Seed every tensor by its global name, so the model is the same on any parallel layout."""
+        """Seed every tensor by its global name, so the model is the same on any parallel layout
+        (and with either expert layout: a stacked tensor is drawn slice by slice under the legacy names)."""
         for name, global_name in self.global_param_names().items():
             param = self.get_parameter(name)
             if "norm" in name:
                 param.fill_(1.0)
                 continue
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(global_name.encode()))
-            std = init_std(self.cfg, name)
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
+            per_slice = legacy_names(global_name, param.shape[0])
+            if per_slice is None:
+                param.copy_(_draw(self.cfg, global_name, param.shape, seed))
+            elif len(per_slice) == 1:
+                param.copy_(_draw(self.cfg, per_slice[0], param.shape, seed))
+            else:
+                for e, legacy_name in enumerate(per_slice):
+                    param[e].copy_(_draw(self.cfg, legacy_name, param.shape[1:], seed))
 
     def forward(self, tokens_BT: torch.Tensor, cache: KVCache | None = None,
                 start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

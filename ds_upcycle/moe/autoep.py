@@ -82,13 +82,9 @@ def attach_loss_free_balancing(engine, step_size: float = 1e-3) -> AutoEPBalance
     Call after `deepspeed.initialize` and before `engine.load_checkpoint`. Raises ValueError when the
     engine has no AutoEP layer or no optimizer to hook.
     """
-    layers = [m for m in engine.module.modules() if isinstance(m, AutoEPMoELayer)]
+    layers = prepare_balancing(engine.module)
     if not layers:
         raise ValueError("the engine has no AutoEP MoE layer (is expert_parallel enabled in the DeepSpeed config?)")
-    for layer in layers:
-        _add_bias(layer)
-        layer.register_forward_pre_hook(_keep_counts_in_eval)
-        layer.register_forward_hook(_restore_counts_in_eval)
     balancer = AutoEPBalancer(layers, step_size)
     done = {"at": None}
 
@@ -100,6 +96,17 @@ def attach_loss_free_balancing(engine, step_size: float = 1e-3) -> AutoEPBalance
 
     _torch_optimizer(engine).register_step_post_hook(after_step)
     return balancer
+
+
+def prepare_balancing(model: torch.nn.Module) -> list[AutoEPMoELayer]:
+    """Give every AutoEP layer of a model the fp32 `expert_bias` buffer and counts of training
+    batches only (eval passes leave them as they were); returns the layers."""
+    layers = [m for m in model.modules() if isinstance(m, AutoEPMoELayer)]
+    for layer in layers:
+        _add_bias(layer)
+        layer.register_forward_pre_hook(_keep_counts_in_eval)
+        layer.register_forward_hook(_restore_counts_in_eval)
+    return layers
 
 
 def _add_bias(layer: AutoEPMoELayer) -> None:

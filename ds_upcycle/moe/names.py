@@ -86,3 +86,22 @@ def split_autoep_fused_param(name: str) -> tuple[str, str] | None:
     """(AutoEP layer path, weight name) of a fused expert parameter, or None for any other name."""
     match = AUTOEP_FUSED_PARAM.match(name)
     return (match["path"], match["weight"]) if match else None
+
+
+# The stacked block of moe_dispatch=autoep (moe/stacked.py) sits where DeepSpeed's MoE module sits,
+# with AutoEP's names inside. Its initial weights are drawn under the legacy layer's names, so a
+# model starts from the same weights whichever dispatch it trains with.
+STACKED_ROUTER = ".router.gate.weight"
+LEGACY_OF_STACKED = {"w1": "w_gate.weight", "w2": "w_down.weight", "w3": "w_up.weight"}
+
+
+def legacy_names(name: str, num_experts: int) -> list[str] | None:
+    """The legacy layer's name of a stacked block's router, or of each slice of a stacked expert
+    weight (expert by expert); None for any other name."""
+    if name.endswith(STACKED_ROUTER):
+        return [name.removesuffix(STACKED_ROUTER) + ROUTER_WEIGHT]
+    parts = split_autoep_fused_param(name)
+    if parts is None:
+        return None
+    path, weight = parts
+    return [expert_param(path, e, LEGACY_OF_STACKED[weight]) for e in range(num_experts)]

@@ -23,7 +23,9 @@ from ..data import BatchOrder, DataConfig, PackedSequences, PreparedData, prepar
 from ..data.tokenizer import tokenizer_digest
 from ..errors import UserError
 from ..model import Transformer
-from ..moe.balance import balance_routers
+from ..moe.autoep import prepare_balancing
+from ..moe.live import LiveMoE, balance_layers, live_moe_layers
+from ..moe.stacked import autoep_section
 from ..trained import validation_loss
 from ..trained.copies import copy_diagnostics, counting
 from .config import TrainConfig
@@ -116,6 +118,22 @@ def _check_layout(start: CheckpointRef, world: int, ep_size: int) -> None:
                         f"--ep-size {ep_size}, then train.py --load NEW")
 
 
+def _with_autoep(ds_config: dict, model_cfg: ModelConfig, ep_size: int) -> dict:
+    """The DeepSpeed config with AutoEP set to replace the model's stacked MoE blocks (moe_dispatch=autoep);
+    other settings of a user's `expert_parallel` section (kernels, combine) stay."""
+    user = ds_config.get("expert_parallel") or {}
+    if model_cfg.moe_dispatch != "autoep":
+        if user.get("enabled"):
+            raise UserError("the DeepSpeed config enables expert_parallel (AutoEP), which replaces stacked MoE "
+                            "blocks: train with --set moe_dispatch=autoep, or drop the section")
+        return ds_config
+    if user.get("preset_model"):
+        raise UserError(f"expert_parallel.preset_model {user['preset_model']!r}: train.py names its own MoE blocks "
+                        f"to AutoEP; drop preset_model")
+    section = autoep_section(model_cfg.top_k, model_cfg.score_func, model_cfg.normalize_routes, ep_size)
+    return {**ds_config, "expert_parallel": {**user, **section}}
+
+
 def _prepare(data_cfg: DataConfig, tokenizer: Path | None):
     # Rank 0 tokenizes; the others then find the result in the cache.
     return comm.rank_zero_first(lambda: prepare_data(data_cfg, tokenizer))
@@ -205,6 +223,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.is_main = comm.rank() == 0
+        self.moe: list[LiveMoE] = live_moe_layers(self.model)
         train = PackedSequences(self.prepared.tokens(self.cfg.split), self.data_cfg.seq_len, self.cfg.split)
         self.val_data = PackedSequences(self.prepared.tokens("val"), self.data_cfg.seq_len, "val")
         self.order = BatchOrder(train, self.engine.train_micro_batch_size_per_gpu(),
@@ -251,7 +270,7 @@ class Trainer:
         tokens = self.order.global_batch * self.data_cfg.seq_len
         self.position.samples += self.order.global_batch
         self.position.tokens += tokens
-        load = balance_routers(self.model.routers, self.model.cfg.route_bias_update, comm.sum_over_world)
+        load = balance_layers(self.moe, self.model.cfg.route_bias_update, comm.sum_over_world)
         step_time = time.perf_counter() - started
         layers = self.model.cfg.moe_layer_ids
         return {"step": self.engine.global_steps, "tokens": self.position.tokens, "loss": loss, "lr": lr,
@@ -320,7 +339,9 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict, 
     schedule_fn = partial(WSDSchedule, total=train_cfg.steps, warmup=train_cfg.warmup,
                           decay_fraction=train_cfg.decay_fraction, min_ratio=train_cfg.min_lr_ratio)
     engine, _, _, schedule = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                  config=ds_config, lr_scheduler=schedule_fn)
+                                                  config=_with_autoep(ds_config, model_cfg, train_cfg.ep_size),
+                                                  lr_scheduler=schedule_fn)
+    prepare_balancing(model)  # AutoEP's layers, now in the model: their bias, before a checkpoint restores it
     position = _restore(engine, schedule, start, resuming, train_cfg, data_cfg) if start else Position(train_cfg.split)
     record = start.run_record if start else RunRecord(model_cfg)
     trainer = Trainer(engine, model, schedule, train_cfg, data_cfg, prepared, position, record.imported_from,
