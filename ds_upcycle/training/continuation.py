@@ -37,6 +37,11 @@ def note(message: str) -> None:
 def check_model_overrides(checkpoint: ModelConfig, overrides: dict, path) -> None:
     """Refuse `--set` values that the checkpoint's weights cannot take (other fields apply)."""
     for name, value in overrides.items():
+        old = getattr(checkpoint, name, None)
+        if name == "moe_dispatch" and value != old and "autoep" in (value, old):
+            raise UserError(f"--set moe_dispatch={value} does not fit checkpoint {path}, whose experts are in the "
+                            f"{'AutoEP (stacked)' if old == 'autoep' else 'legacy (per-expert)'} layout of "
+                            f"moe_dispatch={old}; the two name their weights differently")
         if name in SHAPE_FIELDS and value != getattr(checkpoint, name):
             hint = "; grow experts with ds-upcycle expand" if name in ("num_experts", "layer_experts") else ""
             raise UserError(f"--set {name}={value} does not fit checkpoint {path}, whose weights have "
