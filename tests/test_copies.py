@@ -29,10 +29,10 @@ def test_pair_distances_of_known_vectors():
 def test_co_selected_counts_tokens_holding_two_siblings():
     copy_of_E = torch.tensor([0, 1, 0, 1, 2])           # experts 0, 2 copy source 0; 1, 3 copy source 1
     experts_SK = torch.tensor([[0, 2], [0, 1], [3, 1], [4, 2], [2, 0]])
-    assert co_selected(experts_SK.t(), copy_of_E) == 3  # tokens 0, 2, 4
-    top3 = torch.tensor([[0, 1, 4], [1, 4, 3]]).t()     # the siblings need not be adjacent choices
+    assert co_selected(experts_SK, copy_of_E) == 3  # tokens 0, 2, 4
+    top3 = torch.tensor([[0, 1, 4], [1, 4, 3]])         # the siblings need not be adjacent choices
     assert co_selected(top3, copy_of_E) == 1
-    assert co_selected(torch.tensor([[0, 2, 1]]), copy_of_E) == 0  # top-1: never
+    assert co_selected(torch.tensor([[0, 2, 1]]).t(), copy_of_E) == 0  # top-1: never
 
 
 def test_expanded_run_records_copy_diagnostics(trained_source, tmp_path):

@@ -15,7 +15,6 @@ expert-parallel group. Three modules answer, each its own way:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -27,15 +26,91 @@ from .layer import MoEFeedForward
 from .stacked import StackedMoE
 
 
-@dataclass(frozen=True)
 class LiveMoE:
-    path: str                      # the MoE module's path in the model (its state-dict prefix)
-    num_experts: int               # experts of the layer, all ranks together
-    expert_ids: list[int]          # global ids of the experts this process holds
-    router_weight: torch.Tensor    # [E, D]
-    routing_bias: torch.Tensor | None   # [E], fp32: added to the scores to choose experts
-    loads: torch.Tensor            # [E]: tokens routed to each expert since the last bias update
-    ep_group: object               # the expert-parallel process group (None: one process holds all)
+    """One MoE block of a live model: what callers read of it, computed from the module each time
+    (DeepSpeed may swap a parameter's storage, so nothing is cached)."""
+
+    def __init__(self, path: str, module: nn.Module) -> None:
+        self.path, self.module = path, module
+
+    num_experts: int                          # experts of the layer, all ranks together
+
+    @property
+    def expert_ids(self) -> list[int]:
+        """Global ids of the experts this process holds, in local order."""
+        raise NotImplementedError
+
+    @property
+    def router_weight(self) -> torch.Tensor:   # [E, D]
+        raise NotImplementedError
+
+    @property
+    def routing_bias(self) -> torch.Tensor | None:   # [E], fp32: added to the scores to choose experts
+        raise NotImplementedError
+
+    @property
+    def loads(self) -> torch.Tensor:   # [E]: tokens routed to each expert since the last bias update
+        raise NotImplementedError
+
+    @property
+    def ep_group(self):   # the expert-parallel process group (None: this process holds every expert)
+        raise NotImplementedError
+
+    def expert_weights(self) -> list[list[torch.Tensor]]:
+        """Each local expert's weight tensors (gate, up and down projections, in the layout's order)."""
+        raise NotImplementedError
+
+    def on_routes(self, fn: Callable[[torch.Tensor], None]):
+        """Call fn(chosen experts [S, K], by global id) at every routing; returns the hook's handle."""
+        raise NotImplementedError
+
+
+class LegacyMoE(LiveMoE):
+    """MoEFeedForward: DeepSpeed's MoE module (`<path>`) with our router in place of its gate."""
+
+    def __init__(self, path: str, module: MoEFeedForward) -> None:
+        super().__init__(path, module)
+        self.router = module.router
+        self.num_experts = self.router.num_experts
+
+    expert_ids = property(lambda self: self.module.expert_ids)
+    router_weight = property(lambda self: self.router.wg.weight)
+    routing_bias = property(lambda self: self.router.route_bias)
+    loads = property(lambda self: self.router.route_load)
+    ep_group = property(lambda self: self.router.ep_group)
+
+    def expert_weights(self) -> list[list[torch.Tensor]]:
+        return [list(expert.parameters()) for expert in self.module.local_experts]
+
+    def on_routes(self, fn):
+        return self.router.register_forward_hook(lambda _m, _i, routes: fn(routes.experts_KS.t()))
+
+
+class StackedLiveMoE(LiveMoE):
+    """StackedMoE and DeepSpeed AutoEP's layer: experts stacked [E_local, ...] as w1, w2, w3, the
+    router's forward returning (weights, chosen experts, ...)."""
+
+    def __init__(self, path: str, module: StackedMoE | AutoEPMoELayer) -> None:
+        super().__init__(path, module)
+        self.num_experts = module.num_experts
+
+    @property
+    def expert_ids(self) -> list[int]:
+        local = getattr(self.module, "num_local_experts", self.num_experts)
+        first = getattr(self.module, "ep_rank", 0) * local
+        return list(range(first, first + local))
+
+    router_weight = property(lambda self: self.module.router.gate.weight)
+    routing_bias = property(lambda self: self.module.expert_bias)
+    loads = property(lambda self: self.module.tokens_per_expert)
+    ep_group = property(lambda self: getattr(self.module, "ep_group", None))
+
+    def expert_weights(self) -> list[list[torch.Tensor]]:
+        experts = self.module.experts
+        return [[experts.w1[e], experts.w2[e], experts.w3[e]] for e in range(experts.w1.shape[0])]
+
+    def on_routes(self, fn):
+        return self.module.router.register_forward_hook(lambda _m, _i, out: fn(out[1]))
 
 
 def live_moe_layers(model: nn.Module) -> list[LiveMoE]:
@@ -43,17 +118,9 @@ def live_moe_layers(model: nn.Module) -> list[LiveMoE]:
     layers = []
     for name, module in model.named_modules():
         if isinstance(module, MoEFeedForward):
-            router = module.router
-            layers.append(LiveMoE(f"{name}.moe", router.num_experts, module.expert_ids, router.wg.weight,
-                                  router.route_bias, router.route_load, router.ep_group))
-        elif isinstance(module, StackedMoE):
-            layers.append(LiveMoE(name, module.num_experts, list(range(module.num_experts)),
-                                  module.router.gate.weight, module.expert_bias, module.tokens_per_expert, None))
-        elif isinstance(module, AutoEPMoELayer):
-            first = module.ep_rank * module.num_local_experts
-            layers.append(LiveMoE(name, module.num_experts, list(range(first, first + module.num_local_experts)),
-                                  module.router.gate.weight, module.expert_bias, module.tokens_per_expert,
-                                  module.ep_group))
+            layers.append(LegacyMoE(f"{name}.moe", module))
+        elif isinstance(module, (StackedMoE, AutoEPMoELayer)):
+            layers.append(StackedLiveMoE(name, module))
     return layers
 
 

@@ -24,6 +24,8 @@ chosen experts per token, R routed rows (S * K).
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,16 +34,28 @@ STACKED_WEIGHTS = ("w1", "w2", "w3")   # gate, down, up: AutoEP's names for a Sw
 
 
 class StackedRouter(nn.Module):
-    """The router's rows, under the name AutoEP's router keeps them (`gate.weight`)."""
+    """The router's rows, under the name AutoEP's router keeps them (`gate.weight`), and its rule:
+    forward(x [S, D], bias [E]) -> (combine weights [S, K] in fp32, chosen experts [S, K]), the
+    first two of what AutoEP's router returns."""
 
-    def __init__(self, dim: int, num_experts: int) -> None:
+    def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str, route_norm: bool) -> None:
         super().__init__()
         self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.top_k, self.score_func, self.route_norm = top_k, score_func, route_norm
 
     @property
     def weight(self) -> torch.Tensor:
         # AutoEP reads the rows it copies into its own router as `<router>.weight`.
         return self.gate.weight
+
+    def forward(self, x_SD: torch.Tensor, bias_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits_SE = self.gate(x_SD).float()
+        scores_SE = torch.sigmoid(logits_SE) if self.score_func == "sigmoid" else torch.softmax(logits_SE, dim=1)
+        _, experts_SK = torch.topk(scores_SE + bias_E, k=self.top_k, dim=-1, sorted=False)
+        weights_SK = scores_SE.gather(1, experts_SK)
+        if self.route_norm:
+            weights_SK = weights_SK / (weights_SK.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights_SK, experts_SK
 
 
 class StackedExperts(nn.Module):
@@ -68,8 +82,8 @@ class StackedMoE(nn.Module):
     def __init__(self, dim: int, expert_ffn_dim: int, num_experts: int, top_k: int, score_func: str = "softmax",
                  route_norm: bool = True) -> None:
         super().__init__()
-        self.num_experts, self.top_k, self.score_func, self.route_norm = num_experts, top_k, score_func, route_norm
-        self.router = StackedRouter(dim, num_experts)
+        self.num_experts, self.top_k = num_experts, top_k
+        self.router = StackedRouter(dim, num_experts, top_k, score_func, route_norm)
         self.experts = StackedExperts(dim, expert_ffn_dim, num_experts)
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         # Tokens routed to each expert while training, as AutoEP's layer counts them; not saved.
@@ -83,19 +97,9 @@ class StackedMoE(nn.Module):
         self.tokens_per_expert.data = self.tokens_per_expert.data.float()
         return self
 
-    def route(self, x_SD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen experts [S, K], combine weights [S, K] in fp32)."""
-        logits_SE = self.router.gate(x_SD).float()
-        scores_SE = torch.sigmoid(logits_SE) if self.score_func == "sigmoid" else torch.softmax(logits_SE, dim=1)
-        _, experts_SK = torch.topk(scores_SE + self.expert_bias, k=self.top_k, dim=-1, sorted=False)
-        weights_SK = scores_SE.gather(1, experts_SK)
-        if self.route_norm:
-            weights_SK = weights_SK / (weights_SK.sum(dim=-1, keepdim=True) + 1e-20)
-        return experts_SK, weights_SK
-
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_SD = x_BTD.reshape(-1, x_BTD.shape[-1])
-        experts_SK, weights_SK = self.route(x_SD)
+        weights_SK, experts_SK = self.router(x_SD, self.expert_bias)
         counts_E = torch.bincount(experts_SK.reshape(-1), minlength=self.num_experts)
         if self.training:
             self.tokens_per_expert += counts_E.float()
@@ -118,6 +122,28 @@ class StackedFeedForward(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.moe(x_BTD), x_BTD.new_zeros((), dtype=torch.float32)
+
+
+# DeepSpeed writes (and ds-upcycle's readers name) AutoEP experts one file per expert: <path>.experts.w1.<id>
+_EXPERT_SLICE = re.compile(r"^(?P<fused>.+\.experts\.w[123])\.(?P<expert>\d+)$")
+
+
+def stack_expert_slices(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with every AutoEP expert weight given expert by expert (`<path>.experts.w1.<id>`) as
+    the stacked tensor a StackedMoE holds (`<path>.experts.w1` [E, ...], ids 0..E-1 in order)."""
+    slices: dict[str, dict[int, torch.Tensor]] = {}
+    stacked = {}
+    for name, tensor in state.items():
+        match = _EXPERT_SLICE.match(name)
+        if match:
+            slices.setdefault(match["fused"], {})[int(match["expert"])] = tensor
+        else:
+            stacked[name] = tensor
+    for fused, by_id in slices.items():
+        if sorted(by_id) != list(range(len(by_id))):
+            raise ValueError(f"{fused}: experts {sorted(by_id)} are not 0..{len(by_id) - 1}")
+        stacked[fused] = torch.stack([by_id[e] for e in range(len(by_id))])
+    return stacked
 
 
 def autoep_section(top_k: int, score_func: str, route_norm: bool, ep_size: int) -> dict:

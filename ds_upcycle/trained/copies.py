@@ -12,7 +12,7 @@ experts' sources (RunRecord.copy_of):
 - co-selection: the share of tokens whose top-K choices hold two siblings. Copies that still
   compute the same function waste the second choice on a duplicate.
 
-Shape suffixes: E experts, P an expert's parameters, K choices per token, S tokens.
+Shape suffixes: E experts, P an expert's parameters, S tokens, K choices per token.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from .. import comm
 from ..errors import UserError
 from ..model import Transformer
+from ..moe.live import live_moe_layers
 from .data import RunData
 from .loss import BATCH_SIZE, validation_loss
 from .model import load_model
@@ -44,37 +45,37 @@ def pair_distances(vectors_EP: torch.Tensor, copy_of: Sequence[int]) -> dict[str
             "cross_distance": sum(cross) / len(cross) if cross else None}
 
 
-def co_selected(experts_KS: torch.Tensor, copy_of_E: torch.Tensor) -> int:
+def co_selected(experts_SK: torch.Tensor, copy_of_E: torch.Tensor) -> int:
     """Tokens whose K chosen experts include two copies of one source expert."""
-    if experts_KS.shape[0] < 2:
+    if experts_SK.shape[1] < 2:
         return 0
-    sources_SK = copy_of_E[experts_KS.long().t()].sort(dim=1).values
+    sources_SK = copy_of_E[experts_SK.long()].sort(dim=1).values
     return int((sources_SK[:, 1:] == sources_SK[:, :-1]).any(dim=1).sum())
 
 
 def expert_vectors(model: Transformer, layer_position: int) -> torch.Tensor:
     """[E, P]: every expert of one MoE layer as one flat fp32 vector, gathered over expert parallelism."""
-    ffn = model.moe_layers[layer_position]
-    local_EP = torch.stack([torch.cat([p.detach().float().flatten() for p in expert.parameters()])
-                            for expert in ffn.local_experts])
-    ids_E = torch.tensor(ffn.expert_ids, device=local_EP.device)
-    gathered_EP = comm.gather_over_group(local_EP, ffn.router.ep_group)
-    gathered_ids = comm.gather_over_group(ids_E, ffn.router.ep_group)
+    layer = live_moe_layers(model)[layer_position]
+    local_EP = torch.stack([torch.cat([w.detach().float().flatten() for w in weights])
+                            for weights in layer.expert_weights()])
+    ids_E = torch.tensor(layer.expert_ids, device=local_EP.device)
+    gathered_EP = comm.gather_over_group(local_EP, layer.ep_group)
+    gathered_ids = comm.gather_over_group(ids_E, layer.ep_group)
     return gathered_EP[gathered_ids.argsort()]
 
 
 class CoSelection:
-    """Counts co-selected tokens per MoE layer while installed on the routers (see `counting`)."""
+    """Counts co-selected tokens per MoE layer while installed on its routing (see `counting`)."""
 
     def __init__(self, copy_of: Sequence[Sequence[int]]) -> None:
         self.copy_of = [torch.tensor(c, dtype=torch.long) for c in copy_of]
         self.counts = torch.zeros(len(copy_of), 2, dtype=torch.float64)  # [layer, (co-selected, tokens)]
 
     def hook(self, position: int):
-        def count(_module, _inputs, routes) -> None:
-            copy_of_E = self.copy_of[position].to(routes.experts_KS.device)
-            self.counts[position, 0] += co_selected(routes.experts_KS, copy_of_E)
-            self.counts[position, 1] += routes.experts_KS.shape[1]
+        def count(experts_SK: torch.Tensor) -> None:
+            copy_of_E = self.copy_of[position].to(experts_SK.device)
+            self.counts[position, 0] += co_selected(experts_SK, copy_of_E)
+            self.counts[position, 1] += experts_SK.shape[0]
         return count
 
     def shares(self) -> list[float | None]:
@@ -86,7 +87,7 @@ class CoSelection:
 @contextmanager
 def counting(model: Transformer, copy_of: Sequence[Sequence[int]]) -> Iterator[CoSelection]:
     counter = CoSelection(copy_of)
-    handles = [router.register_forward_hook(counter.hook(i)) for i, router in enumerate(model.routers)]
+    handles = [layer.on_routes(counter.hook(i)) for i, layer in enumerate(live_moe_layers(model))]
     try:
         yield counter
     finally:

@@ -19,6 +19,7 @@ from ..checkpoint import (CheckpointReader, CheckpointRef, RunRecord, find_check
                           read_module_weights)
 from ..errors import UserError
 from ..model import Transformer
+from ..moe.stacked import StackedMoE, stack_expert_slices
 
 
 @dataclass
@@ -47,7 +48,7 @@ def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype | No
     cfg = record.model
     if ref.tokenizer is None:
         raise UserError(f"{ref.path} has no tokenizer: cannot turn text into its token ids")
-    state = read_module_weights(ref.path, mmap=True)
+    state = stack_expert_slices(read_module_weights(ref.path, mmap=True))
     # Built on the meta device: the weights come from the file, so random init would be wasted work.
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -65,6 +66,9 @@ def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype | No
         router.route_load = torch.zeros(router.num_experts)  # balancing counters only matter in training
         if group is not None:  # from the model config
             router.route_group = torch.tensor(group, dtype=torch.long)
+    for block in model.modules():
+        if isinstance(block, StackedMoE):
+            block.tokens_per_expert = torch.zeros(block.num_experts)
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     # The router keeps its bias in fp32 whatever the dtype (LossFreeRouter._apply).
@@ -79,7 +83,7 @@ def load_master_model(reader: CheckpointReader) -> Transformer:
     training continues from (and what scores from the Adam state read).
     """
     model = load_model(reader.path, "cpu", torch.float32).model
-    masters = {name: state.fp32 for name, state in named_param_states(reader).items()}
+    masters = stack_expert_slices({name: state.fp32 for name, state in named_param_states(reader).items()})
     for alias, holder in reader.meta.shared_params.items():
         if holder in masters:
             masters.setdefault(alias, masters[holder])
