@@ -19,7 +19,7 @@ import torch.distributed.nn.functional as dist_nn
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups
 
-from .cache import extensions_dir
+from .cache import clear_stale_build_lock, extensions_dir
 
 
 def is_distributed() -> bool:
@@ -102,6 +102,9 @@ def _prepare_op_build() -> None:
     if builder is None:
         return
     built = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / builder.NAME / f"{builder.NAME}.so"
+    if clear_stale_build_lock(built.parent):
+        print(f"ds-upcycle: removed a stale build lock in {built.parent} (left by a process killed while it "
+              f"built or checked DeepSpeed's CPU op)", file=sys.stderr, flush=True)
     if not built.exists():
         print(f"ds-upcycle: DeepSpeed is compiling its CPU communication op for this environment, once "
               f"(about a minute; later launches reuse {built.parent})", file=sys.stderr, flush=True)

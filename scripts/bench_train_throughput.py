@@ -1,9 +1,11 @@
 """Training throughput, measured side by side in one process and one run.
 
 1. One MoE layer, forward + backward, at the same shape: our loss-free router on DeepSpeed's legacy
-   MOELayer and on the grouped dispatch (moe_dispatch=grouped: sorted rows, one grouped GEMM,
-   the same weights) against DeepSpeed's stock TopKGate (dropless, like ours, and with its default
-   capacity factor 1.0, which drops tokens). Prints tokens/s of each and the ratio.
+   MOELayer, on the grouped dispatch (moe_dispatch=grouped: sorted rows, one grouped GEMM, the
+   same weights) and DeepSpeed AutoEP's layer (moe_dispatch=autoep: stacked experts, AutoEP's own
+   dispatch and grouped GEMM, the same weights) against DeepSpeed's stock TopKGate (dropless, like
+   ours, and with its default capacity factor 1.0, which drops tokens). Prints tokens/s of each and
+   the ratio.
 2. Whole-model training step through a DeepSpeed engine for an E-expert and a 2E-expert model, with
    each dispatch (--dispatches): the per-step times t_E and t_mE of the compute ledger, and their
    ratio.
@@ -74,6 +76,7 @@ def bench_layers(cfg, tokens: int, device, dtype, warmup: int, repeats: int, pro
                              LossFreeRouter(cfg.dim, cfg.num_experts, cfg.top_k, cfg.score_func),
                              dispatch="grouped").to(device, dtype)
     grouped.load_state_dict(ours.state_dict())  # the same weights: the same routing and function
+    autoep = autoep_layer(cfg, ours, device, dtype)
     stock = {
         "stock, dropless": MoE(cfg.dim, SwiGLU(cfg.dim, cfg.expert_ffn_dim), cfg.num_experts, k=cfg.top_k,
                                drop_tokens=False, top2_2nd_expert_sampling=False).to(device, dtype),
@@ -88,7 +91,10 @@ def bench_layers(cfg, tokens: int, device, dtype, warmup: int, repeats: int, pro
             out.float().square().mean().backward()
         return run
 
-    steps = {"ours (loss-free)": step(ours), "ours, grouped": step(grouped),
+    def autoep_step():
+        autoep(x).float().square().mean().backward()   # AutoEP's layer returns the output alone
+
+    steps = {"ours (loss-free)": step(ours), "ours, grouped": step(grouped), "ours, AutoEP": autoep_step,
              **{name: step(layer) for name, layer in stock.items()}}
     times = timed(steps, warmup, repeats)
     base = times["ours (loss-free)"]
@@ -103,18 +109,46 @@ def bench_layers(cfg, tokens: int, device, dtype, warmup: int, repeats: int, pro
     return {name: {"seconds": t, "tokens_per_s": tokens / t, "speed_vs_ours": base / t} for name, t in times.items()}
 
 
+def autoep_layer(cfg, legacy, device, dtype):
+    """DeepSpeed AutoEP's layer with `legacy`'s weights: a stacked block (moe_dispatch=autoep), in a
+    module at the path AutoEP's patterns name, replaced by AutoEP at deepspeed.initialize."""
+    import deepspeed
+    from torch import nn
+
+    from ds_upcycle.moe.stacked import StackedFeedForward, autoep_section
+
+    block = nn.Module()
+    block.ffn = StackedFeedForward(cfg.dim, cfg.expert_ffn_dim, cfg.num_experts, cfg.top_k, cfg.score_func,
+                                   cfg.normalize_routes)
+    holder = nn.Module()
+    holder.layers = nn.ModuleList([block])
+    moe = block.ffn.moe
+    with torch.no_grad():
+        moe.router.gate.weight.copy_(legacy.router.wg.weight)
+        for stacked, name in ((moe.experts.w1, "w_gate"), (moe.experts.w2, "w_down"), (moe.experts.w3, "w_up")):
+            stacked.copy_(torch.stack([getattr(e, name).weight for e in legacy.local_experts]))
+    holder.to(device, dtype)
+    config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": dtype == torch.bfloat16},
+              "expert_parallel": autoep_section(cfg.top_k, cfg.score_func, cfg.normalize_routes, 1)}
+    deepspeed.initialize(model=holder, model_parameters=holder.parameters(), config=config)
+    return holder.layers[0].ffn.moe
+
+
 def bench_models(cfg, batch: int, seq_len: int, warmup: int, repeats: int, bf16: bool,
                  dispatches: list[str]) -> dict:
     import deepspeed
 
     from ds_upcycle.model import Transformer
+    from ds_upcycle.training.loop import engine_config
 
     ds_config = {"train_micro_batch_size_per_gpu": batch, "gradient_clipping": 1.0,
                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": not torch.cuda.is_available()}},
                  "zero_optimization": {"stage": 2}, "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
     def train_step(experts: int, dispatch: str):
-        model = Transformer(cfg.replace(num_experts=experts, moe_dispatch=dispatch))
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        model_cfg = cfg.replace(num_experts=experts, moe_dispatch=dispatch)
+        model = Transformer(model_cfg)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                          config=engine_config(ds_config, model_cfg, 1))
         engines.append(engine)
         tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=engine.device)
 
@@ -136,10 +170,10 @@ def bench_models(cfg, batch: int, seq_len: int, warmup: int, repeats: int, bf16:
         print(f"  {d:<8} t_mE ({me:>3} experts) = {t_me * 1000:8.1f} ms   {batch * seq_len / t_me:>10,.0f} tokens/s")
         print(f"  {d:<8} t_mE / t_E = {t_me / t_e:.3f}")
         figures[d] = {"t_E_ms": t_e * 1000, "t_mE_ms": t_me * 1000, "ratio": t_me / t_e}
-    if len(dispatches) > 1:
-        first, second = dispatches[:2]
-        print(f"  {second} / {first} step time: t_E {times[(second, e)] / times[(first, e)]:.3f}, "
-              f"t_mE {times[(second, me)] / times[(first, me)]:.3f}")
+    first = dispatches[0]
+    for other in dispatches[1:]:
+        print(f"  {other} / {first} step time: t_E {times[(other, e)] / times[(first, e)]:.3f}, "
+              f"t_mE {times[(other, me)] / times[(first, me)]:.3f}")
     if torch.cuda.is_available():
         figures["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         print(f"  peak GPU memory (both engines) = {figures['peak_gpu_memory_gib']:.1f} GiB")
@@ -160,7 +194,7 @@ def main() -> None:
     parser.add_argument("--layer-tokens", type=int, default=None,
                         help="tokens per layer call (default batch x seq-len)")
     parser.add_argument("--skip-models", action="store_true", help="time the MoE layers only")
-    parser.add_argument("--dispatches", default="legacy,grouped", help="moe_dispatch values of the training steps")
+    parser.add_argument("--dispatches", default="legacy,grouped,autoep", help="moe_dispatch values of the training steps")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per MoE layer")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()

@@ -74,10 +74,15 @@ def tree_digest(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`ds-upcycle ARGS` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "ds_upcycle.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+
+
 def expand_cli(*args: str) -> subprocess.CompletedProcess:
     """`ds-upcycle expand ARGS` as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "ds_upcycle.cli", "expand", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    return run_cli("expand", *args)
 
 
 AUTOEP_STOCK = str(ROOT / "tests" / "workers" / "autoep_stock.py")

@@ -6,18 +6,21 @@ by step: losses, expert loads (hence the loss-free bias updates) and validation 
 process and on two with ep_size 2, where AutoEP's own all-to-all carries the rows.
 """
 
+import json
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
-from conftest import check_ok, run_train, tiny_run_args, write_ds_config
+from conftest import check_ok, run_cli, run_train, tiny_run_args, write_ds_config
 from ds_upcycle.checkpoint import read_checkpoint, read_metrics
 from ds_upcycle.config import ModelConfig
 from ds_upcycle.errors import UserError
 from ds_upcycle.model import Transformer
 from ds_upcycle.moe.names import moe_prefix, router_bias
+from ds_upcycle.trained import load_model
 
 SMALL = ModelConfig(vocab_size=97, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, dense_ffn_dim=48,
                     expert_ffn_dim=24, num_experts=8, top_k=2, moe_layer_freq=2)
@@ -62,10 +65,10 @@ def test_autoep_refuses_what_its_router_cannot_compute(field, value, words):
         SMALL.replace(moe_dispatch="autoep", **{field: value})
 
 
-def train_args(tmp_path, data_cache, dispatch: str, ep_size: int) -> list[str]:
-    cfg = write_ds_config(tmp_path / "z2.json", stage=2, micro_batch=4)
+def train_args(out, data_cache, dispatch: str, ep_size: int, *extra: str) -> list[str]:
+    cfg = write_ds_config(out.parent / "z2.json", stage=2, micro_batch=4)
     return tiny_run_args(cfg, 8, data_cache, "--eval-interval", "4", "--save-interval", "4", "--ep-size", str(ep_size),
-                         "--set", f"moe_dispatch={dispatch}", "--save", str(tmp_path / dispatch))
+                         "--set", f"moe_dispatch={dispatch}", "--save", str(out), *extra)
 
 
 def saved_biases(tag_dir, autoep: bool) -> list[float]:
@@ -75,38 +78,95 @@ def saved_biases(tag_dir, autoep: bool) -> list[float]:
     return [b for name in names for b in module[name].tolist()]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("procs, ep_size", [(0, 1), (2, 2)])
-def test_train_py_on_autoep_layers_trains_and_resumes_as_the_legacy_layer(tmp_path, data_cache, procs, ep_size):
-    runs = {}
-    for dispatch in ("legacy", "autoep"):
-        check_ok(run_train(train_args(tmp_path, data_cache, dispatch, ep_size), num_procs=procs))
-        runs[dispatch] = tmp_path / dispatch
-    legacy, autoep = (read_metrics(runs[d] / "metrics.jsonl") for d in ("legacy", "autoep"))
+def check_same_training(legacy_dir, autoep_dir, ep_size: int) -> None:
+    legacy, autoep = (read_metrics(d / "metrics.jsonl") for d in (legacy_dir, autoep_dir))
     assert [r["loss"] for r in autoep] == pytest.approx([r["loss"] for r in legacy], rel=1e-5)
     val = {d: [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
            for d, records in (("legacy", legacy), ("autoep", autoep))}
-    assert [s for s, _ in val["autoep"]] == [s for s, _ in val["legacy"]] == [4, 8]
+    assert [s for s, _ in val["autoep"]] == [s for s, _ in val["legacy"]] and val["legacy"]
     assert [v for _, v in val["autoep"]] == pytest.approx([v for _, v in val["legacy"]], rel=1e-5)
     assert [r["load"] for r in autoep] == [r["load"] for r in legacy]   # the same experts chosen, every step
     # The checkpoint is AutoEP's layout (DeepSpeed wrote it), with the selection bias in the module state.
-    tag = runs["autoep"] / "global_step8"
+    tag = autoep_dir / (autoep_dir / "latest").read_text().strip()
     saved = read_checkpoint(tag)
     assert all(layer.autoep for layer in saved.moe_layers) and saved.ep_size == ep_size
     model_file = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
     assert [entry["module_path"] for entry in model_file["ds_autoep_layers"]] == [moe_prefix(i) for i in range(4)]
-    expected = saved_biases(runs["legacy"] / "global_step8", autoep=False)
+    expected = saved_biases(legacy_dir / tag.name, autoep=False)
     assert saved_biases(tag, autoep=True) == pytest.approx(expected, abs=1e-7)
     assert max(map(abs, expected)) > 0   # balancing moved them
-    if procs:  # Pretend the AutoEP run died after step 4: the same command resumes it as if uninterrupted.
-        full = autoep
-        (runs["autoep"] / "latest").write_text("global_step4")
-        shutil.rmtree(runs["autoep"] / "global_step8")
-        check_ok(run_train(train_args(tmp_path, data_cache, "autoep", ep_size), num_procs=procs))
-        resumed = read_metrics(runs["autoep"] / "metrics.jsonl")
-        assert [r["step"] for r in resumed] == list(range(1, 9))
-        assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], rel=1e-6)
-        assert [r["load"] for r in resumed] == [r["load"] for r in full]
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory, data_cache):
+    """The same model trained 8 steps in one process on either layout."""
+    root = tmp_path_factory.mktemp("twins")
+    for dispatch in ("legacy", "autoep"):
+        check_ok(run_train(train_args(root / dispatch, data_cache, dispatch, 1)))
+    return root
+
+
+@pytest.mark.slow
+def test_train_py_on_autoep_layers_trains_as_the_legacy_layer(twins):
+    check_same_training(twins / "legacy", twins / "autoep", ep_size=1)
+
+
+@pytest.mark.slow
+def test_with_expert_parallelism_and_after_a_resume(tmp_path, data_cache):
+    """2 processes, ep_size 2: AutoEP's all-to-all carries the rows; a run killed after step 4 resumes
+    as if uninterrupted."""
+    for dispatch in ("legacy", "autoep"):
+        check_ok(run_train(train_args(tmp_path / dispatch, data_cache, dispatch, 2), num_procs=2))
+    check_same_training(tmp_path / "legacy", tmp_path / "autoep", ep_size=2)
+    run = tmp_path / "autoep"
+    full = read_metrics(run / "metrics.jsonl")
+    (run / "latest").write_text("global_step4")
+    shutil.rmtree(run / "global_step8")
+    check_ok(run_train(train_args(run, data_cache, "autoep", 2), num_procs=2))
+    resumed = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], rel=1e-6)
+    assert [r["load"] for r in resumed] == [r["load"] for r in full]
+
+
+@pytest.mark.slow
+def test_an_autoep_checkpoint_expands_continues_scores_and_exports_as_its_legacy_twin(twins, tmp_path, data_cache):
+    """expand 4 -> 8 onto 2 processes with ep_size 2, continue there (copy diagnostics at every
+    evaluation), score the experts on the engine, rebuild the model in one process and export it:
+    each the same as for the legacy twin."""
+    for dispatch in ("legacy", "autoep"):
+        check_ok(run_cli("expand", str(twins / dispatch), str(tmp_path / f"{dispatch}-x2"), "-m", "2",
+                         "--world-size", "2", "--ep-size", "2"))
+        check_ok(run_train(train_args(tmp_path / f"{dispatch}-cpt", data_cache, dispatch, 2, "--load",
+                                      str(tmp_path / f"{dispatch}-x2"), "--fresh-schedule"), num_procs=2))
+        check_ok(run_train(["--deepspeed_config", str(tmp_path / "z2.json"), "--load", str(twins / dispatch),
+                            "--score-experts", str(tmp_path / f"{dispatch}.scores.json"), "--score-batches", "2",
+                            "--data-cache", str(data_cache)]))
+    legacy, autoep = (read_metrics(tmp_path / f"{d}-cpt" / "metrics.jsonl") for d in ("legacy", "autoep"))
+    assert [r["loss"] for r in autoep] == pytest.approx([r["loss"] for r in legacy], rel=1e-5)
+    copies = [(r["copies"], s["copies"]) for r, s in zip(legacy, autoep) if "copies" in r]
+    assert copies and all(len(a) == len(b) == 4 for a, b in copies)
+    for a, b in copies:
+        for la, lb in zip(a, b):
+            assert lb["sibling_distance"] == pytest.approx(la["sibling_distance"], rel=1e-4, abs=1e-7)
+            assert lb["cross_distance"] == pytest.approx(la["cross_distance"], rel=1e-4)
+            assert lb["co_selected"] == la["co_selected"]
+    scores = {d: json.loads((tmp_path / f"{d}.scores.json").read_text())["layers"] for d in ("legacy", "autoep")}
+    assert scores["autoep"].keys() == scores["legacy"].keys()
+    for layer, rules in scores["legacy"].items():
+        for rule, values in rules.items():
+            assert scores["autoep"][layer][rule] == pytest.approx(values, rel=1e-5), (layer, rule)
+    # One process, no DeepSpeed engine: the stacked block computes what AutoEP's layer trained.
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = {d: load_model(tmp_path / f"{d}-cpt").model(tokens)[0] for d in ("legacy", "autoep")}
+    torch.testing.assert_close(logits["autoep"], logits["legacy"], rtol=1e-4, atol=1e-5)
+    exported = {}
+    for d in ("legacy", "autoep"):
+        check_ok(run_cli("export", str(tmp_path / f"{d}-cpt"), str(tmp_path / f"{d}-hf")))
+        exported[d] = load_file(next((tmp_path / f"{d}-hf").glob("*.safetensors")))
+    assert exported["autoep"].keys() == exported["legacy"].keys()
+    for name, tensor in exported["legacy"].items():
+        torch.testing.assert_close(exported["autoep"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow

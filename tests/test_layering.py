@@ -5,6 +5,7 @@ hide behind an import inside a function. docs/ARCHITECTURE.md describes the laye
 """
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ds_upcycle"
@@ -112,3 +113,23 @@ def test_the_import_parser_sees_hidden_and_relative_imports():
     top = "from .. import __version__, comm\nimport ds_upcycle.model\n"
     assert sorted(imports_in(top, "ds_upcycle.training.probe")) == [
         ("ds_upcycle", False), ("ds_upcycle.comm", False), ("ds_upcycle.model", False)]
+
+
+# What DeepSpeed's MoE modules and our wrappers of them hold inside: only moe/ (the live modules)
+# and checkpoint/ (their files) may name it. Everything else goes through moe.live (one view of any
+# MoE block) and moe.names / checkpoint's layer descriptions.
+MOE_INTERNALS = re.compile(r"deepspeed\.moe|deepspeed\.module_inject|deepspeed_moe|deepspeed_experts|AutoEPMoELayer|"
+                           r"auto_ep|expert_group_name|\broute_load\b|\broute_group\b|tokens_per_expert|"
+                           r"\blocal_experts\b|\.wg\.")
+MOE_OWNERS = ("moe", "checkpoint")
+
+
+def test_only_moe_and_checkpoint_know_the_moe_modules_inside():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.relative_to(PACKAGE).parts[0] in MOE_OWNERS:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            offenders += [f"{path.relative_to(PACKAGE)}:{number}: {m[0]}" for m in MOE_INTERNALS.finditer(code)]
+    assert not offenders, "\n".join(offenders)

@@ -17,6 +17,8 @@ from ..atomic import check_destination, staged_dir
 from ..dtypes import EXPORT_DTYPES, parse_dtype
 from ..errors import UserError
 from ..model import Transformer
+from ..moe.live import live_moe_layers
+from ..moe.stacked import legacy_layout_state
 from ..trained import load_model
 from .family import Family
 from .files import MAX_SHARD_BYTES, write_weights
@@ -56,9 +58,9 @@ def write_hf_model(model: Transformer, tokenizer: Path, out_dir: str | Path, dty
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"export writes {' or '.join(EXPORT_DTYPES)} weights, not {dtype!r}")
     cfg = model.cfg
-    has_bias = any(bool(router.route_bias.any()) for router in model.routers)
+    has_bias = any(bool(layer.routing_bias.any()) for layer in live_moe_layers(model))
     family = export_family(cfg, has_bias, prefer)
-    tensors = family.to_hf(cfg, model.state_dict())
+    tensors = family.to_hf(cfg, legacy_layout_state(model.state_dict()))
     bos, eos = special_token_ids(tokenizer)
     with staged_dir(out_dir, "replace" if force else "refuse") as staging:
         hf_config = AutoConfig.for_model(family.model_type, **family.config_to_hf(cfg))

@@ -23,7 +23,7 @@ from torch import nn
 
 from .balance import balance_biases
 from .layer import MoEFeedForward
-from .stacked import StackedMoE
+from .stacked import STACKED_WEIGHTS, StackedMoE
 
 
 class LiveMoE:
@@ -56,9 +56,21 @@ class LiveMoE:
     def ep_group(self):   # the expert-parallel process group (None: this process holds every expert)
         raise NotImplementedError
 
+    @property
+    def ep_group_name(self) -> str | None:   # DeepSpeed's name of the layer's expert-parallel groups
+        raise NotImplementedError
+
+    def expert_parameters(self) -> list[tuple[int, str, nn.Parameter, int | None]]:
+        """(global expert id, weight name, parameter, index of the expert's slice in it or None when
+        the parameter is the expert's alone) of every local expert's weights."""
+        raise NotImplementedError
+
     def expert_weights(self) -> list[list[torch.Tensor]]:
         """Each local expert's weight tensors (gate, up and down projections, in the layout's order)."""
-        raise NotImplementedError
+        weights: dict[int, list[torch.Tensor]] = {}
+        for expert, _, param, index in self.expert_parameters():
+            weights.setdefault(expert, []).append(param if index is None else param[index])
+        return list(weights.values())
 
     def on_routes(self, fn: Callable[[torch.Tensor], None]):
         """Call fn(chosen experts [S, K], by global id) at every routing; returns the hook's handle."""
@@ -79,8 +91,11 @@ class LegacyMoE(LiveMoE):
     loads = property(lambda self: self.router.route_load)
     ep_group = property(lambda self: self.router.ep_group)
 
-    def expert_weights(self) -> list[list[torch.Tensor]]:
-        return [list(expert.parameters()) for expert in self.module.local_experts]
+    ep_group_name = property(lambda self: self.module.moe.expert_group_name)
+
+    def expert_parameters(self):
+        return [(expert, name, param, None) for expert, module in zip(self.expert_ids, self.module.local_experts)
+                for name, param in module.named_parameters()]
 
     def on_routes(self, fn):
         return self.router.register_forward_hook(lambda _m, _i, routes: fn(routes.experts_KS.t()))
@@ -105,9 +120,12 @@ class StackedLiveMoE(LiveMoE):
     loads = property(lambda self: self.module.tokens_per_expert)
     ep_group = property(lambda self: getattr(self.module, "ep_group", None))
 
-    def expert_weights(self) -> list[list[torch.Tensor]]:
+    ep_group_name = property(lambda self: getattr(self.module, "ep_group_name", None))
+
+    def expert_parameters(self):
         experts = self.module.experts
-        return [[experts.w1[e], experts.w2[e], experts.w3[e]] for e in range(experts.w1.shape[0])]
+        return [(expert, name, getattr(experts, name), index) for index, expert in enumerate(self.expert_ids)
+                for name in STACKED_WEIGHTS]
 
     def on_routes(self, fn):
         return self.module.router.register_forward_hook(lambda _m, _i, out: fn(out[1]))
@@ -133,3 +151,20 @@ def balance_layers(layers: list[LiveMoE], step_size: float,
         raise ValueError(f"MoE layer {missing[0]} has no selection bias (AutoEP: run moe.autoep.prepare_balancing)")
     return balance_biases([layer.routing_bias for layer in layers], [layer.loads for layer in layers], step_size,
                           reduce)
+
+
+def set_routing_groups(model: nn.Module, groups: list[tuple[int, ...] | None] | None) -> None:
+    """Every MoE block's routing groups, one entry per block in module order (None: no groups, or
+    lift them). Only the legacy router has groups (model config refuses them on the stacked block)."""
+    blocks = [layer for layer in live_moe_layers(model) if isinstance(layer, LegacyMoE)]
+    for layer, group in zip(blocks, groups or [None] * len(blocks)):
+        layer.router.route_group = None if group is None else torch.tensor(group, dtype=torch.long)
+
+
+def zero_load_counters(model: nn.Module) -> None:
+    """Fresh zero token counters in every MoE block: they are not in a checkpoint, and a model built
+    on the meta device and loaded with assign=True would keep them on the meta device."""
+    for layer in live_moe_layers(model):
+        holder = layer.router if isinstance(layer, LegacyMoE) else layer.module
+        name = "route_load" if isinstance(layer, LegacyMoE) else "tokens_per_expert"
+        setattr(holder, name, torch.zeros(layer.num_experts))

@@ -92,6 +92,7 @@ def split_autoep_fused_param(name: str) -> tuple[str, str] | None:
 # with AutoEP's names inside. Its initial weights are drawn under the legacy layer's names, so a
 # model starts from the same weights whichever dispatch it trains with.
 STACKED_ROUTER = ".router.gate.weight"
+STACKED_BIAS = ".expert_bias"
 LEGACY_OF_STACKED = {"w1": "w_gate.weight", "w2": "w_down.weight", "w3": "w_up.weight"}
 
 

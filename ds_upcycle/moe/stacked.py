@@ -30,6 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .names import (LEGACY_OF_STACKED, STACKED_BIAS, STACKED_ROUTER, expert_param, router_bias, router_weight,
+                    split_autoep_fused_param)
+
 STACKED_WEIGHTS = ("w1", "w2", "w3")   # gate, down, up: AutoEP's names for a SwiGLU expert's weights
 
 
@@ -144,6 +147,24 @@ def stack_expert_slices(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             raise ValueError(f"{fused}: experts {sorted(by_id)} are not 0..{len(by_id) - 1}")
         stacked[fused] = torch.stack([by_id[e] for e in range(len(by_id))])
     return stacked
+
+
+def legacy_layout_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model state dict with every stacked block's tensors under the legacy layer's names (views,
+    no copies): what code written for one expert layout (the Hugging Face families) reads."""
+    out = {}
+    for name, tensor in state.items():
+        parts = split_autoep_fused_param(name)
+        if parts is not None:
+            path, weight = parts
+            out.update({expert_param(path, e, LEGACY_OF_STACKED[weight]): tensor[e] for e in range(tensor.shape[0])})
+        elif name.endswith(STACKED_ROUTER):
+            out[router_weight(name.removesuffix(STACKED_ROUTER))] = tensor
+        elif name.endswith(STACKED_BIAS):
+            out[router_bias(name.removesuffix(STACKED_BIAS))] = tensor
+        else:
+            out[name] = tensor
+    return out
 
 
 def autoep_section(top_k: int, score_func: str, route_norm: bool, ep_size: int) -> dict:

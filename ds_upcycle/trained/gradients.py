@@ -24,22 +24,18 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..moe.names import split_expert_param
+from ..moe.live import live_moe_layers
 from .scores import GradientStats
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs [B, T], targets [B, T]) token ids
-ExpertKey = tuple[str, int, str]            # (MoE module prefix, global expert id, name inside the expert)
+ExpertKey = tuple[str, int, str]            # (MoE module prefix, global expert id, weight name)
 
 
-def expert_parameters(model: torch.nn.Module) -> dict[ExpertKey, torch.nn.Parameter]:
-    """The expert parameters this process holds, keyed with global expert ids, in module order."""
-    global_names = model.global_param_names()
-    params = {}
-    for name, param in model.named_parameters():
-        parts = split_expert_param(global_names[name])
-        if parts is not None:
-            params[parts] = param
-    return params
+def expert_parameters(model: torch.nn.Module) -> dict[ExpertKey, tuple[torch.nn.Parameter, int | None]]:
+    """The expert weights this process holds, keyed with global expert ids, in module order: each a
+    parameter and the expert's slice index in it (None: the parameter is the expert's alone)."""
+    return {(layer.path, expert, name): (param, index) for layer in live_moe_layers(model)
+            for expert, name, param, index in layer.expert_parameters()}
 
 
 def expert_gradient_stats(model: torch.nn.Module, batches: Iterable[Sequence[Batch]],
@@ -52,22 +48,22 @@ def expert_gradient_stats(model: torch.nn.Module, batches: Iterable[Sequence[Bat
     into the mean over processes in place, e.g. an all-reduce. Weights are the model's parameters,
     detached (not copied). The model is left as it was found.
     """
-    params_by_key = expert_parameters(model)
-    if not params_by_key:
+    weights = expert_parameters(model)
+    if not weights:
         raise UserError("the model has no MoE experts to score")
-    keys, params = list(params_by_key), list(params_by_key.values())
+    params = list({id(param): param for param, _ in weights.values()}.values())  # a stacked one once
     sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     sums_sq = [torch.zeros_like(p, dtype=torch.float32) for p in params]
 
     was_training = model.training
     grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    expert_ids = {id(p) for p in params}
+    trained_ids = {id(p) for p in params}
     model.eval()
     count = 0
     try:
         # Only expert weights need gradients; the rest still passes gradients through activations.
         for p in model.parameters():
-            p.requires_grad_(id(p) in expert_ids)
+            p.requires_grad_(id(p) in trained_ids)
         for micro_batches in batches:
             grads = _mean_gradient(model, micro_batches, params)
             for total, total_sq, grad in zip(sums, sums_sq, grads):
@@ -83,12 +79,21 @@ def expert_gradient_stats(model: torch.nn.Module, batches: Iterable[Sequence[Bat
     if count == 0:
         raise UserError("no batches to score on")
 
+    position = {id(param): i for i, param in enumerate(params)}
+    for total, total_sq in zip(sums, sums_sq):
+        total.div_(count)
+        total_sq.div_(count)
+
+    def part(tensor: torch.Tensor, index: int | None) -> torch.Tensor:
+        return tensor if index is None else tensor[index]
+
     stats: dict[str, dict[int, GradientStats]] = {}
-    for (prefix, expert, suffix), param, total, total_sq in zip(keys, params, sums, sums_sq):
+    for (prefix, expert, name), (param, index) in weights.items():
         entry = stats.setdefault(prefix, {}).setdefault(expert, GradientStats({}, {}, {}))
-        entry.weight[suffix] = param.detach()
-        entry.grad[suffix] = total.div_(count)
-        entry.grad_sq[suffix] = total_sq.div_(count)
+        i = position[id(param)]
+        entry.weight[name] = part(param.detach(), index)
+        entry.grad[name] = part(sums[i], index)
+        entry.grad_sq[name] = part(sums_sq[i], index)
     return stats
 
 

@@ -19,7 +19,8 @@ from ..checkpoint import (CheckpointReader, CheckpointRef, RunRecord, find_check
                           read_module_weights)
 from ..errors import UserError
 from ..model import Transformer
-from ..moe.stacked import StackedMoE, stack_expert_slices
+from ..moe.live import set_routing_groups, zero_load_counters
+from ..moe.stacked import stack_expert_slices
 
 
 @dataclass
@@ -61,14 +62,8 @@ def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype | No
         names = result.missing_keys[:3] or result.unexpected_keys[:3]
         kind = "lacks" if result.missing_keys else "has unknown"
         raise UserError(f"{ref.path} {kind} weights {', '.join(names)}: it does not match its own model config")
-    groups = cfg.route_groups or [None] * len(model.routers)
-    for router, group in zip(model.routers, groups):  # buffers the checkpoint does not hold
-        router.route_load = torch.zeros(router.num_experts)  # balancing counters only matter in training
-        if group is not None:  # from the model config
-            router.route_group = torch.tensor(group, dtype=torch.long)
-    for block in model.modules():
-        if isinstance(block, StackedMoE):
-            block.tokens_per_expert = torch.zeros(block.num_experts)
+    zero_load_counters(model)          # buffers the checkpoint does not hold: training's counters,
+    set_routing_groups(model, cfg.route_groups)   # and the groups the model config carries
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     # The router keeps its bias in fp32 whatever the dtype (LossFreeRouter._apply).

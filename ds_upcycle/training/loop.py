@@ -24,7 +24,7 @@ from ..data.tokenizer import tokenizer_digest
 from ..errors import UserError
 from ..model import Transformer
 from ..moe.autoep import prepare_balancing
-from ..moe.live import LiveMoE, balance_layers, live_moe_layers
+from ..moe.live import LiveMoE, balance_layers, live_moe_layers, set_routing_groups
 from ..moe.stacked import autoep_section
 from ..trained import validation_loss
 from ..trained.copies import copy_diagnostics, counting
@@ -118,7 +118,7 @@ def _check_layout(start: CheckpointRef, world: int, ep_size: int) -> None:
                         f"--ep-size {ep_size}, then train.py --load NEW")
 
 
-def _with_autoep(ds_config: dict, model_cfg: ModelConfig, ep_size: int) -> dict:
+def engine_config(ds_config: dict, model_cfg: ModelConfig, ep_size: int) -> dict:
     """The DeepSpeed config with AutoEP set to replace the model's stacked MoE blocks (moe_dispatch=autoep);
     other settings of a user's `expert_parallel` section (kernels, combine) stay."""
     user = ds_config.get("expert_parallel") or {}
@@ -258,8 +258,7 @@ class Trainer:
         due = self.lift_groups_at is not None and self.engine.global_steps >= self.lift_groups_at
         if not due or self.model.cfg.route_groups is None:
             return False
-        for router in self.model.routers:
-            router.route_group = None
+        set_routing_groups(self.model, None)
         self.model.cfg = self.model.cfg.replace(route_groups=None)
         note(f"routing groups lifted after step {self.engine.global_steps} (recorded lift step {self.lift_groups_at})")
         return True
@@ -339,7 +338,7 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict, 
     schedule_fn = partial(WSDSchedule, total=train_cfg.steps, warmup=train_cfg.warmup,
                           decay_fraction=train_cfg.decay_fraction, min_ratio=train_cfg.min_lr_ratio)
     engine, _, _, schedule = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                  config=_with_autoep(ds_config, model_cfg, train_cfg.ep_size),
+                                                  config=engine_config(ds_config, model_cfg, train_cfg.ep_size),
                                                   lr_scheduler=schedule_fn)
     prepare_balancing(model)  # AutoEP's layers, now in the model: their bias, before a checkpoint restores it
     position = _restore(engine, schedule, start, resuming, train_cfg, data_cfg) if start else Position(train_cfg.split)

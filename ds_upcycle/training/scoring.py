@@ -28,11 +28,14 @@ from ..checkpoint import check_checkpoint_dir, find_checkpoint
 from ..config import check_expert_parallel
 from ..errors import UserError
 from ..model import Transformer
+from ..moe.autoep import prepare_balancing
+from ..moe.live import live_moe_layers
 from ..moe.names import moe_prefix
 from ..trained import RunData
 from ..trained.calibration_data import SOURCE_DATA, calibration_data, check_calibration_source
 from ..trained.gradients import expert_gradient_stats
 from ..trained.scores import GRADIENT_RULES, ExpertScores, GradientStats, expert_score, scored_checkpoint
+from .loop import engine_config
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,9 @@ def run_scoring(cfg: ScoreConfig, ds_config: dict) -> ExpertScores:
     comm.init_distributed()
     started = time.perf_counter()
     model = Transformer(model_cfg, ep_size=cfg.ep_size, ep_rank=comm.rank() % cfg.ep_size)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=engine_config(ds_config, model_cfg, cfg.ep_size))
+    prepare_balancing(model)  # AutoEP's layers: the selection bias the checkpoint holds needs its buffer
     check_checkpoint_dir(start.path)  # DeepSpeed unpickles the files in full: refuse unknown classes first
     loaded, _ = engine.load_checkpoint(str(start.save_dir), tag=start.tag, load_module_only=True,
                                        load_optimizer_states=False, load_lr_scheduler_states=False)
@@ -104,7 +109,7 @@ def run_scoring(cfg: ScoreConfig, ds_config: dict) -> ExpertScores:
         raise UserError(f"--score-data {cfg.data!r} has {len(data.windows)} sequences of {run.seq_len + 1} tokens, "
                         f"fewer than {cfg.batches} batches of {batch}; lower --score-batches")
 
-    replicas = comm.expert_replicas(model.moe_layers[0].moe.expert_group_name)
+    replicas = comm.expert_replicas(live_moe_layers(model)[0].ep_group_name)
     stats = expert_gradient_stats(engine.module, shares, lambda grad: comm.mean_over_world(grad, replicas))
     layers = _gather_scores(model, stats, cfg.ep_size, engine.device)
     info = {"from": "scoring pass", "data": cfg.data, "description": data.description, "batches": len(shares),
