@@ -7,7 +7,10 @@ process and on two with ep_size 2, where AutoEP's own all-to-all carries the row
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,11 +18,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import check_ok, run_cli, run_train, tiny_run_args, write_ds_config
-from ds_upcycle.checkpoint import read_checkpoint, read_metrics
+from ds_upcycle.checkpoint import named_param_states, read_checkpoint, read_metrics
 from ds_upcycle.config import ModelConfig
 from ds_upcycle.errors import UserError
 from ds_upcycle.model import Transformer
 from ds_upcycle.moe.names import moe_prefix, router_bias
+from ds_upcycle.moe.stacked import stack_expert_slices
 from ds_upcycle.trained import load_model
 
 SMALL = ModelConfig(vocab_size=97, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, dense_ffn_dim=48,
@@ -119,6 +123,21 @@ def test_with_expert_parallelism_and_after_a_resume(tmp_path, data_cache):
         check_ok(run_train(train_args(tmp_path / dispatch, data_cache, dispatch, 2), num_procs=2))
     check_same_training(tmp_path / "legacy", tmp_path / "autoep", ep_size=2)
     run = tmp_path / "autoep"
+    # DeepSpeed's own universal conversion reads the checkpoint; its fp32 masters and Adam moments
+    # are what ds-upcycle's reader finds, parameter by parameter (experts stacked in id order).
+    universal = tmp_path / "universal"
+    check_ok(subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                             str(run / "global_step8"), "--output_folder", str(universal)], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"}))
+    ours = named_param_states(read_checkpoint(run / "global_step8"))
+    params = [p.name for p in (universal / "zero").iterdir() if (p / "exp_avg.pt").exists()]
+    assert f"{moe_prefix(0)}.experts.w1" in params and len(params) == len(stack_expert_slices(
+        {name: state.fp32 for name, state in ours.items()}))
+    for kind in ("fp32", "exp_avg", "exp_avg_sq"):
+        expected = stack_expert_slices({name: getattr(state, kind) for name, state in ours.items()})
+        for name in params:
+            got = torch.load(universal / "zero" / name / f"{kind}.pt", weights_only=False)["param"]
+            assert torch.equal(got, expected[name]), (kind, name)
     full = read_metrics(run / "metrics.jsonl")
     (run / "latest").write_text("global_step4")
     shutil.rmtree(run / "global_step8")
