@@ -15,7 +15,6 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups
 
@@ -147,22 +146,6 @@ def mean_over_world(tensor: torch.Tensor, replicas) -> torch.Tensor:
     if replicas is not None and dist.get_world_size(replicas) > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=replicas)
     return tensor.div_(world_size())
-
-
-def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
-    """All-to-all of equal chunks of an int tensor over an expert-parallel group: chunk p goes to
-    rank p (how many rows this rank sends to each of rank p's experts), and chunk p of the result
-    came from rank p."""
-    received = torch.empty_like(counts)
-    dist.all_to_all_single(received, counts.contiguous(), group=group)
-    return received
-
-
-def exchange_rows(rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
-    """All-to-all of token rows with variable splits over an expert-parallel group, differentiable
-    (its backward is the reverse exchange): send_splits[p] rows go to rank p, recv_splits[p] come from it."""
-    out = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
-    return dist_nn.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
 
 
 def gather_over_group(tensor: torch.Tensor, group) -> torch.Tensor:

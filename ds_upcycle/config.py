@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 from .errors import UserError, did_you_mean
 
 SCORE_FUNCTIONS = ("sigmoid", "softmax")
-MOE_DISPATCHES = ("legacy", "grouped", "autoep")
+MOE_DISPATCHES = ("legacy", "autoep")
 QK_NORMS = ("head", "proj")
 
 
@@ -51,15 +51,12 @@ class ModelConfig:
         route_bias_update: step size u of the loss-free balancing update
             b_i += u * sign(mean_load - load_i); 0 turns balancing off.
         aux_loss_coef: coefficient of an auxiliary switch-style balance loss (0 = off).
-        moe_dispatch: how experts compute (the same function and weights either way): "legacy",
-            DeepSpeed's MOELayer (every expert's buffer padded to the busiest expert, one matmul per
-            expert, any ep_size); "grouped", tokens sorted by expert and every expert in one grouped
-            GEMM (torch._grouped_mm through DeepSpeed AutoEP's expert kernel), rows sent to their
-            expert's rank in a variable-size all-to-all, no padding (moe/grouped.py); "autoep",
-            experts stacked one tensor per weight kind (moe/stacked.py), which DeepSpeed AutoEP
-            replaces with its own layer at deepspeed.initialize (its dispatch and grouped GEMM, its
-            checkpoint layout). The first two share weights and checkpoints; "autoep" has AutoEP's
-            parameter names, no auxiliary loss and no routing groups.
+        moe_dispatch: which MoE layer computes the experts (the same function): "legacy",
+            DeepSpeed's MOELayer with our router in place of its gate (every expert's buffer padded
+            to the busiest expert, one matmul per expert, any ep_size); "autoep", experts stacked
+            one tensor per weight kind (moe/stacked.py), which DeepSpeed AutoEP replaces with its
+            own layer at deepspeed.initialize (its dispatch and grouped GEMM, its checkpoint
+            layout: AutoEP's parameter names), with no auxiliary loss and no routing groups.
         tie_embeddings: share the token embedding with the output head.
         rope_theta: RoPE base.
         norm_eps: RMSNorm epsilon.
@@ -130,6 +127,10 @@ class ModelConfig:
                             f"{min(self.experts_per_layer, default=self.num_experts)} of a MoE layer")
         if self.score_func not in SCORE_FUNCTIONS:
             raise UserError(f"model config: score_func must be one of {SCORE_FUNCTIONS}, got {self.score_func!r}")
+        if self.moe_dispatch == "grouped":
+            raise UserError("model config: moe_dispatch=grouped is gone: DeepSpeed AutoEP's layer "
+                            "(moe_dispatch=autoep) computes experts in one grouped GEMM, faster in every "
+                            "training step measured; its checkpoints are the legacy layer's (moe_dispatch=legacy)")
         if self.moe_dispatch not in MOE_DISPATCHES:
             raise UserError(f"model config: moe_dispatch must be one of {MOE_DISPATCHES}, got {self.moe_dispatch!r}")
         if self.moe_dispatch == "autoep" and self.aux_loss_coef > 0:
@@ -182,6 +183,8 @@ class ModelConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"model config: unknown field(s) {', '.join(unknown)}")
+        if values.get("moe_dispatch") == "grouped":  # a run of an earlier version: the legacy layer's weights
+            values = {**values, "moe_dispatch": "legacy"}
         return cls(**values)
 
     def replace(self, **changes: Any) -> "ModelConfig":

@@ -145,7 +145,7 @@ class Block(nn.Module):
             router = LossFreeRouter(cfg.dim, num_experts, cfg.top_k, cfg.score_func,
                                     cfg.normalize_routes, cfg.aux_loss_coef, groups=cfg.groups_in_block(layer_id))
             self.ffn = MoEFeedForward(cfg.dim, cfg.expert_ffn_dim, num_experts, cfg.top_k, router,
-                                      ep_size=ep_size, ep_rank=ep_rank, dispatch=cfg.moe_dispatch)
+                                      ep_size=ep_size, ep_rank=ep_rank)
         else:
             self.ffn = SwiGLU(cfg.dim, cfg.dense_ffn_dim)
 
@@ -192,7 +192,7 @@ class Transformer(nn.Module):
 
     @property
     def moe_layers(self) -> list[MoEFeedForward]:
-        """The legacy (and grouped) MoE blocks; moe.live_moe_layers gives every kind."""
+        """The legacy MoE blocks; moe.live.live_moe_layers gives every kind."""
         return [block.ffn for block in self.layers if isinstance(block.ffn, MoEFeedForward)]
 
     @property

@@ -1,8 +1,7 @@
 """Training throughput, measured side by side in one process and one run.
 
 1. One MoE layer, forward + backward, at the same shape: our loss-free router on DeepSpeed's legacy
-   MOELayer, on the grouped dispatch (moe_dispatch=grouped: sorted rows, one grouped GEMM, the
-   same weights) and DeepSpeed AutoEP's layer (moe_dispatch=autoep: stacked experts, AutoEP's own
+   MOELayer and on DeepSpeed AutoEP's layer (moe_dispatch=autoep: stacked experts, AutoEP's own
    dispatch and grouped GEMM, the same weights) against DeepSpeed's stock TopKGate (dropless, like
    ours, and with its default capacity factor 1.0, which drops tokens). Prints tokens/s of each and
    the ratio.
@@ -72,11 +71,7 @@ def bench_layers(cfg, tokens: int, device, dtype, warmup: int, repeats: int, pro
     torch.manual_seed(0)
     ours = MoEFeedForward(cfg.dim, cfg.expert_ffn_dim, cfg.num_experts, cfg.top_k,
                           LossFreeRouter(cfg.dim, cfg.num_experts, cfg.top_k, cfg.score_func)).to(device, dtype)
-    grouped = MoEFeedForward(cfg.dim, cfg.expert_ffn_dim, cfg.num_experts, cfg.top_k,
-                             LossFreeRouter(cfg.dim, cfg.num_experts, cfg.top_k, cfg.score_func),
-                             dispatch="grouped").to(device, dtype)
-    grouped.load_state_dict(ours.state_dict())  # the same weights: the same routing and function
-    autoep = autoep_layer(cfg, ours, device, dtype)
+    autoep = autoep_layer(cfg, ours, device, dtype)  # the same weights: the same routing and function
     stock = {
         "stock, dropless": MoE(cfg.dim, SwiGLU(cfg.dim, cfg.expert_ffn_dim), cfg.num_experts, k=cfg.top_k,
                                drop_tokens=False, top2_2nd_expert_sampling=False).to(device, dtype),
@@ -94,7 +89,7 @@ def bench_layers(cfg, tokens: int, device, dtype, warmup: int, repeats: int, pro
     def autoep_step():
         autoep(x).float().square().mean().backward()   # AutoEP's layer returns the output alone
 
-    steps = {"ours (loss-free)": step(ours), "ours, grouped": step(grouped), "ours, AutoEP": autoep_step,
+    steps = {"ours (loss-free)": step(ours), "ours, AutoEP": autoep_step,
              **{name: step(layer) for name, layer in stock.items()}}
     times = timed(steps, warmup, repeats)
     base = times["ours (loss-free)"]
@@ -194,7 +189,7 @@ def main() -> None:
     parser.add_argument("--layer-tokens", type=int, default=None,
                         help="tokens per layer call (default batch x seq-len)")
     parser.add_argument("--skip-models", action="store_true", help="time the MoE layers only")
-    parser.add_argument("--dispatches", default="legacy,grouped,autoep", help="moe_dispatch values of the training steps")
+    parser.add_argument("--dispatches", default="legacy,autoep", help="moe_dispatch values of the training steps")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per MoE layer")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()

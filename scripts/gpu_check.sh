@@ -10,10 +10,11 @@
 #   CHECKS=score bash scripts/gpu_check.sh                    # the scoring pass alone (issue 20)
 #
 # On an H200 the steps took 84, 40, 57, about 60 and 154 s (docs/BENCHMARKS.md, "GPU"), before
-# the train steps also timed the grouped dispatch (two more engines each: limits raised to 110 and
-# 130 s). The limits now add up to 640 s, over one 10-minute command: run CHECKS=quickstart,train,eval
-# first, then CHECKS=reproduce,score on the still-warm machine (reproduce reads the quick start's
-# step time from WORK). The scoring pass (step score, limit 150 s) has not run on a GPU yet.
+# the train steps also timed DeepSpeed AutoEP's layer (moe_dispatch=autoep: two more engines each,
+# limits 110 and 130 s). The limits add up to 640 s, over one 10-minute command: run
+# CHECKS=quickstart,train,eval first, then CHECKS=reproduce,score on the still-warm machine
+# (reproduce reads the quick start's step time from WORK). The scoring pass (step score, limit
+# 150 s) and the AutoEP engines have not run on a GPU yet.
 #
 # Wheels: .whl/ holds deepspeed, lm-eval and what they need beyond the machine's own packages
 # (docs/BENCHMARKS.md, "GPU", lists them and how they were fetched). Without .whl/ the packages of

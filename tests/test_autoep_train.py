@@ -69,6 +69,13 @@ def test_autoep_refuses_what_its_router_cannot_compute(field, value, words):
         SMALL.replace(moe_dispatch="autoep", **{field: value})
 
 
+def test_the_grouped_dispatch_is_gone_and_its_runs_read_as_legacy():
+    """moe_dispatch=grouped shared the legacy layer's weights and checkpoints; AutoEP replaced it."""
+    with pytest.raises(UserError, match="moe_dispatch=grouped is gone"):
+        SMALL.replace(moe_dispatch="grouped")
+    assert ModelConfig.from_dict({**SMALL.to_dict(), "moe_dispatch": "grouped"}).moe_dispatch == "legacy"
+
+
 def train_args(out, data_cache, dispatch: str, ep_size: int, *extra: str) -> list[str]:
     cfg = write_ds_config(out.parent / "z2.json", stage=2, micro_batch=4)
     return tiny_run_args(cfg, 8, data_cache, "--eval-interval", "4", "--save-interval", "4", "--ep-size", str(ep_size),

@@ -8,7 +8,6 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from ..config import check_expert_parallel
-from .grouped import grouped_experts
 from .router import LossFreeRouter
 
 
@@ -33,10 +32,9 @@ class MoEFeedForward(nn.Module):
     """
 
     def __init__(self, dim: int, expert_ffn_dim: int, num_experts: int, top_k: int,
-                 router: LossFreeRouter, ep_size: int = 1, ep_rank: int = 0, dispatch: str = "legacy") -> None:
+                 router: LossFreeRouter, ep_size: int = 1, ep_rank: int = 0) -> None:
         super().__init__()
         check_expert_parallel(ep_size, [num_experts])
-        self.dispatch, self.ep_size = dispatch, ep_size
         self.moe = MoE(hidden_size=dim, expert=SwiGLU(dim, expert_ffn_dim), num_experts=num_experts,
                        ep_size=ep_size, k=top_k, drop_tokens=False, use_rts=False)
         self.moe.deepspeed_moe.gate = router
@@ -52,11 +50,5 @@ class MoEFeedForward(nn.Module):
         return self.moe.deepspeed_moe.experts.deepspeed_experts
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.dispatch == "grouped":
-            x_SD = x_BTD.reshape(-1, x_BTD.shape[-1])
-            routes = self.router(x_SD)  # counts the load and computes the aux loss, as under the legacy layer
-            out_SD = grouped_experts(x_SD, routes.experts_KS.t().long(), routes.weights_KS.t(), self.local_experts,
-                                     self.ep_size, self.router.ep_group)
-            return out_SD.reshape(x_BTD.shape), routes.aux_loss
         out_BTD, aux_loss, _ = self.moe(x_BTD)
         return out_BTD, aux_loss
