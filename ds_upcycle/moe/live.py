@@ -5,8 +5,8 @@ loaded for evaluation) for a few things: where it sits, its router's rows and se
 tokens routed to each expert since the bias last moved, which experts this process holds and the
 expert-parallel group. Three modules answer, each its own way:
 
-- MoEFeedForward (layer.py): DeepSpeed's legacy MoE layer with our router (moe_dispatch legacy or
-  grouped); the block's MoE module is `<path>.moe`;
+- MoEFeedForward (layer.py): DeepSpeed's legacy MoE layer with our router (moe_dispatch=legacy);
+  the block's MoE module is `<path>.moe`;
 - StackedMoE (stacked.py): the stacked block of moe_dispatch=autoep outside an engine; all experts;
 - AutoEPMoELayer: DeepSpeed AutoEP's layer, which replaced a StackedMoE (or a transformers MoE
   block) at deepspeed.initialize; experts [r * L, (r + 1) * L) of the group on rank r. Its bias
@@ -15,6 +15,7 @@ expert-parallel group. Three modules answer, each its own way:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Callable
 
 import torch
@@ -26,7 +27,7 @@ from .layer import MoEFeedForward
 from .stacked import STACKED_WEIGHTS, StackedMoE
 
 
-class LiveMoE:
+class LiveMoE(ABC):
     """One MoE block of a live model: what callers read of it, computed from the module each time
     (DeepSpeed may swap a parameter's storage, so nothing is cached)."""
 
@@ -35,35 +36,27 @@ class LiveMoE:
 
     num_experts: int                          # experts of the layer, all ranks together
 
-    @property
-    def expert_ids(self) -> list[int]:
-        """Global ids of the experts this process holds, in local order."""
-        raise NotImplementedError
+    # Properties of every kind of block (each subclass defines them):
+    #   expert_ids      global ids of the experts this process holds, in local order
+    #   router_weight   [E, D] router rows
+    #   routing_bias    [E] fp32 selection bias, added to the scores to choose experts (None: none yet)
+    #   loads           [E] tokens routed to each expert since the last bias update
+    #   ep_group        the expert-parallel process group (None: this process holds every expert)
+    #   ep_group_name   DeepSpeed's name of the layer's expert-parallel groups
 
-    @property
-    def router_weight(self) -> torch.Tensor:   # [E, D]
-        raise NotImplementedError
-
-    @property
-    def routing_bias(self) -> torch.Tensor | None:   # [E], fp32: added to the scores to choose experts
-        raise NotImplementedError
-
-    @property
-    def loads(self) -> torch.Tensor:   # [E]: tokens routed to each expert since the last bias update
-        raise NotImplementedError
-
-    @property
-    def ep_group(self):   # the expert-parallel process group (None: this process holds every expert)
-        raise NotImplementedError
-
-    @property
-    def ep_group_name(self) -> str | None:   # DeepSpeed's name of the layer's expert-parallel groups
-        raise NotImplementedError
-
+    @abstractmethod
     def expert_parameters(self) -> list[tuple[int, str, nn.Parameter, int | None]]:
         """(global expert id, weight name, parameter, index of the expert's slice in it or None when
         the parameter is the expert's alone) of every local expert's weights."""
-        raise NotImplementedError
+
+    @abstractmethod
+    def on_routes(self, fn: Callable[[torch.Tensor], None]):
+        """Call fn(chosen experts [S, K], by global id) at every routing; returns the hook's handle."""
+
+    @abstractmethod
+    def zero_loads(self) -> None:
+        """A fresh zero `loads` counter (not in a checkpoint: a model built on the meta device and
+        loaded with assign=True would keep it there)."""
 
     def expert_weights(self) -> list[list[torch.Tensor]]:
         """Each local expert's weight tensors (gate, up and down projections, in the layout's order)."""
@@ -71,10 +64,6 @@ class LiveMoE:
         for expert, _, param, index in self.expert_parameters():
             weights.setdefault(expert, []).append(param if index is None else param[index])
         return list(weights.values())
-
-    def on_routes(self, fn: Callable[[torch.Tensor], None]):
-        """Call fn(chosen experts [S, K], by global id) at every routing; returns the hook's handle."""
-        raise NotImplementedError
 
 
 class LegacyMoE(LiveMoE):
@@ -90,7 +79,6 @@ class LegacyMoE(LiveMoE):
     routing_bias = property(lambda self: self.router.route_bias)
     loads = property(lambda self: self.router.route_load)
     ep_group = property(lambda self: self.router.ep_group)
-
     ep_group_name = property(lambda self: self.module.moe.expert_group_name)
 
     def expert_parameters(self):
@@ -99,6 +87,9 @@ class LegacyMoE(LiveMoE):
 
     def on_routes(self, fn):
         return self.router.register_forward_hook(lambda _m, _i, routes: fn(routes.experts_KS.t()))
+
+    def zero_loads(self) -> None:
+        self.router.route_load = torch.zeros(self.num_experts)
 
 
 class StackedLiveMoE(LiveMoE):
@@ -119,7 +110,6 @@ class StackedLiveMoE(LiveMoE):
     routing_bias = property(lambda self: self.module.expert_bias)
     loads = property(lambda self: self.module.tokens_per_expert)
     ep_group = property(lambda self: getattr(self.module, "ep_group", None))
-
     ep_group_name = property(lambda self: getattr(self.module, "ep_group_name", None))
 
     def expert_parameters(self):
@@ -129,6 +119,9 @@ class StackedLiveMoE(LiveMoE):
 
     def on_routes(self, fn):
         return self.module.router.register_forward_hook(lambda _m, _i, out: fn(out[1]))
+
+    def zero_loads(self) -> None:
+        self.module.tokens_per_expert = torch.zeros(self.num_experts)
 
 
 def live_moe_layers(model: nn.Module) -> list[LiveMoE]:
@@ -162,9 +155,6 @@ def set_routing_groups(model: nn.Module, groups: list[tuple[int, ...] | None] | 
 
 
 def zero_load_counters(model: nn.Module) -> None:
-    """Fresh zero token counters in every MoE block: they are not in a checkpoint, and a model built
-    on the meta device and loaded with assign=True would keep them on the meta device."""
+    """Fresh zero token counters in every MoE block (LiveMoE.zero_loads)."""
     for layer in live_moe_layers(model):
-        holder = layer.router if isinstance(layer, LegacyMoE) else layer.module
-        name = "route_load" if isinstance(layer, LegacyMoE) else "tokens_per_expert"
-        setattr(holder, name, torch.zeros(layer.num_experts))
+        layer.zero_loads()
