@@ -10,8 +10,8 @@
 #   CHECKS=score bash scripts/gpu_check.sh                    # the scoring pass alone (issue 20)
 #
 # On an H200 the steps took 84, 40, 57, about 60 and 154 s (docs/BENCHMARKS.md, "GPU"), before
-# the train steps also timed DeepSpeed AutoEP's layer (moe_dispatch=autoep: two more engines each,
-# limits 110 and 130 s). The limits add up to 640 s, over one 10-minute command: run
+# the train steps also timed a second dispatch (two more engines each, limits 110 and 130 s); that
+# second dispatch is now DeepSpeed AutoEP's layer (moe_dispatch=autoep). The limits add up to 640 s, over one 10-minute command: run
 # CHECKS=quickstart,train,eval first, then CHECKS=reproduce,score on the still-warm machine
 # (reproduce reads the quick start's step time from WORK). The scoring pass (step score, limit
 # 150 s) and the AutoEP engines have not run on a GPU yet.
