@@ -1,7 +1,7 @@
 """`ds-upcycle expand` on DeepSpeed AutoEP checkpoints, resumed by a stock AutoEP script, on CPU.
 
 The client is tests/workers/autoep_stock.py: a transformers Qwen3-MoE under AutoEP's qwen3_moe
-preset, nothing of ds-upcycle's model in it, saving and loading with stock DeepSpeed. Oracle:
+preset (and a Mixtral under its mixtral preset), nothing of ds-upcycle's model in it, saving and loading with stock DeepSpeed. Oracle:
 what DeepSpeed's own safe_get_full_* accessors return, in the source job before it saves and in
 the resumed job after `engine.load_checkpoint`: every expert's fp32 master weight and Adam moments
 must be its source expert's (as the manifest names it), the routers' rows the source rows; for a
@@ -67,6 +67,27 @@ def test_expansion_resumes_exactly_on_the_same_and_on_another_layout(autoep_sour
         for key in ("ds_autoep_layers", "universal_checkpoint_info", "param_shapes", "num_experts", "buffer_names"):
             assert ours[key] == theirs[key], key
         assert list(ours["module"]) == list(theirs["module"])
+
+
+def test_the_mixtral_preset_expands_and_resumes_exactly(tmp_path):
+    """AutoEP's mixtral preset (a transformers Mixtral: MoE block `model.layers.<i>.mlp`, router
+    `gate`), 8 -> 16 experts on its own layout, resumed by the stock script."""
+    run_autoep_stock(tmp_path / "run.json", "--family", "mixtral", "--steps", "3", "--save", str(tmp_path / "ckpt"),
+                     "--dump", str(tmp_path / "dump"), procs=2)
+    out = tmp_path / "x"
+    check_ok(expand_cli(str(tmp_path / "ckpt"), str(out), "-m", "2", "--select", "uniform", "--router-noise", "0"))
+    manifest = json.loads((out / "t" / "upcycle_manifest.json").read_text())
+    resumed = run_autoep_stock(tmp_path / "r.json", "--family", "mixtral", "--load", str(out), "--num-experts", "16",
+                               "--steps", "1", "--dump", str(tmp_path / "d"), "--save", str(tmp_path / "s"), procs=2)
+    expanded = merged_dump(tmp_path / "d", 2)
+    assert len([k for k in expanded if k[1] == "w1"]) == 2 * 16
+    assert_is_expansion(expanded, merged_dump(tmp_path / "dump", 2), manifest)
+    assert all(loss == loss for loss in resumed["losses"])
+    ours = torch.load(out / "t" / "mp_rank_00_model_states.pt", weights_only=False)
+    theirs = torch.load(tmp_path / "s" / "t" / "mp_rank_00_model_states.pt", weights_only=False)
+    for key in ("ds_autoep_layers", "universal_checkpoint_info", "param_shapes", "num_experts", "buffer_names"):
+        assert ours[key] == theirs[key], key
+    assert list(ours["module"]) == list(theirs["module"])
 
 
 def test_reshard_to_another_autoep_size_trains_as_the_source_does(autoep_source, tmp_path):

@@ -1,8 +1,8 @@
-"""A stock DeepSpeed AutoEP training script of a tiny transformers Qwen3-MoE, plus the one call of
-ds_upcycle.moe.autoep when --balance is given.
+"""A stock DeepSpeed AutoEP training script of a tiny transformers Qwen3-MoE (or Mixtral, --family
+mixtral: AutoEP's mixtral preset), plus the one call of ds_upcycle.moe.autoep when --balance is given.
 
     [deepspeed --num_gpus N] autoep_stock.py --out OUT.json [--balance U] [--steps S] [--save DIR] [--load DIR]
-        [--num-experts E] [--autoep-size P] [--dump FILE] [--zero-stage Z] [--bf16]
+        [--num-experts E] [--autoep-size P] [--dump FILE] [--zero-stage Z] [--bf16] [--family F]
 
 The script is what a user writes (the preset, no ds-upcycle model). For the tests it also records,
 independently of the balancer, which experts the routers chose in every training step (a forward
@@ -26,7 +26,12 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 from ds_upcycle import comm
 from ds_upcycle.moe.autoep import attach_loss_free_balancing, patch_transformers_registry
 
-def model_config(num_experts: int) -> transformers.Qwen3MoeConfig:
+def model_config(family: str, num_experts: int) -> transformers.PretrainedConfig:
+    if family == "mixtral":
+        return transformers.MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                          num_local_experts=num_experts, num_experts_per_tok=2,
+                                          max_position_embeddings=64)
     return transformers.Qwen3MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                        num_experts=num_experts, num_experts_per_tok=2, decoder_sparse_step=1,
@@ -75,6 +80,8 @@ def main() -> None:
     parser.add_argument("--dump", default=None)
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--family", choices=("qwen3_moe", "mixtral"), default="qwen3_moe",
+                        help="the transformers class and AutoEP preset")
     args = parser.parse_args()
 
     patch_transformers_registry()
@@ -82,13 +89,13 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     world = dist.get_world_size()
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(model_config(args.num_experts))
+    model = transformers.AutoModelForCausalLM.from_config(model_config(args.family, args.num_experts))
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
                  "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "torch_adam": True}},
                  "zero_optimization": {"stage": args.zero_stage}, "steps_per_print": 10**9,
                  "bf16": {"enabled": args.bf16},
                  "expert_parallel": {"enabled": True, "autoep_size": args.autoep_size or world,
-                                     "preset_model": "qwen3_moe"}}
+                                     "preset_model": args.family}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     balancer = attach_loss_free_balancing(engine, args.balance) if args.balance is not None else None
     if args.load:
