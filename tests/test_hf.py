@@ -104,9 +104,19 @@ def tokens(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
 @pytest.mark.parametrize("model_type", list(FAMILY_CONFIGS))
-def test_import_computes_the_family_forward_and_exports_back_bit_for_bit(model_type, tmp_path, sp_model):
+def test_import_computes_the_family_forward_and_exports_back_bit_for_bit(model_type, layout, tmp_path, sp_model):
+    """Either layout transformers writes: per expert (its default), or fused experts as transformers 5
+    holds them and newer releases ship (`save_original_format=False`); export writes per expert."""
     hf_dir, hf_model = hf_model_dir(model_type, tmp_path, sp_model, hf_tokenizer=model_type != "mixtral")
+    if layout == "fused":
+        per_expert, hf_dir = hf_dir, tmp_path / "fused"
+        hf_model.save_pretrained(str(hf_dir), save_original_format=False)
+        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+            if (per_expert / name).exists():
+                shutil.copyfile(per_expert / name, hf_dir / name)
+        assert any(name.endswith("experts.gate_up_proj") for name in read_weights(hf_dir))
     import_checkpoint(hf_dir, tmp_path / "ckpt")
     loaded = load_model(tmp_path / "ckpt")
     ids = tokens()
@@ -116,7 +126,7 @@ def test_import_computes_the_family_forward_and_exports_back_bit_for_bit(model_t
     assert load_tokenizer(loaded.tokenizer).encode("Alice met Bob.") == load_tokenizer(sp_model).encode("Alice met Bob.")
 
     export_checkpoint(tmp_path / "ckpt", tmp_path / "again")
-    original, again = read_weights(hf_dir), read_weights(tmp_path / "again")
+    original, again = read_weights(tmp_path / model_type), read_weights(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == model_type
     assert sorted(original) == sorted(again)
     assert all(torch.equal(original[name], again[name]) for name in original)

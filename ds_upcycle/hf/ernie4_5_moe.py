@@ -43,4 +43,5 @@ def export_mismatch(cfg: ModelConfig, has_bias: bool) -> str | None:
 
 
 FAMILY = Family("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", config_from_hf, export_mismatch, config_to_hf,
-                bias_name="moe_statics.e_score_correction_bias", bias_rows=True, interleaved_rope=True)
+                bias_name="moe_statics.e_score_correction_bias", bias_rows=True, interleaved_rope=True,
+                fused_bias_name="gate.moe_statics.e_score_correction_bias")

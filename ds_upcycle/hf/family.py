@@ -41,6 +41,8 @@ class Family:
             so q and k rows (and per-head q/k norm weights) are permuted on the way.
         empty_shared_expert: the class always builds a shared expert; ours is written with width 0
             (it adds nothing), so that the class finds every weight it has.
+        fused_bias_name: where the selection bias lives in a release with fused experts
+            (transformers 5's module names; hf/fused.py), when not at bias_name.
     """
 
     model_type: str
@@ -54,6 +56,7 @@ class Family:
     bias_rows: bool = False
     interleaved_rope: bool = False
     empty_shared_expert: bool = False
+    fused_bias_name: str | None = None
 
     def name_pairs(self, cfg: ModelConfig) -> list[tuple[str, str]]:
         """(our name, the family's name) of every tensor the family stores."""

@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..model import Transformer
 from .family import Family
 from .files import WeightFiles
+from .fused import per_expert_view
 from .registry import export_family, import_family
 
 IMPORT_TAG = "imported"
@@ -112,7 +113,7 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, force: bool = Fal
     tokenizer = tokenizer_file(hf_dir)
     load_tokenizer(tokenizer)
     # Read one tensor at a time, as the writer asks: memory holds the non-expert weights and an expert.
-    tensors = WeightFiles(hf_dir)
+    tensors = per_expert_view(family, cfg, WeightFiles(hf_dir))  # fused experts shown one by one
     _check_names(family, cfg, tensors, hf_dir)
     state = family.from_hf(cfg, tensors)
     positions = int(hf.get("max_position_embeddings") or CONTEXT_CAP)
