@@ -64,6 +64,7 @@ def with_expert_id(name: str, expert: int) -> str:
 #     P.experts.w1.G            expert G's slice, as the per-expert files key it (global id)
 AUTOEP_EXPERT_WEIGHTS = ("w1", "w2", "w3")
 AUTOEP_FUSED_PARAM = re.compile(r"^(?P<path>.+)\.experts\.(?P<weight>w[123])$")
+AUTOEP_EXPERT_PARAM = re.compile(r"^(?P<path>.+)\.experts\.(?P<weight>w[123])\.(?P<expert>\d+)$")
 
 
 def autoep_router_weight(path: str) -> str:
@@ -80,6 +81,12 @@ def autoep_fused_param(path: str, weight: str) -> str:
 
 def autoep_expert_param(path: str, expert: int, weight: str) -> str:
     return f"{path}.experts.{weight}.{expert}"
+
+
+def split_autoep_expert_param(name: str) -> tuple[str, str, int] | None:
+    """(AutoEP layer path, weight name, global expert id) of one expert's slice, or None."""
+    match = AUTOEP_EXPERT_PARAM.match(name)
+    return (match["path"], match["weight"], int(match["expert"])) if match else None
 
 
 def split_autoep_fused_param(name: str) -> tuple[str, str] | None:

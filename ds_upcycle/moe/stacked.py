@@ -24,14 +24,12 @@ chosen experts per token, R routed rows (S * K).
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .names import (LEGACY_OF_STACKED, STACKED_BIAS, STACKED_ROUTER, expert_param, router_bias, router_weight,
-                    split_autoep_fused_param)
+from .names import (LEGACY_OF_STACKED, STACKED_BIAS, STACKED_ROUTER, autoep_fused_param, expert_param, router_bias,
+                    router_weight, split_autoep_expert_param, split_autoep_fused_param)
 
 STACKED_WEIGHTS = ("w1", "w2", "w3")   # gate, down, up: AutoEP's names for a SwiGLU expert's weights
 
@@ -127,21 +125,18 @@ class StackedFeedForward(nn.Module):
         return self.moe(x_BTD), x_BTD.new_zeros((), dtype=torch.float32)
 
 
-# DeepSpeed writes (and ds-upcycle's readers name) AutoEP experts one file per expert: <path>.experts.w1.<id>
-_EXPERT_SLICE = re.compile(r"^(?P<fused>.+\.experts\.w[123])\.(?P<expert>\d+)$")
-
-
 def stack_expert_slices(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` with every AutoEP expert weight given expert by expert (`<path>.experts.w1.<id>`) as
     the stacked tensor a StackedMoE holds (`<path>.experts.w1` [E, ...], ids 0..E-1 in order)."""
     slices: dict[str, dict[int, torch.Tensor]] = {}
     stacked = {}
     for name, tensor in state.items():
-        match = _EXPERT_SLICE.match(name)
-        if match:
-            slices.setdefault(match["fused"], {})[int(match["expert"])] = tensor
-        else:
+        parts = split_autoep_expert_param(name)  # DeepSpeed writes AutoEP experts one file per expert
+        if parts is None:
             stacked[name] = tensor
+        else:
+            path, weight, expert = parts
+            slices.setdefault(autoep_fused_param(path, weight), {})[expert] = tensor
     for fused, by_id in slices.items():
         if sorted(by_id) != list(range(len(by_id))):
             raise ValueError(f"{fused}: experts {sorted(by_id)} are not 0..{len(by_id) - 1}")
