@@ -139,6 +139,8 @@ def bench_models(cfg, batch: int, seq_len: int, warmup: int, repeats: int, bf16:
     ds_config = {"train_micro_batch_size_per_gpu": batch, "gradient_clipping": 1.0,
                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": not torch.cuda.is_available()}},
                  "zero_optimization": {"stage": 2}, "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
+    engines = []  # kept alive until every step is timed
+
     def train_step(experts: int, dispatch: str):
         model_cfg = cfg.replace(num_experts=experts, moe_dispatch=dispatch)
         model = Transformer(model_cfg)
@@ -154,7 +156,6 @@ def bench_models(cfg, batch: int, seq_len: int, warmup: int, repeats: int, bf16:
 
         return step
 
-    engines = []
     e, me = cfg.num_experts, 2 * cfg.num_experts
     times = timed({(d, n): train_step(n, d) for d in dispatches for n in (e, me)}, warmup, repeats)
     print(f"\nTraining step ({batch} x {seq_len} tokens, ZeRO-2{', bf16' if bf16 else ''}):")
