@@ -25,6 +25,7 @@ from ds_upcycle.model import Transformer
 from ds_upcycle.moe.names import moe_prefix, router_bias
 from ds_upcycle.moe.stacked import stack_expert_slices
 from ds_upcycle.trained import load_model
+from ds_upcycle.training.loop import engine_config
 
 SMALL = ModelConfig(vocab_size=97, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, dense_ffn_dim=48,
                     expert_ffn_dim=24, num_experts=8, top_k=2, moe_layer_freq=2)
@@ -74,6 +75,19 @@ def test_the_grouped_dispatch_is_gone_and_its_runs_read_as_legacy():
     with pytest.raises(UserError, match="moe_dispatch=grouped is gone"):
         SMALL.replace(moe_dispatch="grouped")
     assert ModelConfig.from_dict({**SMALL.to_dict(), "moe_dispatch": "grouped"}).moe_dispatch == "legacy"
+
+
+def test_the_deepspeed_config_names_our_blocks_to_autoep_and_keeps_the_users_knobs():
+    user = {"train_micro_batch_size_per_gpu": 4, "expert_parallel": {"use_grouped_mm": False, "autoep_size": 8}}
+    section = engine_config(user, SMALL.replace(moe_dispatch="autoep"), ep_size=2)["expert_parallel"]
+    assert section["enabled"] and section["autoep_size"] == 2 and not section["use_grouped_mm"]
+    assert (section["moe_layer_pattern"], section["top_k"], section["score_func"]) == (r"layers\.\d+\.ffn\.moe", 2,
+                                                                                      "softmax")
+    assert engine_config({"train_micro_batch_size_per_gpu": 4}, SMALL, 1) == {"train_micro_batch_size_per_gpu": 4}
+    with pytest.raises(UserError, match="drop preset_model"):
+        engine_config({"expert_parallel": {"preset_model": "qwen3_moe"}}, SMALL.replace(moe_dispatch="autoep"), 1)
+    with pytest.raises(UserError, match="moe_dispatch=autoep"):   # AutoEP would find no block of ours to replace
+        engine_config({"expert_parallel": {"enabled": True}}, SMALL, 1)
 
 
 def train_args(out, data_cache, dispatch: str, ep_size: int, *extra: str) -> list[str]:

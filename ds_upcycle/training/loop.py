@@ -320,6 +320,7 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict, 
     start, resuming = _start_checkpoint(train_cfg)
     model_cfg = _model_config(preset, overrides or [], start)
     check_expert_parallel(train_cfg.ep_size, model_cfg.experts_per_layer, ep_name="--ep-size")
+    ds_config = engine_config(ds_config, model_cfg, train_cfg.ep_size)  # its refusals before any work
 
     if start is not None:
         _check_tokenizer(data_cfg, vocab_size, start)
@@ -338,7 +339,7 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict, 
     schedule_fn = partial(WSDSchedule, total=train_cfg.steps, warmup=train_cfg.warmup,
                           decay_fraction=train_cfg.decay_fraction, min_ratio=train_cfg.min_lr_ratio)
     engine, _, _, schedule = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                  config=engine_config(ds_config, model_cfg, train_cfg.ep_size),
+                                                  config=ds_config,
                                                   lr_scheduler=schedule_fn)
     prepare_balancing(model)  # AutoEP's layers, now in the model: their bias, before a checkpoint restores it
     position = _restore(engine, schedule, start, resuming, train_cfg, data_cfg) if start else Position(train_cfg.split)

@@ -77,6 +77,7 @@ def run_scoring(cfg: ScoreConfig, ds_config: dict) -> ExpertScores:
     check_expert_parallel(cfg.ep_size, model_cfg.experts_per_layer, world, "--ep-size")
     if not model_cfg.moe_layer_ids:
         raise UserError(f"{start.path} has no MoE layers to score")
+    ds_config = engine_config(ds_config, model_cfg, cfg.ep_size)  # its refusals before any work
     try:
         check_calibration_source(cfg.data)
         run = RunData(start, cfg.data_cache)
@@ -88,7 +89,7 @@ def run_scoring(cfg: ScoreConfig, ds_config: dict) -> ExpertScores:
     started = time.perf_counter()
     model = Transformer(model_cfg, ep_size=cfg.ep_size, ep_rank=comm.rank() % cfg.ep_size)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=engine_config(ds_config, model_cfg, cfg.ep_size))
+                                           config=ds_config)
     prepare_balancing(model)  # AutoEP's layers: the selection bias the checkpoint holds needs its buffer
     check_checkpoint_dir(start.path)  # DeepSpeed unpickles the files in full: refuse unknown classes first
     loaded, _ = engine.load_checkpoint(str(start.save_dir), tag=start.tag, load_module_only=True,
