@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .moe.layer import MoEFeedForward, SwiGLU
-from .moe.names import legacy_names, moe_prefix, split_expert_param, with_expert_id
+from .moe.names import legacy_expert_names, legacy_name, moe_prefix, split_expert_param, with_expert_id
 from .moe.router import LossFreeRouter
 from .moe.stacked import StackedFeedForward
 
@@ -219,14 +219,12 @@ class Transformer(nn.Module):
             if "norm" in name:
                 param.fill_(1.0)
                 continue
-            per_slice = legacy_names(global_name, param.shape[0])
-            if per_slice is None:
-                param.copy_(_draw(self.cfg, global_name, param.shape, seed))
-            elif len(per_slice) == 1:
-                param.copy_(_draw(self.cfg, per_slice[0], param.shape, seed))
+            per_expert = legacy_expert_names(global_name, param.shape[0])
+            if per_expert is None:
+                param.copy_(_draw(self.cfg, legacy_name(global_name), param.shape, seed))
             else:
-                for e, legacy_name in enumerate(per_slice):
-                    param[e].copy_(_draw(self.cfg, legacy_name, param.shape[1:], seed))
+                for e, expert_name in enumerate(per_expert):
+                    param[e].copy_(_draw(self.cfg, expert_name, param.shape[1:], seed))
 
     def forward(self, tokens_BT: torch.Tensor, cache: KVCache | None = None,
                 start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

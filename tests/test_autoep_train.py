@@ -22,6 +22,7 @@ from ds_upcycle.checkpoint import named_param_states, read_checkpoint, read_metr
 from ds_upcycle.config import ModelConfig
 from ds_upcycle.errors import UserError
 from ds_upcycle.model import Transformer
+from ds_upcycle.moe.live import live_moe_layers
 from ds_upcycle.moe.names import moe_prefix, router_bias
 from ds_upcycle.moe.stacked import stack_expert_slices
 from ds_upcycle.trained import load_model
@@ -59,8 +60,8 @@ def test_stacked_block_starts_from_and_computes_what_the_legacy_layer_does(chang
             twin_grad = twin.grad
         assert torch.equal(twin, param), name
         torch.testing.assert_close(twin_grad, param.grad, rtol=1e-4, atol=1e-7, msg=name)
-    loads = [ffn.moe.tokens_per_expert for ffn in (b.ffn for b in stacked.layers) if hasattr(ffn, "moe")]
-    assert [load.tolist() for load in loads] == [router.route_load.tolist() for router in legacy.routers]
+    loads = [layer.loads.tolist() for layer in live_moe_layers(stacked)]
+    assert loads == [router.route_load.tolist() for router in legacy.routers]
 
 
 @pytest.mark.parametrize("field, value, words", [("aux_loss_coef", 0.01, "no auxiliary balance loss"),

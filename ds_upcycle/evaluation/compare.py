@@ -36,11 +36,12 @@ class Row:
     def shown_gap_closure(self) -> float | None:
         """The gap closed as `compare` shows it: only where Fixed-mE is ahead of Fixed-E (a lower loss,
         a higher score); otherwise the ratio divides by noise or by a gap of the wrong sign."""
-        if len(self.values) != 3 or None in self.values:
+        closure = self.gap_closure()
+        if closure is None:
             return None
         fixed_e, _, fixed_me = self.values
         ahead = fixed_me < fixed_e if self.kind == "loss" else fixed_me > fixed_e
-        return self.gap_closure() if ahead else None
+        return closure if ahead else None
 
 
 @dataclass(frozen=True)

@@ -96,18 +96,26 @@ def split_autoep_fused_param(name: str) -> tuple[str, str] | None:
 
 
 # The stacked block of moe_dispatch=autoep (moe/stacked.py) sits where DeepSpeed's MoE module sits,
-# with AutoEP's names inside. Its initial weights are drawn under the legacy layer's names, so a
-# model starts from the same weights whichever dispatch it trains with.
+# with AutoEP's names inside. Its initial weights are drawn under the legacy layer's names (so a
+# model starts from the same weights whichever dispatch it trains with), and export reads it under
+# them (the Hugging Face families know the legacy names).
 STACKED_ROUTER = ".router.gate.weight"
 STACKED_BIAS = ".expert_bias"
 LEGACY_OF_STACKED = {"w1": "w_gate.weight", "w2": "w_down.weight", "w3": "w_up.weight"}
 
 
-def legacy_names(name: str, num_experts: int) -> list[str] | None:
-    """The legacy layer's name of a stacked block's router, or of each slice of a stacked expert
-    weight (expert by expert); None for any other name."""
+def legacy_name(name: str) -> str:
+    """The legacy layer's name of a stacked block's router rows or selection bias; any other name as is."""
     if name.endswith(STACKED_ROUTER):
-        return [name.removesuffix(STACKED_ROUTER) + ROUTER_WEIGHT]
+        return name.removesuffix(STACKED_ROUTER) + ROUTER_WEIGHT
+    if name.endswith(STACKED_BIAS):
+        return name.removesuffix(STACKED_BIAS) + ROUTER_BIAS
+    return name
+
+
+def legacy_expert_names(name: str, num_experts: int) -> list[str] | None:
+    """The legacy layer's names of the slices of a stacked expert weight, expert by expert; None for
+    any other name."""
     parts = split_autoep_fused_param(name)
     if parts is None:
         return None

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..comm import agree_capacity
 from ..config import SCORE_FUNCTIONS
+from .fp32_state import Fp32Buffers
 
 
 class SparseRoutes(NamedTuple):
@@ -43,7 +44,9 @@ class SparseRoutes(NamedTuple):
     counts_E: torch.Tensor      # tokens routed to each expert
 
 
-class LossFreeRouter(nn.Module):
+class LossFreeRouter(Fp32Buffers):
+    fp32_buffers = ("route_bias", "route_load")
+
     def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str = "softmax",
                  normalize: bool = True, aux_loss_coef: float = 0.0, groups: tuple[int, ...] | None = None) -> None:
         super().__init__()
@@ -66,14 +69,6 @@ class LossFreeRouter(nn.Module):
 
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
-
-    def _apply(self, fn, recurse=True):
-        # DeepSpeed casts the whole module to bf16/fp16; bias steps of 1e-3 would vanish below a
-        # bf16 ulp, so the balancing state stays in fp32.
-        super()._apply(fn, recurse)
-        self.route_bias.data = self.route_bias.data.float()
-        self.route_load.data = self.route_load.data.float()
-        return self
 
     def scores(self, x_SD: torch.Tensor) -> torch.Tensor:
         logits_SE = F.linear(x_SD.float(), self.wg.weight.float())

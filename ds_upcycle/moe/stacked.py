@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .names import (LEGACY_OF_STACKED, STACKED_BIAS, STACKED_ROUTER, autoep_fused_param, expert_param, router_bias,
-                    router_weight, split_autoep_expert_param, split_autoep_fused_param)
+from .fp32_state import Fp32Buffers
+from .names import autoep_fused_param, legacy_expert_names, legacy_name, split_autoep_expert_param
 
 STACKED_WEIGHTS = ("w1", "w2", "w3")   # gate, down, up: AutoEP's names for a SwiGLU expert's weights
 
@@ -77,8 +77,10 @@ class StackedExperts(nn.Module):
         return torch.cat(outputs)
 
 
-class StackedMoE(nn.Module):
+class StackedMoE(Fp32Buffers):
     """forward(x [B, T, D]) -> [B, T, D]: each token through top_k of num_experts experts."""
+
+    fp32_buffers = ("expert_bias", "tokens_per_expert")   # as in the AutoEP layer
 
     def __init__(self, dim: int, expert_ffn_dim: int, num_experts: int, top_k: int, score_func: str = "softmax",
                  route_norm: bool = True) -> None:
@@ -89,14 +91,6 @@ class StackedMoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         # Tokens routed to each expert while training, as AutoEP's layer counts them; not saved.
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts), persistent=False)
-
-    def _apply(self, fn, recurse=True):
-        # A bias step of 1e-3 would vanish below a bf16 ulp: the balancing state stays fp32, as in the
-        # AutoEP layer, whatever dtype the model is cast to.
-        super()._apply(fn, recurse)
-        self.expert_bias.data = self.expert_bias.data.float()
-        self.tokens_per_expert.data = self.tokens_per_expert.data.float()
-        return self
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_SD = x_BTD.reshape(-1, x_BTD.shape[-1])
@@ -149,16 +143,11 @@ def legacy_layout_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     no copies): what code written for one expert layout (the Hugging Face families) reads."""
     out = {}
     for name, tensor in state.items():
-        parts = split_autoep_fused_param(name)
-        if parts is not None:
-            path, weight = parts
-            out.update({expert_param(path, e, LEGACY_OF_STACKED[weight]): tensor[e] for e in range(tensor.shape[0])})
-        elif name.endswith(STACKED_ROUTER):
-            out[router_weight(name.removesuffix(STACKED_ROUTER))] = tensor
-        elif name.endswith(STACKED_BIAS):
-            out[router_bias(name.removesuffix(STACKED_BIAS))] = tensor
+        per_expert = legacy_expert_names(name, tensor.shape[0]) if tensor.dim() else None
+        if per_expert is None:
+            out[legacy_name(name)] = tensor
         else:
-            out[name] = tensor
+            out.update(zip(per_expert, tensor))
     return out
 
 

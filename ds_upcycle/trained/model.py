@@ -66,7 +66,7 @@ def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype | No
     set_routing_groups(model, cfg.route_groups)   # and the groups the model config carries
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    # The router keeps its bias in fp32 whatever the dtype (LossFreeRouter._apply).
+    # The router keeps its bias in fp32 whatever the dtype (moe/fp32_state.py).
     model = model.to(device=device, dtype=dtype).eval() if dtype is not None else model.to(device=device).eval()
     return LoadedModel(model, ref, ref.tokenizer, record)
 
