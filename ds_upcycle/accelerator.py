@@ -2,17 +2,31 @@
 
 DeepSpeed picks the CPU by itself on such a machine, but announces it with a warning on every
 import ("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect
-it."), once per process of a launch. The entry points (train.py, the ds-upcycle command) call
-`use_cpu_without_gpu` first; an explicit DS_ACCELERATOR is kept.
+it."), once per process of a launch. train.py calls `use_cpu_without_gpu` first; the ds-upcycle
+commands that reach DeepSpeed are wrapped in `chooses_accelerator`. An explicit DS_ACCELERATOR is kept.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-
-import torch
+from typing import Callable
 
 
 def use_cpu_without_gpu() -> None:
+    # torch is imported here, when work starts, so that `ds-upcycle --help` does not pay its seconds.
+    import torch
+
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def chooses_accelerator(command: Callable) -> Callable:
+    """Run `use_cpu_without_gpu` before a command body (which imports the libraries it calls)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        use_cpu_without_gpu()
+        return command(*args, **kwargs)
+
+    return run

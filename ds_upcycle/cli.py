@@ -12,18 +12,13 @@ import importlib.util
 import click
 
 from . import __version__, trust
-from .accelerator import use_cpu_without_gpu
-
-use_cpu_without_gpu()  # before DeepSpeed is first imported
-
-from .config import PRESETS, count_parameters  # noqa: E402
-from .data import DataConfig, prepare_data  # noqa: E402
-from .dtypes import EXPORT_DTYPES  # noqa: E402
-from .errors import UserError, user_errors  # noqa: E402
-from .evaluation.cli import compare_command, eval_command  # noqa: E402
-from .upcycle.config import ExpandConfig, parse_layers  # noqa: E402
-from .upcycle.operator import ALLOCATIONS, OPTIMIZER_STATE_MODES  # noqa: E402
-from .trained.scores import SELECTION_RULES  # noqa: E402
+from .accelerator import chooses_accelerator
+from .choices import ALLOCATIONS, EXPORT_DTYPES, OPTIMIZER_STATE_MODES, SELECTION_RULES
+from .config import PRESETS, count_parameters
+from .data.config import DataConfig
+from .errors import UserError, user_errors
+from .evaluation.cli import compare_command, eval_command
+from .upcycle.config import ExpandConfig, parse_layers
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -111,6 +106,7 @@ def main(trust_checkpoints: bool) -> None:
               help="utility scores of this checkpoint's experts written by train.py --score-experts (measured "
                    "on the training hardware), instead of the Adam state")
 @user_errors
+@chooses_accelerator
 def expand(source, destination, num_experts, multiplier, select, layers, distinct_copies, split_copies, split_scale,
            lift_groups_after, reinit_fraction, allocate, max_copies, router_noise, router_noise_relative, optimizer_state,
            world_size, ep_size, seed, dry_run, show_plan, force, check_data, check_samples, data_cache, calibration_data,
@@ -156,6 +152,7 @@ def expand(source, destination, num_experts, multiplier, select, layers, distinc
               help="precision of the written weights (the routing bias stays float32)")
 @click.option("--force", is_flag=True, help="replace a non-empty OUT_DIR")
 @user_errors
+@chooses_accelerator
 def export_cmd(checkpoint, out_dir, dtype, force) -> None:
     """Write CHECKPOINT as a transformers model directory OUT_DIR.
 
@@ -177,6 +174,7 @@ def export_cmd(checkpoint, out_dir, dtype, force) -> None:
 @click.argument("out_checkpoint", type=click.Path())
 @click.option("--force", is_flag=True, help="replace a non-empty OUT_CHECKPOINT")
 @user_errors
+@chooses_accelerator
 def import_cmd(hf_dir, out_checkpoint, force) -> None:
     """Write the transformers MoE model in HF_DIR as a DeepSpeed checkpoint OUT_CHECKPOINT.
 
@@ -232,6 +230,8 @@ def prepare_data_cmd(data, text_field, vocab_size, tokenizer, val_fraction, cpt_
 
     train.py does this on first use; run it ahead to check a source or share a cache.
     """
+    from .data.prepare import prepare_data
+
     cfg = DataConfig(source=data, text_field=text_field, vocab_size=vocab_size, tokenizer=tokenizer,
                      val_fraction=val_fraction, cpt_fraction=cpt_fraction, cache_dir=data_cache)
     prepared = prepare_data(cfg)
@@ -250,6 +250,7 @@ def prepare_data_cmd(data, text_field, vocab_size, tokenizer, val_fraction, cpt_
 @click.option("--seeds", default=None, metavar="S[,S...]",
               help="run the experiment once per seed and report mean ± std (replaces the config's seeds)")
 @user_errors
+@chooses_accelerator
 def reproduce(config, out, data, data_cache, seeds) -> None:
     """Run the paper's central experiment: Fixed-E, Upcycled and Fixed-mE at the same token budget.
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .choices import DTYPE_NAMES
 from .errors import UserError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# What `ds-upcycle export` writes: the precisions a checkpoint trains in.
-EXPORT_DTYPES = ("float32", "bfloat16")
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 def parse_dtype(name: str) -> torch.dtype:

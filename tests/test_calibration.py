@@ -17,7 +17,8 @@ from conftest import expand_cli, tree_digest
 
 from ds_upcycle.checkpoint import read_checkpoint
 from ds_upcycle.config import ModelConfig
-from ds_upcycle.data import DataConfig, prepare_data
+from ds_upcycle.data.config import DataConfig
+from ds_upcycle.data.prepare import prepare_data
 from ds_upcycle.errors import UserError
 from ds_upcycle.trained import RunData, load_model
 from ds_upcycle.model import Transformer

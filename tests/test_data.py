@@ -7,7 +7,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from ds_upcycle.data import BatchOrder, DataConfig, PackedSequences, prepare_data, validation_batches
+from ds_upcycle.data.config import DataConfig
+from ds_upcycle.data.loader import BatchOrder, PackedSequences, validation_batches
+from ds_upcycle.data.prepare import prepare_data
 from ds_upcycle.data.prepare import split_of
 from ds_upcycle.data.sources import resolve_source
 from ds_upcycle.data.synthetic import SyntheticSpec, build_world, generate_documents

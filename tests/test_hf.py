@@ -22,7 +22,8 @@ from conftest import SMALL_DATA, check_ok, run_train, write_ds_config
 from ds_upcycle.checkpoint import MODULE_ONLY_CONFIG, named_param_states, read_checkpoint, read_module_weights
 from ds_upcycle.cli import main
 from ds_upcycle.config import PRESETS, ModelConfig
-from ds_upcycle.data import DataConfig, prepare_data
+from ds_upcycle.data.config import DataConfig
+from ds_upcycle.data.prepare import prepare_data
 from ds_upcycle.data.sources import resolve_source
 from ds_upcycle.data.tokenizer import load_tokenizer, train_tokenizer
 from ds_upcycle.errors import UserError

@@ -49,8 +49,25 @@ def test_the_cpu_is_chosen_where_there_is_no_gpu(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is DeepSpeed's on machines without a GPU")
-def test_no_accelerator_warning_without_a_gpu():
+def test_no_accelerator_warning_without_a_gpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
-    for cmd in ([sys.executable, "-m", "ds_upcycle.cli", "--help"], [sys.executable, str(ROOT / "train.py"), "--help"]):
+    # expand imports DeepSpeed before it finds the source missing; train.py imports it at once.
+    commands = ([sys.executable, "-m", "ds_upcycle.cli", "expand", str(tmp_path / "missing"), str(tmp_path / "out"),
+                 "-m", "2"], [sys.executable, str(ROOT / "train.py"), "--help"])
+    for cmd in commands:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0 and "Setting accelerator to CPU" not in proc.stdout + proc.stderr, cmd
+        assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr, cmd
+
+
+def test_help_imports_neither_torch_nor_deepspeed():
+    """`ds-upcycle --help` and every command's help answer without the seconds torch takes to import."""
+    probe = ("import sys\nfrom click.testing import CliRunner\nfrom ds_upcycle.cli import main\n"
+             "for args in ([], *([name] for name in main.commands)):\n"
+             "    result = CliRunner().invoke(main, [*args, '--help'])\n"
+             "    assert result.exit_code == 0 and 'Usage:' in result.output, (args, result.output)\n"
+             "heavy = sorted(m for m in ('torch', 'deepspeed', 'lm_eval', 'transformers', 'numpy') if m in sys.modules)\n"
+             "print(len(main.commands), heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    count, heavy = proc.stdout.split(" ", 1)
+    assert int(count) >= 8 and heavy.strip() == "[]", proc.stdout

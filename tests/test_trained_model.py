@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SMALL_DATA
-from ds_upcycle.data import DataConfig, PackedSequences, prepare_data, validation_batches
+from ds_upcycle.data.config import DataConfig
+from ds_upcycle.data.loader import PackedSequences, validation_batches
+from ds_upcycle.data.prepare import prepare_data
 from ds_upcycle.errors import UserError
 from ds_upcycle.trained import load_model
 from ds_upcycle.checkpoint import read_metrics

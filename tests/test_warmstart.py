@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from conftest import expand_cli
 
-from ds_upcycle.data import DataConfig, prepare_data
+from ds_upcycle.data.config import DataConfig
+from ds_upcycle.data.prepare import prepare_data
 from ds_upcycle.errors import UserError
 from ds_upcycle.trained import BATCH_SIZE, RunData, load_model, validation_loss
 from ds_upcycle.upcycle.config import ExpandConfig

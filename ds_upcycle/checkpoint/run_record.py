@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import __version__
 from ..atomic import write_json_atomic
 from ..config import ModelConfig
-from ..data.prepare import DataConfig
+from ..data.config import DataConfig
 from ..data.tokenizer import copy_tokenizer, find_tokenizer
 from ..errors import UserError
 from .names import MODEL_STATES

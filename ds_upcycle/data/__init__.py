@@ -1,7 +1,7 @@
-"""Data: text sources, tokenizers (SentencePiece or Hugging Face), cached token files and packed batches."""
+"""Data: text sources, tokenizers (SentencePiece or Hugging Face), cached token files and packed batches.
 
-from .loader import BatchOrder, PackedSequences, validation_batches
-from .prepare import SPLITS, DataConfig, PreparedData, prepare_data
-
-__all__ = ["SPLITS", "BatchOrder", "DataConfig", "PackedSequences", "PreparedData", "prepare_data",
-           "validation_batches"]
+- config: DataConfig, the settings (imports nothing heavy);
+- prepare: `prepare_data(DataConfig)` -> PreparedData, the cached token files;
+- loader: PackedSequences, BatchOrder, validation_batches (torch);
+- sources, synthetic, tokenizer: where text comes from and how it becomes tokens.
+"""

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import click
 
-from ..data import SPLITS
-from ..dtypes import DTYPES
+from ..accelerator import chooses_accelerator
+from ..choices import DTYPE_NAMES, SPLITS
 from ..errors import user_errors
 
 
@@ -35,7 +35,7 @@ def _limit(ctx, param, value: str | None) -> float | None:
               help="documents per task (N, or a fraction < 1), for quick checks")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda or cuda:1")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="float32", show_default=True)
 @click.option("--max-length", type=int, default=None,
               help="context window in tokens (default: the checkpoint's training sequence length)")
 @click.option("--max-gen-toks", type=int, default=256, show_default=True,
@@ -56,6 +56,7 @@ def _limit(ctx, param, value: str | None) -> float | None:
 @click.option("--data-cache", default=None,
               help="prepared-data cache (default $DS_UPCYCLE_CACHE or ~/.cache/ds_upcycle)")
 @user_errors
+@chooses_accelerator
 def eval_command(checkpoint, tasks, num_fewshot, limit, batch_size, device, dtype, max_length, max_gen_toks,
                  kv_cache, data_dir, include_paths, offline, output, log_samples, seed, bootstrap_iters,
                  val_samples, val_split, data_cache) -> None:

@@ -22,7 +22,7 @@ from lm_eval.utils import handle_non_serializable
 
 from ..atomic import check_writable, write_text_atomic
 from ..checkpoint import CheckpointRef, find_checkpoint, read_metrics
-from ..data import PackedSequences
+from ..data.loader import PackedSequences
 from ..errors import UserError
 from ..trained import RunData, validation_loss
 from . import RESULTS_FILE

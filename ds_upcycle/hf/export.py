@@ -14,7 +14,8 @@ import torch
 from transformers import AutoConfig, GenerationConfig
 
 from ..atomic import check_destination, staged_dir
-from ..dtypes import EXPORT_DTYPES, parse_dtype
+from ..choices import EXPORT_DTYPES
+from ..dtypes import parse_dtype
 from ..errors import UserError
 from ..model import Transformer
 from ..moe.live import live_moe_layers

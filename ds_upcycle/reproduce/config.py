@@ -11,13 +11,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..choices import ALLOCATIONS, DTYPE_NAMES, GRADIENT_FREE_RULES, OPTIMIZER_STATE_MODES, SELECTION_RULES
 from ..config import PRESETS, check_expert_parallel, field_value
-from ..data import DataConfig
-from ..dtypes import DTYPES
+from ..data.config import DataConfig
 from ..errors import UserError, did_you_mean
-from ..trained.scores import GRADIENT_FREE_RULES, SELECTION_RULES
 from ..upcycle.config import ExpandConfig
-from ..upcycle.operator import ALLOCATIONS, OPTIMIZER_STATE_MODES
 
 
 TRANSITIONS = ("annealed", "stable")
@@ -214,8 +212,8 @@ class ReproduceConfig:
         if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in self.seeds) or \
                 len(set(self.seeds)) != len(self.seeds):
             raise UserError(f"seeds must be distinct non-negative integers, got {list(self.seeds)}")
-        if self.eval_dtype not in DTYPES:
-            raise UserError(f"eval_dtype must be one of {', '.join(DTYPES)}, got {self.eval_dtype!r}")
+        if self.eval_dtype not in DTYPE_NAMES:
+            raise UserError(f"eval_dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.eval_dtype!r}")
 
     def _check_growth(self) -> None:
         shares, counts = [f for f, _ in self.growth], [n for _, n in self.growth]

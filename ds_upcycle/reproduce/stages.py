@@ -19,7 +19,7 @@ import ds_upcycle
 from ..atomic import staged_dir, write_json_atomic
 from ..comm import free_port
 from ..errors import UserError
-from ..trained.scores import GRADIENT_FREE_RULES
+from ..choices import GRADIENT_FREE_RULES
 from ..upcycle.config import ExpandConfig
 from ..upcycle.expand import expand_checkpoint
 from .config import ReproduceConfig

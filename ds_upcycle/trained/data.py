@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import RUN_FILE, CheckpointRef, find_checkpoint
-from ..data import DataConfig, PackedSequences, PreparedData, prepare_data
+from ..data.config import DataConfig
+from ..data.loader import PackedSequences
+from ..data.prepare import PreparedData, prepare_data
 from ..errors import UserError
 
 

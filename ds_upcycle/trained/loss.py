@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import comm
-from ..data import PackedSequences, validation_batches
+from ..data.loader import PackedSequences, validation_batches
 from ..errors import UserError
 from .model import load_model
 

@@ -29,10 +29,9 @@ from typing import Callable, Mapping
 import torch
 
 from ..atomic import write_json_atomic
+from ..choices import GRADIENT_FREE_RULES, SELECTION_RULES
 from ..errors import UserError
 
-SELECTION_RULES = ("uniform", "grad_sq", "saliency", "weight_norm", "fisher")
-GRADIENT_FREE_RULES = ("uniform", "weight_norm")  # need no gradient estimate
 FISHER_EPS = 1e-12
 
 

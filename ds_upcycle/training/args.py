@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import PRESETS
-from ..data import DataConfig
+from ..data.config import DataConfig
 from ..trust import trust_checkpoints
 from .config import TrainConfig
 from .scoring import ScoreConfig

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..data import SPLITS
+from ..choices import SPLITS
 from ..errors import UserError
 
 

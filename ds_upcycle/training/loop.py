@@ -19,7 +19,9 @@ from ..atomic import check_writable
 from ..checkpoint import (CheckpointRef, ImportOrigin, MetricsLog, RunRecord, check_checkpoint_dir, find_checkpoint,
                           latest_checkpoint, read_checkpoint, write_run_files)
 from ..config import ModelConfig, check_expert_parallel, parse_overrides, resolve_model_config
-from ..data import BatchOrder, DataConfig, PackedSequences, PreparedData, prepare_data
+from ..data.config import DataConfig
+from ..data.loader import BatchOrder, PackedSequences
+from ..data.prepare import PreparedData, prepare_data
 from ..data.tokenizer import tokenizer_digest
 from ..errors import UserError
 from ..model import Transformer

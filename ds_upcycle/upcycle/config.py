@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..choices import ALLOCATIONS, GRADIENT_FREE_RULES, OPTIMIZER_STATE_MODES, SELECTION_RULES
 from ..config import check_expert_parallel
 from ..errors import UserError
-from .operator import ALLOCATIONS, OPTIMIZER_STATE_MODES
-from ..trained.scores import GRADIENT_FREE_RULES, SELECTION_RULES
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,10 @@ from typing import Sequence
 
 import torch
 
+from ..choices import ALLOCATIONS, OPTIMIZER_STATE_MODES
 from ..config import check_expert_parallel
 from ..errors import UserError
 
-
-ALLOCATIONS = ("proportional", "rank")
 # The authors' rank fill gives one expert at most 3 extra copies (their max_duplicates_per_expert).
 RANK_FILL_CAP = 4
 
@@ -174,8 +173,6 @@ def plan_layer(num_experts: int, target: int, scores: Sequence[float] | None = N
     sources = range(num_experts) if target == num_experts else place_copies(counts, ep_size)
     return LayerPlan(num_experts, tuple(sources), tuple(scores) if scores is not None else None)
 
-
-OPTIMIZER_STATE_MODES = ("copy", "reset", "scale", "fresh")
 
 
 def moment_factor(plan: LayerPlan, slot: int, moment: int, mode: str) -> float:
