@@ -150,25 +150,35 @@ def run_measured(command: list[str], written: Path | None) -> dict:
             "peak_rss": peaks["VmHWM"] * 1024, "written": size, "last_line": (output.strip().splitlines() or [""])[-1]}
 
 
-def measure(release: Path, work: Path) -> dict[str, dict]:
+COMMANDS = ("import", "expand", "export", "eval-load")
+
+
+def measure(release: Path, work: Path, commands: tuple[str, ...] = COMMANDS) -> dict[str, dict]:
+    """Each command in turn (each needs the ones before it: only a prefix of COMMANDS is run)."""
     cli = [sys.executable, "-m", "ds_upcycle.cli"]
     ckpt, e2x, hf = work / "imported", work / "e2x", work / "hf"
     for path in (ckpt, e2x, hf):
         shutil.rmtree(path, ignore_errors=True)
-    return {"import": run_measured([*cli, "import", str(release), str(ckpt)], ckpt),
-            "expand -m 2 uniform": run_measured([*cli, "expand", str(ckpt), str(e2x), "-m", "2", "--select",
-                                                 "uniform"], e2x),
-            "export bf16": run_measured([*cli, "export", str(e2x), str(hf), "--dtype", "bfloat16"], hf),
-            "eval-load bf16": run_measured([sys.executable, "-c", EVAL_LOAD, str(e2x)], None)}
+    runs = {"import": lambda: run_measured([*cli, "import", str(release), str(ckpt)], ckpt),
+            "expand -m 2 uniform": lambda: run_measured([*cli, "expand", str(ckpt), str(e2x), "-m", "2", "--select",
+                                                         "uniform"], e2x),
+            "export bf16": lambda: run_measured([*cli, "export", str(e2x), str(hf), "--dtype", "bfloat16"], hf),
+            "eval-load bf16": lambda: run_measured([sys.executable, "-c", EVAL_LOAD, str(e2x)], None)}
+    return {name: run() for name, run in list(runs.items())[:len(commands)]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="0.25,1,2", help="release sizes in GB (bf16 weights)")
+    parser.add_argument("--commands", default=",".join(COMMANDS),
+                        help=f"a prefix of {','.join(COMMANDS)} (each needs the output of the ones before it)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-scale",
                         help="releases are kept here between runs; outputs are removed after each size")
     args = parser.parse_args()
     sizes = [float(s) for s in args.sizes.split(",")]
+    commands = tuple(args.commands.split(","))
+    if commands != COMMANDS[:len(commands)]:
+        parser.error(f"--commands must be a prefix of {','.join(COMMANDS)}")
     idle = run_measured([sys.executable, "-c", IDLE], None)
     print(json.dumps({"idle": idle}), flush=True)
     results = {}
@@ -177,7 +187,7 @@ def main() -> None:
         release = build_release(args.workdir / f"release-{layers}-layers", layers)
         release_bytes = sum(p.stat().st_size for p in release.glob("*.safetensors"))
         work = args.workdir / f"out-{layers}-layers"
-        results[size] = {"layers": layers, "release_bytes": release_bytes, "runs": measure(release, work)}
+        results[size] = {"layers": layers, "release_bytes": release_bytes, "runs": measure(release, work, commands)}
         shutil.rmtree(work, ignore_errors=True)
         print(json.dumps({"size_gb": size, **results[size]}), flush=True)
 

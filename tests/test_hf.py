@@ -101,6 +101,12 @@ def hf_model_dir(model_type: str, root: Path, sp_model: Path, hf_tokenizer: bool
     return out, model
 
 
+def copy_tokenizer_files(release: Path, out: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        if (release / name).exists():
+            shutil.copyfile(release / name, out / name)
+
+
 def tokens(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(seed))
 
@@ -114,9 +120,7 @@ def test_import_computes_the_family_forward_and_exports_back_bit_for_bit(model_t
     if layout == "fused":
         per_expert, hf_dir = hf_dir, tmp_path / "fused"
         hf_model.save_pretrained(str(hf_dir), save_original_format=False)
-        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
-            if (per_expert / name).exists():
-                shutil.copyfile(per_expert / name, hf_dir / name)
+        copy_tokenizer_files(per_expert, hf_dir)
         assert any(name.endswith("experts.gate_up_proj") for name in read_weights(hf_dir))
     import_checkpoint(hf_dir, tmp_path / "ckpt")
     loaded = load_model(tmp_path / "ckpt")
@@ -130,7 +134,10 @@ def test_import_computes_the_family_forward_and_exports_back_bit_for_bit(model_t
     original, again = read_weights(tmp_path / model_type), read_weights(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == model_type
     assert sorted(original) == sorted(again)
-    assert all(torch.equal(original[name], again[name]) for name in original)
+    # GLM-4 MoE's shared expert: the release's is empty (width 0), ours zero at the experts' width (servable)
+    shared = {name for name in original if ".shared_experts." in name}
+    assert all(original[n].numel() == 0 and again[n].numel() and not again[n].count_nonzero() for n in shared)
+    assert all(torch.equal(original[name], again[name]) for name in set(original) - shared)
 
 
 def shrunk(preset: ModelConfig) -> ModelConfig:
@@ -224,7 +231,7 @@ def test_what_no_class_expresses_is_refused_in_one_line(tmp_path, sp_model):
 
     hf_dir, _ = hf_model_dir("glm4_moe", tmp_path, sp_model)
     config = json.loads((hf_dir / "config.json").read_text())
-    for change, words in [({"n_shared_experts": 1}, "shared experts"), ({"model_type": "llama"}, "cannot be imported"),
+    for change, words in [({"model_type": "llama"}, "cannot be imported"),
                           ({"rope_parameters": {**ROPE, "partial_rotary_factor": 0.5}}, "partial rotary"),
                           ({"first_k_dense_replace": 1, "num_hidden_layers": 3}, "MoE in layers [1, 2]")]:
         (hf_dir / "config.json").write_text(json.dumps({**config, **change}))
@@ -238,6 +245,36 @@ def test_what_no_class_expresses_is_refused_in_one_line(tmp_path, sp_model):
 
     result = CliRunner().invoke(main, ["import", str(hf_dir), str(tmp_path / "out")])
     assert result.exit_code != 0 and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_glm4_shared_expert_of_zeros_imports_and_a_working_one_is_refused(tmp_path, sp_model):
+    """The GLM-4 MoE export carries a shared expert of zeros (vLLM cannot run the zero-width one);
+    import reads it back as nothing, and refuses a release whose shared expert computes something."""
+    hf_dir, _ = hf_model_dir("glm4_moe", tmp_path, sp_model)
+    config = {**json.loads((hf_dir / "config.json").read_text()), "n_shared_experts": 1}
+    hf_model = transformers.AutoModelForCausalLM.from_config(transformers.Glm4MoeConfig(**config)).eval()
+    randomize(hf_model)
+    for layer in hf_model.model.layers:
+        for weight in layer.mlp.shared_experts.parameters():
+            torch.nn.init.zeros_(weight)
+    hf_model.save_pretrained(str(tmp_path / "zero"))
+    copy_tokenizer_files(hf_dir, tmp_path / "zero")
+    import_checkpoint(tmp_path / "zero", tmp_path / "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "ckpt").model(tokens())[0], hf_model(tokens()).logits,
+                                   atol=1e-5, rtol=1e-5)
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["n_shared_experts"] == 1
+    original, again = read_weights(tmp_path / "zero"), read_weights(tmp_path / "again")
+    assert sorted(original) == sorted(again) and all(torch.equal(original[n], again[n]) for n in original)
+
+    with torch.no_grad():
+        hf_model.model.layers[1].mlp.shared_experts.up_proj.weight[3, 5] = 0.5
+    hf_model.save_pretrained(str(tmp_path / "working"))
+    copy_tokenizer_files(hf_dir, tmp_path / "working")
+    message = refusal(import_checkpoint, tmp_path / "working", tmp_path / "out")
+    assert "shared experts (model.layers.1.mlp.shared_experts.up_proj.weight is not zero)" in message
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ layout-independent state, and writes it for the target data-parallel size and ep
 from .autoep import autoep_score_func
 from .files import check_checkpoint_dir
 from .fresh import MODULE_ONLY_CONFIG, module_state
+from .mapped import ScratchFiles
 from .metrics import MetricsLog, read_metrics
 from .model_file import read_module_weights
 from .progress import ProgressSource
@@ -22,6 +23,6 @@ from .writer import write_checkpoint
 
 __all__ = ["MODULE_ONLY_CONFIG", "RUN_FILE", "CheckpointMeta", "CheckpointReader", "CheckpointRef", "CheckpointSource",
            "CheckpointState", "autoep_score_func", "check_checkpoint_dir",
-           "ImportOrigin", "MetricsLog", "MoELayer", "NonExpertState", "ParamGroup", "ParamState", "ProgressSource", "RunRecord",
+           "ImportOrigin", "MetricsLog", "MoELayer", "NonExpertState", "ParamGroup", "ParamState", "ProgressSource", "RunRecord", "ScratchFiles",
            "find_checkpoint", "latest_checkpoint", "load_state", "module_state", "named_param_states",
            "read_checkpoint", "read_metrics", "read_module_weights", "write_checkpoint", "write_run_files"]

@@ -11,7 +11,7 @@ check it against DeepSpeed's own save.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import deepspeed
@@ -28,8 +28,9 @@ MODULE_ONLY_CONFIG = {"train_micro_batch_size_per_gpu": 1}
 
 @dataclass
 class FreshSource:
-    """Module weights as a CheckpointSource: non-expert parameters in memory (fp32), each expert read
-    from `state` only when the writer asks for it."""
+    """Module weights as a CheckpointSource: non-expert parameters in the module dtype (without an
+    optimizer they are the masters, and the model file stores them so), parked where `module_state`
+    was told; each expert read from `state` only when the writer asks for it."""
 
     meta: CheckpointMeta
     moe_layers: list[MoELayer]
@@ -66,13 +67,15 @@ def _fits(dtype: torch.dtype, module_dtype: torch.dtype) -> bool:
 
 
 def module_state(state: Mapping[str, torch.Tensor], param_names: list[str], shared_params: dict[str, str],
-                 client_state: dict, run_record: RunRecord | None = None, tokenizer=None) -> FreshSource:
+                 client_state: dict, run_record: RunRecord | None = None, tokenizer=None,
+                 park: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor) -> FreshSource:
     """The checkpoint state of a model's weights alone, written in their own dtype (`own_dtype`).
 
     state: the module's state dict, in module order (a Mapping that reads each tensor on access is
     read one expert at a time); param_names: its parameters in `named_parameters()` order;
     shared_params: tied names -> the name that holds the tensor. Every other state entry is a
-    persistent buffer, written in fp32.
+    persistent buffer, written in fp32. park: where each non-expert weight is kept once converted
+    (`ScratchFiles.park`: in a file, mapped, so that memory stays flat in the model's depth).
     """
     params = set(param_names)
     # Buffers (routing biases) in fp32, as the model keeps them: loss-free steps are small.
@@ -91,7 +94,7 @@ def module_state(state: Mapping[str, torch.Tensor], param_names: list[str], shar
         model_extras={"data_sampler": None, "random_ltd": None, "mp_world_size": 1, "ds_autoep_layers": None,
                       "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": 1}},
         run_record=run_record, tokenizer=tokenizer, has_optimizer=False)
-    non_expert = NonExpertState({n: ParamState(state[n].float()) for n in dense}, buffers)
+    non_expert = NonExpertState({n: ParamState(park(state[n].to(dtype))) for n in dense}, buffers)
     return FreshSource(meta, layers, non_expert, state)
 
 

@@ -39,8 +39,10 @@ class Family:
         bias_rows: the bias tensor's shape is [1, E] (ERNIE 4.5) rather than [E].
         interleaved_rope: RoPE rotates pairs (2i, 2i+1) (GPT-J style); ours rotates (i, i + Dh/2),
             so q and k rows (and per-head q/k norm weights) are permuted on the way.
-        empty_shared_expert: the class always builds a shared expert; ours is written with width 0
-            (it adds nothing), so that the class finds every weight it has.
+        zero_shared_expert: the class always builds a shared expert; ours is written as one of the
+            experts' width whose weights are all zero (it adds exactly nothing; vLLM's CPU kernels
+            cannot run the zero-width one that `n_shared_experts: 0` builds). Import accepts shared
+            experts that are all zero, or empty, and refuses any other.
         fused_bias_name: where the selection bias lives in a release with fused experts
             (transformers 5's module names; hf/fused.py), when not at bias_name.
     """
@@ -55,7 +57,7 @@ class Family:
     bias_name: str | None = None
     bias_rows: bool = False
     interleaved_rope: bool = False
-    empty_shared_expert: bool = False
+    zero_shared_expert: bool = False
     fused_bias_name: str | None = None
 
     def name_pairs(self, cfg: ModelConfig) -> list[tuple[str, str]]:
@@ -85,14 +87,17 @@ class Family:
 
     def to_hf(self, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tensors = {theirs: self._convert(ours, state[ours], cfg, to_hf=True) for ours, theirs in self.name_pairs(cfg)}
-        if self.empty_shared_expert:
-            dtype = state["tok_embeddings.weight"].dtype
+        if self.zero_shared_expert:
+            dtype, width = state["tok_embeddings.weight"].dtype, cfg.expert_ffn_dim
             for i in cfg.moe_layer_ids:
-                shared = f"model.layers.{i}.{self.moe_block}.shared_experts."
-                shapes = (("gate_proj", (0, cfg.dim)), ("up_proj", (0, cfg.dim)), ("down_proj", (cfg.dim, 0)))
+                shared = self.shared_expert_prefix(i)
+                shapes = (("gate_proj", (width, cfg.dim)), ("up_proj", (width, cfg.dim)), ("down_proj", (cfg.dim, width)))
                 for name, shape in shapes:
                     tensors[shared + name + ".weight"] = torch.zeros(shape, dtype=dtype)
         return tensors
+
+    def shared_expert_prefix(self, layer: int) -> str:
+        return f"model.layers.{layer}.{self.moe_block}.shared_experts."
 
     def from_hf(self, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """Our state dict from the family's tensors, each converted when it is read (so a lazy

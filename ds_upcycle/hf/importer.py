@@ -13,7 +13,7 @@ as the release was trained (`release_balancing`).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,8 @@ import torch
 from transformers import AutoConfig
 
 from ..atomic import check_destination
-from ..checkpoint import CheckpointSource, ImportOrigin, ProgressSource, RunRecord, module_state, write_checkpoint
+from ..checkpoint import (CheckpointSource, ImportOrigin, ProgressSource, RunRecord, ScratchFiles, module_state,
+                          write_checkpoint)
 from ..config import ModelConfig
 from ..data.tokenizer import load_tokenizer, tokenizer_file
 from ..errors import UserError
@@ -120,8 +121,10 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, force: bool = Fal
     record = RunRecord(cfg, optimizer_state=False, context=min(positions, CONTEXT_CAP),
                        imported_from=ImportOrigin(family.model_type, family.architecture, positions,
                                                   hf_dir.resolve().name))
-    write_checkpoint(ProgressSource(_checkpoint_state(cfg, state, tokenizer, record)), out, IMPORT_TAG,
-                     world_size=1, ep_size=1, replace=force)
+    # The non-expert weights wait for the model file in scratch files, not in memory.
+    with ScratchFiles(out) as scratch:
+        source = _checkpoint_state(cfg, state, tokenizer, record, scratch.park)
+        write_checkpoint(ProgressSource(source), out, IMPORT_TAG, world_size=1, ep_size=1, replace=force)
     return ImportResult(out, family, cfg)
 
 
@@ -138,6 +141,13 @@ def _check_names(family: Family, cfg: ModelConfig, tensors: Mapping[str, torch.T
         names.discard("lm_head.weight")
     # Buffers some releases carry, and zero-width tensors (a shared expert of width 0): nothing to import.
     extra = sorted(n for n in names - expected if not n.endswith("rotary_emb.inv_freq") and tensors[n].numel())
+    if family.zero_shared_expert:  # a shared expert of zeros adds nothing; any other is a feature we lack
+        shared = tuple(family.shared_expert_prefix(i) for i in cfg.moe_layer_ids)
+        working = next((n for n in extra if n.startswith(shared) and tensors[n].count_nonzero()), None)
+        if working is not None:
+            raise UserError(f"{hf_dir} has shared experts ({working} is not zero), which ds-upcycle's model "
+                            f"does not have; it cannot be imported")
+        extra = [n for n in extra if not n.startswith(shared)]
     missing = sorted(expected - names)
     if missing:
         raise UserError(f"{hf_dir} lacks weight {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1
@@ -168,7 +178,7 @@ class _InModuleOrder(Mapping):
 
 
 def _checkpoint_state(cfg: ModelConfig, state: Mapping[str, torch.Tensor], tokenizer: Path,
-                      record: RunRecord) -> CheckpointSource:
+                      record: RunRecord, park: Callable[[torch.Tensor], torch.Tensor]) -> CheckpointSource:
     """The imported weights as the checkpoint DeepSpeed saves for an engine without an optimizer."""
     with torch.device("meta"):  # only the names and their order are read from it
         model = Transformer(cfg)
@@ -176,4 +186,4 @@ def _checkpoint_state(cfg: ModelConfig, state: Mapping[str, torch.Tensor], token
     ordered = _InModuleOrder(list(model.state_dict()), state, shared)
     return module_state(ordered, [n for n, _ in model.named_parameters()], shared,
                         {"ds_upcycle": {"position": {"split": "pretrain", "samples": 0, "tokens": 0}}},
-                        record, tokenizer)
+                        record, tokenizer, park)
