@@ -3,7 +3,8 @@
 For each family `ds-upcycle export` writes (ERNIE 4.5 MoE and GLM-4 MoE are also the classes
 ds-upcycle's own softmax and sigmoid models export to), builds a small random release with
 transformers (every weight random, the selection biases too, so that a router that ignores them
-shows), then runs, as a user does:
+shows; `ernie4_5_moe-zero-bias` is the ERNIE 4.5 release with its selection biases zero, the
+control that tells a router ignoring the bias from any other difference), then runs, as a user does:
 
     ds-upcycle import RELEASE CKPT
     ds-upcycle expand CKPT GROWN -m 2 --select uniform
@@ -62,13 +63,22 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 tensor.copy_(0.08 * noise)
 
 
-def build_release(model_type: str, out: Path, tokenizer: Path) -> None:
+VARIANTS = {"ernie4_5_moe-zero-bias": "ernie4_5_moe"}  # name -> the family it is a release of
+
+
+def build_release(name: str, out: Path, tokenizer: Path) -> None:
+    model_type = VARIANTS.get(name, name)
     fields = {**COMMON, **FAMILY_CONFIGS[model_type]}
     if model_type == "glm4_moe":
         fields["rope_parameters"] = {**fields["rope_parameters"], "partial_rotary_factor": 1.0}
     config = transformers.AutoConfig.for_model(model_type, **fields)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     randomize(model, seed=sorted(FAMILY_CONFIGS).index(model_type))
+    if name.endswith("-zero-bias"):
+        with torch.no_grad():
+            for param_name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                if "e_score_correction_bias" in param_name:
+                    tensor.zero_()
     model.save_pretrained(str(out))
     shutil.copyfile(tokenizer, out / "tokenizer.model")
 
@@ -86,7 +96,7 @@ def ds_upcycle(*args: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--families", default=",".join(FAMILY_CONFIGS))
+    parser.add_argument("--families", default=",".join([*FAMILY_CONFIGS, *VARIANTS]))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = args.out / "tokenizer.model"

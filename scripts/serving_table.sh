@@ -8,6 +8,6 @@ vllm_python=${VLLM_PYTHON:?set VLLM_PYTHON to the python of the environment vLLM
 here=$(cd "$(dirname "$0")" && pwd)
 python "$here/serving_exports.py" "$out"
 exports=()
-for family in mixtral qwen3_moe olmoe ernie4_5_moe glm4_moe; do exports+=("$out/$family/export"); done
+for family in mixtral qwen3_moe olmoe ernie4_5_moe ernie4_5_moe-zero-bias glm4_moe; do exports+=("$out/$family/export"); done
 # vLLM is run from outside the repository so that its imports cannot pick up files here.
 (cd "$out" && "$vllm_python" "$here/serve_check.py" "${exports[@]}" --markdown --json "$out/serving.json")

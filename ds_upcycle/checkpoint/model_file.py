@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from deepspeed.checkpoint.constants import DS_VERSION
+from tqdm import tqdm
 
 from ..data.tokenizer import find_tokenizer
 from ..errors import UserError
@@ -74,11 +75,12 @@ def agreed_step(steps: list, where: Path | str) -> torch.Tensor | None:
     return step.clone() if torch.is_tensor(step) else torch.tensor(float(step))
 
 
-def read_module_weights(tag_dir: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+def read_module_weights(tag_dir: Path, mmap: bool = False, progress: bool = False) -> dict[str, torch.Tensor]:
     """Every module tensor as stored (dtype unchanged), experts keyed by their global id.
 
     Only the module weights are read (no optimizer state), with the safe loader (files.py). With
-    mmap the tensors stay in their files (the page cache) until read.
+    mmap the tensors stay in their files (the page cache) until read. `progress` shows a bar over
+    the expert files (a 64-expert, 16-layer model has 1,024 of them).
     """
     model = load_file(tag_dir / MODEL_STATES, mmap=mmap)
     state = dict(model["module"])
@@ -89,7 +91,8 @@ def read_module_weights(tag_dir: Path, mmap: bool = False) -> dict[str, torch.Te
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise UserError(f"{tag_dir} lacks expert file {missing[0]}{more} "
                         f"(its model file says {counts} experts in its MoE layers)")
-    for file in files:
+    for file in tqdm(files, desc=f"reading {tag_dir.name}", unit="expert", leave=False, disable=not progress,
+                     dynamic_ncols=True):
         state.update(load_file(tag_dir / file, mmap=mmap))
     return state
 

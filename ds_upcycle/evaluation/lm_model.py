@@ -78,7 +78,7 @@ class UpcycleLM(TemplateLM):
         if model is None:
             if checkpoint is None:
                 raise UserError("the ds-upcycle model needs checkpoint=PATH")
-            loaded = load_model(checkpoint, device, parse_dtype(dtype))
+            loaded = load_model(checkpoint, device, parse_dtype(dtype), progress=True)
             model, tokenizer = loaded.model, loaded.tokenizer
             max_length = max_length or loaded.seq_len
             self.checkpoint = str(loaded.ref.path)

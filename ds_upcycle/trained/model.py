@@ -36,20 +36,21 @@ class LoadedModel:
         return self.record.seq_len
 
 
-def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32) -> LoadedModel:
+def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
+               progress: bool = False) -> LoadedModel:
     """Rebuild the model of a ds-upcycle checkpoint (save dir or tag dir) in eval mode, in `dtype`
     (None: as stored).
 
     The files are memory-mapped: a tensor already in `dtype` on the CPU stays in the page cache
     (read from disk as it is used), and one in another dtype is converted with no copy of the stored
-    one held, so the process holds at most the model in `dtype`.
+    one held, so the process holds at most the model in `dtype`. `progress`: a bar over the files.
     """
     ref = path if isinstance(path, CheckpointRef) else find_checkpoint(path)
     record = ref.run_record
     cfg = record.model
     if ref.tokenizer is None:
         raise UserError(f"{ref.path} has no tokenizer: cannot turn text into its token ids")
-    state = stack_expert_slices(read_module_weights(ref.path, mmap=True))
+    state = stack_expert_slices(read_module_weights(ref.path, mmap=True, progress=progress))
     # Built on the meta device: the weights come from the file, so random init would be wasted work.
     with torch.device("meta"):
         model = Transformer(cfg)
