@@ -3,8 +3,9 @@
 For each family `ds-upcycle export` writes (ERNIE 4.5 MoE and GLM-4 MoE are also the classes
 ds-upcycle's own softmax and sigmoid models export to), builds a small random release with
 transformers (every weight random, the selection biases too, so that a router that ignores them
-shows; `ernie4_5_moe-zero-bias` is the ERNIE 4.5 release with its selection biases zero, the
-control that tells a router ignoring the bias from any other difference), then runs, as a user does:
+shows; `ernie4_5_moe-zero-bias` is the ERNIE 4.5 release with its selection biases zero, expanded
+with `--router-noise 0` so that they stay zero: the control that tells a router ignoring the bias
+from any other difference), then runs, as a user does:
 
     ds-upcycle import RELEASE CKPT
     ds-upcycle expand CKPT GROWN -m 2 --select uniform
@@ -110,7 +111,8 @@ def main() -> None:
         work.mkdir()
         build_release(model_type, work / "release", tokenizer)
         ds_upcycle("import", str(work / "release"), str(work / "ckpt"))
-        ds_upcycle("expand", str(work / "ckpt"), str(work / "grown"), "-m", "2", "--select", "uniform")
+        noise = ["--router-noise", "0"] if model_type.endswith("-zero-bias") else []
+        ds_upcycle("expand", str(work / "ckpt"), str(work / "grown"), "-m", "2", "--select", "uniform", *noise)
         ds_upcycle("export", str(work / "grown"), str(work / "export"))
         print(f"{model_type}: {work / 'export'}", flush=True)
 
