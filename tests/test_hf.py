@@ -138,6 +138,10 @@ def test_import_computes_the_family_forward_and_exports_back_bit_for_bit(model_t
     shared = {name for name in original if ".shared_experts." in name}
     assert all(original[n].numel() == 0 and again[n].numel() and not again[n].count_nonzero() for n in shared)
     assert all(torch.equal(original[name], again[name]) for name in set(original) - shared)
+    if shared:  # and it computes the same, bit for bit
+        served = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "again")).eval()
+        with torch.no_grad():
+            assert torch.equal(served(ids).logits, hf_model(ids).logits)
 
 
 def shrunk(preset: ModelConfig) -> ModelConfig:
