@@ -2,8 +2,8 @@
 
 DeepSpeed picks the CPU by itself on such a machine, but announces it with a warning on every
 import ("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect
-it."), once per process of a launch. train.py calls `use_cpu_without_gpu` first; the ds-upcycle
-commands that reach DeepSpeed are wrapped in `chooses_accelerator`. An explicit DS_ACCELERATOR is kept.
+it."), once per process of a launch. train.py calls `use_cpu_without_gpu` first; every ds-upcycle
+command is wrapped in `chooses_accelerator` (its body imports the libraries it calls). An explicit DS_ACCELERATOR is kept.
 """
 
 from __future__ import annotations

@@ -201,6 +201,7 @@ def _require_transformers(command: str) -> None:
 @main.command()
 @click.option("--vocab-size", type=int, default=32000, show_default=True, help="vocabulary for the counts")
 @user_errors
+@chooses_accelerator
 def presets(vocab_size: int) -> None:
     """List the model presets with their parameter counts and the transformers class `export` writes."""
     from .hf.registry import export_class
@@ -225,6 +226,7 @@ def presets(vocab_size: int) -> None:
 @click.option("--cpt-fraction", type=float, default=DataConfig.cpt_fraction, show_default=True)
 @click.option("--data-cache", default=None, help="cache directory (default $DS_UPCYCLE_CACHE or ~/.cache/ds_upcycle)")
 @user_errors
+@chooses_accelerator
 def prepare_data_cmd(data, text_field, vocab_size, tokenizer, val_fraction, cpt_fraction, data_cache) -> None:
     """Tokenize a data source into cached pretrain/cpt/val splits and print their sizes.
 

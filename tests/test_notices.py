@@ -51,9 +51,13 @@ def test_the_cpu_is_chosen_where_there_is_no_gpu(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is DeepSpeed's on machines without a GPU")
 def test_no_accelerator_warning_without_a_gpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
-    # expand imports DeepSpeed before it finds the source missing; train.py imports it at once.
-    commands = ([sys.executable, "-m", "ds_upcycle.cli", "expand", str(tmp_path / "missing"), str(tmp_path / "out"),
-                 "-m", "2"], [sys.executable, str(ROOT / "train.py"), "--help"])
+    # Each command imports DeepSpeed (directly or through the model's modules) before it finds its
+    # input missing; train.py imports it at once.
+    cli = [sys.executable, "-m", "ds_upcycle.cli"]
+    commands = ([*cli, "expand", str(tmp_path / "missing"), str(tmp_path / "out"), "-m", "2"],
+                [*cli, "presets"], [*cli, "compare", str(tmp_path / "missing.json")],
+                [*cli, "export", str(tmp_path / "missing"), str(tmp_path / "hf")],
+                [sys.executable, str(ROOT / "train.py"), "--help"])
     for cmd in commands:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr, cmd

@@ -113,6 +113,7 @@ def results_table(summary: dict, limit: float | None, val_samples: int) -> str:
               help="training save dirs (or metrics.jsonl) of the three runs: adds the compute ledger")
 @click.option("--output-dir", default=None, help="also write compare.md and compare.json into this directory")
 @user_errors
+@chooses_accelerator
 def compare_command(results, labels, fmt, plot_path, train_runs, output_dir) -> None:
     """Compare evaluation RESULTS (results files or checkpoints) side by side.
 
