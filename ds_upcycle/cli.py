@@ -1,8 +1,8 @@
 """The `ds-upcycle` command. Commands parse their options and call a library function.
 
-The options' allowed values come from where they are defined. The libraries behind the commands
-are imported when a command runs: DeepSpeed and lm-eval take seconds to import, which `--help`
-should not pay.
+The options' allowed values come from choices.py, which imports nothing. The libraries behind the
+commands are imported when a command runs (after `chooses_accelerator` has picked DeepSpeed's
+accelerator): torch, DeepSpeed and lm-eval take seconds to import, which `--help` should not pay.
 """
 
 from __future__ import annotations

@@ -88,8 +88,7 @@ def run_scoring(cfg: ScoreConfig, ds_config: dict) -> ExpertScores:
     comm.init_distributed()
     started = time.perf_counter()
     model = Transformer(model_cfg, ep_size=cfg.ep_size, ep_rank=comm.rank() % cfg.ep_size)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     prepare_balancing(model)  # AutoEP's layers: the selection bias the checkpoint holds needs its buffer
     check_checkpoint_dir(start.path)  # DeepSpeed unpickles the files in full: refuse unknown classes first
     loaded, _ = engine.load_checkpoint(str(start.save_dir), tag=start.tag, load_module_only=True,
