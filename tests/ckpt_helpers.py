@@ -1,14 +1,12 @@
 """Helpers shared by the checkpoint tests: the stock-DeepSpeed oracle worker, comparisons, file digests."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-from conftest import ROOT, SMALL_DATA, check_ok, free_port
+from conftest import ROOT, SMALL_DATA, check_ok, launch_env, launcher
 from ds_upcycle.checkpoint import CheckpointState, NonExpertState, ParamState
 from ds_upcycle.moe.names import router_bias, router_weight
 
@@ -20,12 +18,8 @@ def load_pt(path: Path):
 def run_worker(jobs: list[dict], world: int, ep_size: int, jobs_file: Path) -> None:
     jobs_file.write_text(json.dumps(jobs))
     script = str(ROOT / "tests" / "workers" / "checkpoint_worker.py")
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
-                "--master_port", str(free_port())] if world > 1 else [sys.executable]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
-    check_ok(subprocess.run([*launcher, script, "--ep-size", str(ep_size), str(jobs_file)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600, check=False))
+    check_ok(subprocess.run([*launcher(world), script, "--ep-size", str(ep_size), str(jobs_file)], cwd=ROOT,
+                            env=launch_env(), capture_output=True, text=True, timeout=600, check=False))
 
 
 def merged_dump(prefix: Path, world: int) -> dict:

@@ -1,3 +1,4 @@
+import base64
 import hashlib
 import json
 import os
@@ -31,17 +32,38 @@ def bf16_ds_config(path: Path, **changes) -> Path:
     return path
 
 
+def launcher(procs: int) -> list[str]:
+    """The command that starts a script on `procs` local processes: plain python for one; for more,
+    DeepSpeed's per-node launcher, which is what the `deepspeed` command runs for local processes once
+    it has found them (the same ranks, environment and rendezvous), without the `deepspeed` command's
+    own interpreter start (about 2.5 s of CPU per launch, much of the suite's time). The tests that
+    start with `run_train(..., runner=True)` and `ds-upcycle reproduce` go through `deepspeed` itself."""
+    if procs <= 1:
+        return [sys.executable]
+    hosts = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(procs))}).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={hosts}",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+
+
+def launch_env(env: dict | None = None) -> dict:
+    """The environment of a launched job: CPU accelerator, one thread a process, no inherited rank,
+    the repository on the path as `deepspeed` puts the working directory there."""
+    full = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    full.pop("RANK", None)
+    full["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), full.get("PYTHONPATH")) if p)
+    return full
+
+
 def run_train(args: list[str], num_procs: int = 0, cwd: Path = ROOT, timeout: int = 600,
-              env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run train.py as a user would: plain python (num_procs=0) or through the deepspeed launcher."""
-    if num_procs:
+              env: dict | None = None, runner: bool = False) -> subprocess.CompletedProcess:
+    """Run train.py: plain python (num_procs=0) or on num_procs processes (`launcher`); with runner,
+    through the `deepspeed` command as a user would."""
+    if runner:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs),
                "--master_port", str(free_port()), str(ROOT / "train.py"), *args]
     else:
-        cmd = [sys.executable, str(ROOT / "train.py"), *args]
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    full_env.pop("RANK", None)
-    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+        cmd = [*launcher(num_procs), str(ROOT / "train.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=launch_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -90,11 +112,7 @@ AUTOEP_STOCK = str(ROOT / "tests" / "workers" / "autoep_stock.py")
 
 def run_autoep_stock(out: Path, *args: str, procs: int = 1) -> dict:
     """The stock AutoEP script (tests/workers/autoep_stock.py) on `procs` processes; its record."""
-    launcher = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs), "--master_port",
-                 str(free_port())] if procs > 1 else [sys.executable])
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
-    check_ok(subprocess.run([*launcher, AUTOEP_STOCK, "--out", str(out), *args], cwd=ROOT, env=env,
+    check_ok(subprocess.run([*launcher(procs), AUTOEP_STOCK, "--out", str(out), *args], cwd=ROOT, env=launch_env(),
                             capture_output=True, text=True, timeout=600))
     return json.loads(Path(out).read_text())
 

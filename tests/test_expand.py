@@ -8,17 +8,15 @@ likewise, Adam moments by the chosen mode.
 """
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from ckpt_helpers import assert_deepspeed_saves_the_same, merged_dump, run_worker
-from conftest import (ROOT, SOURCE_MODEL, check_ok, expand_cli, free_port, run_train, tiny_run_args, tree_digest,
-                      write_ds_config)
+from conftest import (ROOT, SOURCE_MODEL, check_ok, expand_cli, launch_env, launcher, run_train, tiny_run_args,
+                      tree_digest, write_ds_config)
 from ds_upcycle.cli import main as cli_main
 from ds_upcycle.moe.names import GATE, expert_param, router_weight, split_expert_param, with_expert_id
 from ds_upcycle.upcycle.operator import allocate_copies
@@ -211,15 +209,13 @@ def test_stock_deepspeed_script_checkpoint_expands_and_resumes(tmp_path):
     script = str(ROOT / "tests" / "workers" / "stock_moe.py")
 
     def launch(*args):
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                               str(free_port()), script, "--config", str(cfg), "--ep-size", "2", *args],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run([*launcher(2), script, "--config", str(cfg), "--ep-size", "2", *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=launch_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 
-    launch("--experts", "4", "--steps", "3", "--save", str(tmp_path / "src"))
-    launch("--experts", "4", "--steps", "0", "--load", str(tmp_path / "src"), "--report", str(tmp_path / "before"))
+    # "before": the state the source run trained and saved, as DeepSpeed's accessors see it
+    launch("--experts", "4", "--steps", "3", "--save", str(tmp_path / "src"), "--report", str(tmp_path / "before"))
     proc = expand_cli(str(tmp_path / "src"), str(tmp_path / "dst"), "-m", "2", "--select", "uniform")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = launch("--experts", "8", "--steps", "2", "--load", str(tmp_path / "dst"), "--report", str(tmp_path / "after"))

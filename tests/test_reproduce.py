@@ -290,37 +290,3 @@ def test_miniature_experiment_end_to_end(tmp_path, data_cache):
     other.write_text(json.dumps({**MINI, "total_steps": 20}))
     refused = _reproduce(other, out, data_cache)
     assert refused.returncode == 2 and "different config (total_steps differ)" in refused.stderr
-
-
-def test_staged_growth_runs_each_stage_at_fixed_e_learning_rate_and_continues_its_data(tmp_path, data_cache):
-    config = tmp_path / "staged.json"
-    config.write_text(json.dumps({**MINI, "transition": "stable", "selection_cpt_fraction": None, "control": False,
-                                  "tasks": [], "growth": [[0.25, 6], [0.5, 8]]}))
-    plan = make_plan(load_config(str(config)))
-    assert [s.name for s in plan.stages][-4:] == ["staged-expanded-6", "staged-6", "staged-expanded-8", "staged-8"]
-    out = tmp_path / "exp"
-    proc = _reproduce(config, out, data_cache)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    fixed_e = {r["step"]: r["lr"] for r in read_metrics(out / "fixed-e" / "metrics.jsonl")}
-    six, eight = (read_metrics(out / arm / "metrics.jsonl") for arm in ("staged-6", "staged-8"))
-    assert [r["step"] for r in six] == list(range(5, 9)) and [r["step"] for r in eight] == list(range(9, 17))
-    assert all(r["lr"] == pytest.approx(fixed_e[r["step"]]) for r in six + eight)  # no re-warm, Fixed-E's anneal
-    assert [len(layer["shares"]) for layer in six[0]["load"]] == [6] * 4
-    assert [len(layer["shares"]) for layer in eight[0]["load"]] == [8] * 4
-
-    def cpt_samples(arm):
-        tag = (out / arm / "latest").read_text().strip()
-        state = torch.load(out / arm / tag / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
-        return state["ds_upcycle"]["position"]["samples"]
-
-    batch = MINI["micro_batch_size"]
-    # the second stage went on with the cpt data after the first's (12 steps in all); one jump: 8 steps
-    assert cpt_samples("staged-8") == 12 * batch and cpt_samples(plan.main.cpt) == 8 * batch
-    summary = json.loads((out / "results" / "summary.json").read_text())
-    staged, e, me = summary["staged"], summary["fixed_e"]["val_loss"], summary["fixed_me"]["val_loss"]
-    assert staged["val_loss"] == json.loads((out / "results" / "staged-8.json").read_text())["ds_upcycle"]["val_loss"]
-    assert staged["gap_closed"] == pytest.approx((e - staged["val_loss"]) / (e - me))
-    assert staged["growth"] == [[4, 6], [8, 8]] and len(staged["warm_starts"]) == 2
-    assert "staged 4 -> 6 -> 8 at steps 4, 8" in (out / "results" / "summary.md").read_text()
-    assert (out / "results" / "copies.png").stat().st_size > 5000  # the staged stages' diagnostics too

@@ -1,4 +1,5 @@
-"""`ds-upcycle reproduce` over several seeds: the report against the seeds' own summaries."""
+"""`ds-upcycle reproduce` over several seeds: the report against the seeds' own summaries, and
+staged growth in a whole run."""
 
 import json
 import statistics
@@ -6,11 +7,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
+from ds_upcycle.checkpoint import read_metrics
 from ds_upcycle.errors import UserError
 from ds_upcycle.reproduce.config import load_config
 from ds_upcycle.reproduce.outdir import check_out_dir
+from ds_upcycle.reproduce.plan import make_plan
 from ds_upcycle.reproduce.plots import budget_rows
 from ds_upcycle.reproduce.seeds import aggregate, seed_markdown, write_seed_report
 from test_reproduce import MINI
@@ -88,11 +92,16 @@ def test_more_seeds_reuse_an_experiment_directory_another_config_is_refused(tmp_
         check_out_dir(load_config("tiny", seeds=(0, 1, 2), total_steps=2400), tmp_path)
 
 
-def test_two_seeds_end_to_end(tmp_path, data_cache):
+def test_two_seeds_with_staged_growth_end_to_end(tmp_path, data_cache):
+    """Two seeds of a config with a staged-growth arm: the seed report against the seeds' own summaries,
+    and seed 0's staged stages against Fixed-E's schedule and data."""
     config = tmp_path / "mini.json"
-    # the sources are Fixed-E's own checkpoints (transition stable): per seed two runs, a copy and a CPT
+    # the sources are Fixed-E's own checkpoints (transition stable): per seed a copy and a CPT, and the
+    # staged arm grown 4 -> 6 at step 4 and 6 -> 8 at step 8
     config.write_text(json.dumps({**MINI, "selection_cpt_fraction": None, "control": False, "tasks": [],
-                                  "transition": "stable"}))
+                                  "transition": "stable", "growth": [[0.25, 6], [0.5, 8]]}))
+    plan = make_plan(load_config(str(config)))
+    assert [s.name for s in plan.stages][-4:] == ["staged-expanded-6", "staged-6", "staged-expanded-8", "staged-8"]
     out = tmp_path / "exp"
     command = [sys.executable, "-m", "ds_upcycle.cli", "reproduce", "--config", str(config), "--out", str(out),
                "--data-cache", str(data_cache), "--seeds", "0,1"]
@@ -105,6 +114,36 @@ def test_two_seeds_end_to_end(tmp_path, data_cache):
     assert losses[0] != losses[1]       # different seeds, different runs
     assert report["fixed_me"]["val_loss"]["values"] == {"0": losses[0], "1": losses[1]}
     assert report["fixed_me"]["val_loss"]["std"] == pytest.approx(statistics.stdev(losses))
+    staged_losses = {str(s): per_seed[s]["staged"]["val_loss"] for s in (0, 1)}
+    assert report["staged"]["val_loss"]["values"] == staged_losses
     assert (out / "results" / "seeds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_staged_growth(out / "seed-0", plan)
     again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert again.returncode == 0 and "complete, skipped" in (out / "seed-0" / "reproduce.log").read_text()
+
+
+def assert_staged_growth(out, plan):
+    """Each stage runs at Fixed-E's learning rate (no re-warm, Fixed-E's anneal) and goes on with the
+    data of the stage before; the summary reports the staged arm against the recorded losses."""
+    fixed_e = {r["step"]: r["lr"] for r in read_metrics(out / "fixed-e" / "metrics.jsonl")}
+    six, eight = (read_metrics(out / arm / "metrics.jsonl") for arm in ("staged-6", "staged-8"))
+    assert [r["step"] for r in six] == list(range(5, 9)) and [r["step"] for r in eight] == list(range(9, 17))
+    assert all(r["lr"] == pytest.approx(fixed_e[r["step"]]) for r in six + eight)
+    assert [len(layer["shares"]) for layer in six[0]["load"]] == [6] * 4
+    assert [len(layer["shares"]) for layer in eight[0]["load"]] == [8] * 4
+
+    def cpt_samples(arm):
+        tag = (out / arm / "latest").read_text().strip()
+        state = torch.load(out / arm / tag / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+        return state["ds_upcycle"]["position"]["samples"]
+
+    batch = MINI["micro_batch_size"]
+    # the second stage went on with the cpt data after the first's (12 steps in all); one jump: 8 steps
+    assert cpt_samples("staged-8") == 12 * batch and cpt_samples(plan.main.cpt) == 8 * batch
+    summary = json.loads((out / "results" / "summary.json").read_text())
+    staged, e, me = summary["staged"], summary["fixed_e"]["val_loss"], summary["fixed_me"]["val_loss"]
+    assert staged["val_loss"] == json.loads((out / "results" / "staged-8.json").read_text())["ds_upcycle"]["val_loss"]
+    assert staged["gap_closed"] == pytest.approx((e - staged["val_loss"]) / (e - me))
+    assert staged["growth"] == [[4, 6], [8, 8]] and len(staged["warm_starts"]) == 2
+    assert "staged 4 -> 6 -> 8 at steps 4, 8" in (out / "results" / "summary.md").read_text()
+    assert (out / "results" / "copies.png").stat().st_size > 5000  # the staged stages' diagnostics too

@@ -2,11 +2,12 @@
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, bf16_ds_config, check_ok, free_port, run_train, write_ds_config
+from conftest import ROOT, bf16_ds_config, check_ok, launch_env, launcher, run_train, write_ds_config
 from ds_upcycle.checkpoint import read_metrics
 from ds_upcycle.moe.names import moe_prefix, router_bias
 
@@ -80,7 +81,7 @@ def test_two_processes_expert_parallel_match_one_process(tmp_path, train_args):
     check_ok(run_train(train_args(one, 6, "--save", str(tmp_path / "a"), "--eval-interval", "3")))
     shared_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     check_ok(run_train(train_args(two, 6, "--save", str(tmp_path / "b"), "--eval-interval", "3",
-                                  "--ep-size", "2"), num_procs=2))
+                                  "--ep-size", "2"), num_procs=2, runner=True))  # `deepspeed`, as the README runs it
     # DeepSpeed's CPU shared-memory segments (about 69 MB of RAM per rank) do not outlive the run
     assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shared_before
     a, b = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
@@ -97,12 +98,9 @@ def test_two_processes_expert_parallel_match_one_process(tmp_path, train_args):
 
 @pytest.mark.distributed
 def test_bias_update_uses_load_summed_over_ranks(tmp_path):
-    import subprocess
-    import sys
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                           str(free_port()), str(ROOT / "tests" / "workers" / "balance_worker.py"), str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run([*launcher(2), str(ROOT / "tests" / "workers" / "balance_worker.py"), str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=launch_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     # summed load [5, 1, 2, 8], mean 4: experts 0 and 3 are over-loaded

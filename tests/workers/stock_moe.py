@@ -6,6 +6,7 @@
 With --load it loads the checkpoint with stock engine.load_checkpoint, then trains --steps more.
 --report FILE writes, per rank (FILE.rank<r>), every parameter's full fp32 weight and Adam moments
 as DeepSpeed's own accessors see them, expert names with global ids: the oracle for checkpoint tests.
+It reports what was loaded, before any further step; without --load, the state it trained (and saved).
 """
 
 import argparse
@@ -65,6 +66,11 @@ def report(engine, num_local, ep_rank, path):
     json.dump(out, open(path, "w"))
 
 
+def report_ranks(engine, args):
+    rank = engine.global_rank
+    report(engine, args.experts // args.ep_size, rank % args.ep_size, f"{args.report}.rank{rank}")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--local_rank", type=int, default=0)
@@ -84,9 +90,8 @@ def main():
     if args.load:
         path, _ = engine.load_checkpoint(args.load)
         assert path is not None, "nothing loaded"
-    if args.report:  # what was loaded, before any further step
-        rank = engine.global_rank
-        report(engine, args.experts // args.ep_size, rank % args.ep_size, f"{args.report}.rank{rank}")
+    if args.report and args.load:  # what was loaded, before any further step
+        report_ranks(engine, args)
     gen = torch.Generator().manual_seed(100 + engine.global_rank)
     loss = torch.tensor(float("nan"))
     for _ in range(args.steps):
@@ -96,6 +101,8 @@ def main():
         engine.step()
     if args.save:
         engine.save_checkpoint(args.save)
+    if args.report and not args.load:
+        report_ranks(engine, args)
     print(f"rank {engine.global_rank} steps {engine.global_steps} loss {loss.item():.6f}")
     comm.shutdown()
 
