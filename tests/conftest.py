@@ -1,7 +1,9 @@
 import base64
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,8 +69,31 @@ def run_train(args: list[str], num_procs: int = 0, cwd: Path = ROOT, timeout: in
 
 
 @pytest.fixture(scope="session")
-def data_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data-cache")
+def shared_root(tmp_path_factory) -> Path:
+    """A folder that every worker of this test run sees (pytest-xdist gives each worker its own base
+    folder inside the run's; without xdist, the run's own base folder)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(root: Path, name: str, build) -> dict:
+    """`build(folder)`'s JSON record, run by the first worker that asks; the others wait and read it."""
+    folder, record = root / name, root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not record.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            folder.mkdir()
+            record.write_text(json.dumps(build(folder)))
+        return json.loads(record.read_text())
+
+
+@pytest.fixture(scope="session")
+def data_cache(shared_root) -> Path:
+    """Prepared data, shared by the workers (data preparation writes atomically)."""
+    path = shared_root / "data-cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def tiny_run_args(ds_config: Path, steps: int, data_cache: Path, *extra: str) -> list[str]:
@@ -123,27 +148,36 @@ SOURCE_STEPS = 12
 
 
 @pytest.fixture(scope="session")
-def trained_source(tmp_path_factory, data_cache) -> dict:
+def trained_source(shared_root, data_cache) -> dict:
     """One checkpoint that test_expand, test_calibration and test_warmstart all read (never write):
     the tiny model narrowed (4 experts per MoE layer, top-2), trained 12 ZeRO-2 steps on 2 processes
-    with ep_size 2, and the digest of its files."""
-    root = tmp_path_factory.mktemp("trained-source")
-    cfg = write_ds_config(root / "z2.json", stage=2, micro_batch=4)
-    src = root / "src"
-    check_ok(run_train(tiny_run_args(cfg, SOURCE_STEPS, data_cache, *SOURCE_MODEL, "--eval-samples", "8",
-                                     "--ep-size", "2", "--save", str(src)), num_procs=2))
-    return {"cfg": cfg, "src": src, "tag": src / (src / "latest").read_text().strip(), "cache": str(data_cache),
-            "digest": tree_digest(src)}
+    with ep_size 2, and the digest of its files. Built once per test run."""
+    def build(root: Path) -> dict:
+        cfg = write_ds_config(root / "z2.json", stage=2, micro_batch=4)
+        src = root / "src"
+        check_ok(run_train(tiny_run_args(cfg, SOURCE_STEPS, data_cache, *SOURCE_MODEL, "--eval-samples", "8",
+                                         "--ep-size", "2", "--save", str(src)), num_procs=2))
+        return {"cfg": str(cfg), "src": str(src), "digest": tree_digest(src)}
+
+    record = built_once(shared_root, "trained-source", build)
+    src = Path(record["src"])
+    return {"cfg": Path(record["cfg"]), "src": src, "tag": src / (src / "latest").read_text().strip(),
+            "cache": str(data_cache), "digest": record["digest"]}
 
 
 @pytest.fixture(scope="session")
-def bf16_source(tmp_path_factory, data_cache) -> dict:
+def bf16_source(shared_root, data_cache) -> dict:
     """A bf16 ZeRO-2 checkpoint (bf16_zero_pp_rank_* files) of the trained source's model, 3 steps on one
-    process, and its DeepSpeed config; shared by the bf16 expansion and calibration tests (which only read it)."""
-    root = tmp_path_factory.mktemp("bf16-source")
-    cfg, src = bf16_ds_config(root / "bf16.json"), root / "src"
-    check_ok(run_train(tiny_run_args(cfg, 3, data_cache, *SOURCE_MODEL, "--eval-samples", "8", "--save", str(src))))
-    return {"cfg": cfg, "src": src}
+    process, and its DeepSpeed config; shared by the bf16 expansion and calibration tests (which only read
+    it). Built once per test run."""
+    def build(root: Path) -> dict:
+        cfg, src = bf16_ds_config(root / "bf16.json"), root / "src"
+        check_ok(run_train(tiny_run_args(cfg, 3, data_cache, *SOURCE_MODEL, "--eval-samples", "8", "--save",
+                                         str(src))))
+        return {"cfg": str(cfg), "src": str(src)}
+
+    record = built_once(shared_root, "bf16-source", build)
+    return {"cfg": Path(record["cfg"]), "src": Path(record["src"])}
 
 
 # Files that take minutes go first, so that with several workers (scripts/test.sh runs pytest-xdist,

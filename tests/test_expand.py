@@ -8,6 +8,7 @@ likewise, Adam moments by the chosen mode.
 """
 
 import json
+from pathlib import Path
 import subprocess
 
 import pytest
@@ -58,17 +59,63 @@ def expected_state(source: dict, manifest: dict, mode: str) -> dict:
     return out
 
 
-def load_with_deepspeed(work, name: str, ckpt, world: int, ep: int, step: bool = False) -> dict:
-    dump = work["root"] / "dump" / name
-    dump.parent.mkdir(exist_ok=True)
-    run_worker([{"name": name, "ckpt": str(ckpt), "ds_config": str(work["cfg"]), "dump": str(dump),
-                 "resave": None, "step": step}], world, ep, work["root"] / f"{name}.jobs.json")
-    return merged_dump(dump, world)
+# name: (expand's arguments, target world size, target ep_size, Adam state expected, a training step
+# after the load); every one is loaded by stock DeepSpeed in the `loaded` fixture
+EXPANSIONS = {
+    "copy-1-1": (["-m", "2", "--select", "grad_sq", "--world-size", "1", "--ep-size", "1"], 1, 1, "copy", True),
+    "scale-2-2": (["--num-experts", "6", "--select", "uniform", "--optimizer-state", "scale", "--world-size", "2"],
+                  2, 2, "scale", True),
+    "reset-2-1": (["-m", "3", "--select", "saliency", "--optimizer-state", "reset", "--ep-size", "1"], 2, 1, "reset",
+                  True),
+    # the paper's code: rank fill, no optimizer state, noise relative to the biases' spread
+    "fresh-2-2": (["-m", "2", "--allocate", "rank", "--optimizer-state", "fresh", "--router-noise-relative",
+                   "--router-noise", "0.5"], 2, 2, "fresh", True),
+    "layer-1-only": (["-m", "2", "--layers", "1"], 2, 2, "copy", True),
+    "reshard-1-1": (["-m", "1", "--world-size", "1", "--ep-size", "1"], 1, 1, "copy", False),
+    "reshard-2-2": (["-m", "1", "--world-size", "2", "--ep-size", "2"], 2, 2, "copy", False),
+}
 
 
 @pytest.fixture(scope="module")
-def source_dump(work):
-    return load_with_deepspeed(work, "source", work["src"], 2, 2)
+def loaded(work, bf16_source) -> dict:
+    """Every expansion of EXPANSIONS (and a bf16 one) written by `ds-upcycle expand`, then loaded with
+    stock `engine.load_checkpoint` together with its source: one oracle launch per layout."""
+    root = work["root"]
+    procs, jobs = {}, {}
+
+    def add(name, ckpt, world, ep, step, cfg):
+        jobs.setdefault((world, ep), []).append({"name": name, "ckpt": str(ckpt), "ds_config": str(cfg),
+                                                 "dump": str(root / "dump" / name), "resave": None, "step": step})
+
+    add("source", work["src"], 2, 2, False, work["cfg"])
+    for name, (args, world, ep, _, step) in EXPANSIONS.items():
+        procs[name] = expand_cli(str(work["src"]), str(root / name), *args)
+        if procs[name].returncode == 0:  # a failed expansion fails its own test, not the others
+            add(name, root / name, world, ep, step, work["cfg"])
+    bf16 = bf16_source["src"]
+    procs["bf16"] = expand_cli(str(bf16), str(root / "bf16"), "-m", "2", "--select", "uniform")
+    add("bf16-source", bf16, 1, 1, False, bf16_source["cfg"])
+    if procs["bf16"].returncode == 0:
+        add("bf16", root / "bf16", 1, 1, True, bf16_source["cfg"])
+    (root / "dump").mkdir()
+    for (world, ep), layout_jobs in jobs.items():
+        run_worker(layout_jobs, world, ep, root / f"jobs-{world}-{ep}.json")
+    dumps = {job["name"]: merged_dump(Path(job["dump"]), world) for (world, _), js in jobs.items() for job in js}
+    return {"procs": procs, "dumps": dumps}
+
+
+def expansion(work, loaded, name: str) -> tuple[Path, dict, dict]:
+    """The expansion's checkpoint tag folder, its manifest, and what DeepSpeed loaded from it."""
+    proc = loaded["procs"][name]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dst = work["root"] / name
+    tag_dir = dst / (dst / "latest").read_text().strip()
+    return tag_dir, json.loads((tag_dir / "upcycle_manifest.json").read_text()), loaded["dumps"][name]
+
+
+@pytest.fixture(scope="module")
+def source_dump(loaded):
+    return loaded["dumps"]["source"]
 
 
 def assert_matches(expected: dict, dump: dict) -> None:
@@ -80,22 +127,10 @@ def assert_matches(expected: dict, dump: dict) -> None:
             assert torch.equal(tensors[key], dump["params"][name][key]), (name, key)
 
 
-@pytest.mark.parametrize("args,world,ep,mode", [
-    (["-m", "2", "--select", "grad_sq", "--world-size", "1", "--ep-size", "1"], 1, 1, "copy"),
-    (["--num-experts", "6", "--select", "uniform", "--optimizer-state", "scale", "--world-size", "2"], 2, 2,
-     "scale"),
-    (["-m", "3", "--select", "saliency", "--optimizer-state", "reset", "--ep-size", "1"], 2, 1, "reset"),
-    # the paper's code: rank fill, no optimizer state, noise relative to the biases' spread
-    (["-m", "2", "--allocate", "rank", "--optimizer-state", "fresh", "--router-noise-relative", "--router-noise",
-      "0.5"], 2, 2, "fresh"),
-])
-def test_expand_loads_in_deepspeed_with_expected_state(work, source_dump, args, world, ep, mode):
-    dst = work["root"] / f"out-{world}-{ep}-{mode}"
-    proc = expand_cli(str(work["src"]), str(dst), *args)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    tag_dir = dst / (dst / "latest").read_text().strip()
-    manifest = json.loads((tag_dir / "upcycle_manifest.json").read_text())
-    dump = load_with_deepspeed(work, dst.name, dst, world, ep, step=True)
+@pytest.mark.parametrize("name", ["copy-1-1", "scale-2-2", "reset-2-1", "fresh-2-2"])
+def test_expand_loads_in_deepspeed_with_expected_state(work, loaded, source_dump, name):
+    mode = EXPANSIONS[name][3]
+    tag_dir, manifest, dump = expansion(work, loaded, name)
     assert_matches(expected_state(source_dump, manifest, mode), dump)
     # routing bias: sources scaled as their softmax scores shrink (E/N), replicas noisy scaled copies
     if mode == "fresh":  # DeepSpeed loaded an optimizer without state: a new Adam's first step comes next
@@ -121,17 +156,13 @@ def test_expand_loads_in_deepspeed_with_expected_state(work, source_dump, args, 
     assert tree_digest(work["src"]) == work["digest"], "the source was modified"
 
 
-def test_expand_chosen_layers_only_then_train(work, source_dump, data_cache):
-    dst = work["root"] / "layer-1-only"
-    proc = expand_cli(str(work["src"]), str(dst), "-m", "2", "--layers", "1")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    tag_dir = dst / (dst / "latest").read_text().strip()
-    manifest = json.loads((tag_dir / "upcycle_manifest.json").read_text())
+def test_expand_chosen_layers_only_then_train(work, loaded, source_dump, data_cache):
+    tag_dir, manifest, dump = expansion(work, loaded, "layer-1-only")
+    dst = tag_dir.parent
     assert [(layer["num_source"], layer["num_target"]) for layer in manifest["layers"]] == [(4, 4), (4, 8), (4, 4),
                                                                                           (4, 4)]
     assert manifest["layers"][0]["sources"] == [0, 1, 2, 3]
     assert json.loads((tag_dir / "ds_upcycle.json").read_text())["model"]["layer_experts"] == [4, 8, 4, 4]
-    dump = load_with_deepspeed(work, dst.name, dst, 2, 2, step=True)
     assert_matches(expected_state(source_dump, manifest, "copy"), dump)
     layer0 = manifest["layers"][0]["prefix"] + GATE + ".route_bias"
     assert torch.equal(dump["buffers"][layer0], source_dump["buffers"][layer0])
@@ -147,11 +178,9 @@ def test_expand_chosen_layers_only_then_train(work, source_dump, data_cache):
 
 
 @pytest.mark.parametrize("world,ep", [(1, 1), (2, 2)])
-def test_reshard_is_bit_exact(work, source_dump, world, ep):
-    dst = work["root"] / f"reshard-{world}-{ep}"
-    proc = expand_cli(str(work["src"]), str(dst), "-m", "1", "--world-size", str(world), "--ep-size", str(ep))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    dump = load_with_deepspeed(work, f"reshard-{world}-{ep}", dst, world, ep)
+def test_reshard_is_bit_exact(work, loaded, source_dump, world, ep):
+    tag_dir, _, dump = expansion(work, loaded, f"reshard-{world}-{ep}")
+    dst = tag_dir.parent
     assert_matches(source_dump["params"], dump)
     assert all(torch.equal(v, dump["buffers"][k]) for k, v in source_dump["buffers"].items())
     if (world, ep) == (2, 2):  # the source's own layout: DeepSpeed's own files, tensor for tensor
@@ -240,19 +269,12 @@ def test_stock_deepspeed_script_checkpoint_expands_and_resumes(tmp_path):
     assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "hf").exists()
 
 
-def test_bf16_zero2_checkpoint_expands_and_loads(tmp_path, bf16_source):
+def test_bf16_zero2_checkpoint_expands_and_loads(work, loaded):
     """bf16 runs write bf16_zero_pp_rank_* files; module weights are the fp32 master cast to bf16."""
-    src = bf16_source["src"]
-    work = {"root": tmp_path, "cfg": bf16_source["cfg"]}
-    source = load_with_deepspeed(work, "bf16-source", src, 1, 1)
-    dst = tmp_path / "dst"
-    proc = expand_cli(str(src), str(dst), "-m", "2", "--select", "uniform")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(p.name for p in (dst / "global_step3").glob("*optim_states.pt")) == [
-        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]
-    manifest = json.loads((dst / "global_step3" / "upcycle_manifest.json").read_text())
-    dump = load_with_deepspeed(work, "bf16-expanded", dst, 1, 1, step=True)
-    assert_matches(expected_state(source, manifest, "copy"), dump)
+    tag_dir, manifest, dump = expansion(work, loaded, "bf16")
+    assert tag_dir.name == "global_step3"
+    assert sorted(p.name for p in tag_dir.glob("*optim_states.pt")) == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert_matches(expected_state(loaded["dumps"]["bf16-source"], manifest, "copy"), dump)
     for name, tensors in dump["params"].items():
         assert tensors["module"].dtype == torch.bfloat16
         assert torch.equal(tensors["module"], tensors["fp32"].to(torch.bfloat16)), name
