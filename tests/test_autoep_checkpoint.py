@@ -69,27 +69,6 @@ def test_expansion_resumes_exactly_on_the_same_and_on_another_layout(autoep_sour
         assert list(ours["module"]) == list(theirs["module"])
 
 
-def test_the_mixtral_preset_expands_and_resumes_exactly(tmp_path):
-    """AutoEP's mixtral preset (a transformers Mixtral: MoE block `model.layers.<i>.mlp`, router
-    `gate`), 8 -> 16 experts on its own layout, resumed by the stock script."""
-    run_autoep_stock(tmp_path / "run.json", "--family", "mixtral", "--steps", "3", "--save", str(tmp_path / "ckpt"),
-                     "--dump", str(tmp_path / "dump"), procs=2)
-    out = tmp_path / "x"
-    check_ok(expand_cli(str(tmp_path / "ckpt"), str(out), "-m", "2", "--select", "uniform", "--router-noise", "0"))
-    manifest = json.loads((out / "t" / "upcycle_manifest.json").read_text())
-    resumed = run_autoep_stock(tmp_path / "r.json", "--family", "mixtral", "--load", str(out), "--num-experts", "16",
-                               "--steps", "1", "--dump", str(tmp_path / "d"), "--save", str(tmp_path / "s"), procs=2)
-    expanded = merged_dump(tmp_path / "d", 2)
-    assert len([k for k in expanded if k[1] == "w1"]) == 2 * 16
-    assert_is_expansion(expanded, merged_dump(tmp_path / "dump", 2), manifest)
-    assert all(loss == loss for loss in resumed["losses"])
-    ours = torch.load(out / "t" / "mp_rank_00_model_states.pt", weights_only=False)
-    theirs = torch.load(tmp_path / "s" / "t" / "mp_rank_00_model_states.pt", weights_only=False)
-    for key in ("ds_autoep_layers", "universal_checkpoint_info", "param_shapes", "num_experts", "buffer_names"):
-        assert ours[key] == theirs[key], key
-    assert list(ours["module"]) == list(theirs["module"])
-
-
 def test_reshard_to_another_autoep_size_trains_as_the_source_does(autoep_source, tmp_path):
     """DeepSpeed's direct reload at another autoep_size puts optimizer state on the wrong experts;
     expand -m 1 is exact: same state, and the same losses as the source resumed on its own layout."""
@@ -108,24 +87,45 @@ def test_reshard_to_another_autoep_size_trains_as_the_source_does(autoep_source,
     assert resharded["losses"] == pytest.approx(own["losses"], rel=1e-6, abs=0)
 
 
-@pytest.mark.parametrize("precision", [("--zero-stage", "1", "--bf16"), ("--zero-stage", "0")],
-                         ids=["zero1-bf16", "no-zero-fp32"])
-def test_expansion_to_one_process_from_other_stages(tmp_path, precision):
+# (the stock script's family and precision, expand's options, whether the routers are compared too)
+VARIANTS = {
+    # AutoEP's qwen3_moe preset, ZeRO-1 bf16; grad_sq from the AutoEP optimizer state, the default
+    # noise on the replicas' router rows (no bias to put it on): the experts are compared
+    "qwen3-zero1-bf16": (("--zero-stage", "1", "--bf16"), (), False),
+    # AutoEP's mixtral preset (a transformers Mixtral: MoE block `model.layers.<i>.mlp`, router `gate`),
+    # no ZeRO, fp32; uniform copies without noise: the routers' rows are the source rows
+    "mixtral-no-zero-fp32": (("--family", "mixtral", "--zero-stage", "0"), ("--select", "uniform", "--router-noise", "0"),
+                             True),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_expansion_to_one_process_from_other_presets_and_stages(tmp_path, variant):
+    """8 -> 16 experts from 2 processes to 1, resumed by the stock script: every expert's state is its
+    source's, and the layout entries are what stock DeepSpeed itself saves for the 16-expert job."""
+    script_args, expand_args, with_router = VARIANTS[variant]
     root = tmp_path
     run_autoep_stock(root / "run.json", "--steps", "2", "--save", str(root / "ckpt"), "--dump", str(root / "dump"),
-                     *precision, procs=2)
+                     *script_args, procs=2)
     out = root / "x"
-    check_ok(expand_cli(str(root / "ckpt"), str(out), "-m", "2", "--world-size", "1", "--ep-size", "1"))
-    run_autoep_stock(root / "r.json", "--load", str(out), "--num-experts", "16", "--steps", "1", "--dump",
-                     str(root / "d"), *precision)
+    check_ok(expand_cli(str(root / "ckpt"), str(out), "-m", "2", "--world-size", "1", "--ep-size", "1", *expand_args))
+    resumed = run_autoep_stock(root / "r.json", "--load", str(out), "--num-experts", "16", "--steps", "1", "--dump",
+                               str(root / "d"), "--save", str(root / "s"), *script_args)
     manifest = json.loads((out / "t" / "upcycle_manifest.json").read_text())
-    assert manifest["scores"] == {"from": "adam state"}  # grad_sq from the AutoEP optimizer state
+    if not expand_args:
+        assert manifest["scores"] == {"from": "adam state"}  # grad_sq from the AutoEP optimizer state
     expanded = merged_dump(root / "d", 1)
-    # The router rows carry the replicas' noise (no bias to put it on): compare the experts only.
-    assert_is_expansion({k: v for k, v in expanded.items() if k[1] != "router"}, merged_dump(root / "dump", 2),
-                        manifest)
+    assert len([k for k in expanded if k[1] == "w1"]) == 2 * 16
+    assert_is_expansion({k: v for k, v in expanded.items() if with_router or k[1] != "router"},
+                        merged_dump(root / "dump", 2), manifest)
+    assert all(loss == loss for loss in resumed["losses"])  # it trains on
     module = torch.load(out / "t" / "layer_0_expert_9_mp_rank_00_model_states.pt")
-    assert {t.dtype for t in module.values()} == {torch.bfloat16 if "--bf16" in precision else torch.float32}
+    assert {t.dtype for t in module.values()} == {torch.bfloat16 if "--bf16" in script_args else torch.float32}
+    ours = torch.load(out / "t" / "mp_rank_00_model_states.pt", weights_only=False)
+    theirs = torch.load(root / "s" / "t" / "mp_rank_00_model_states.pt", weights_only=False)
+    for key in ("ds_autoep_layers", "universal_checkpoint_info", "param_shapes", "num_experts", "buffer_names"):
+        assert ours[key] == theirs[key], key
+    assert list(ours["module"]) == list(theirs["module"])
 
 
 def test_refusals_name_the_problem(autoep_source, tmp_path):
