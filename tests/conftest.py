@@ -68,12 +68,16 @@ def run_train(args: list[str], num_procs: int = 0, cwd: Path = ROOT, timeout: in
     return subprocess.run(cmd, cwd=cwd, env=launch_env(env), capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="session")
-def shared_root(tmp_path_factory) -> Path:
+def shared_base(tmp_path_factory) -> Path:
     """A folder that every worker of this test run sees (pytest-xdist gives each worker its own base
     folder inside the run's; without xdist, the run's own base folder)."""
     base = tmp_path_factory.getbasetemp()
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def shared_root(tmp_path_factory) -> Path:
+    return shared_base(tmp_path_factory)
 
 
 def built_once(root: Path, name: str, build) -> dict:

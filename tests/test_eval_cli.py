@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import click
 import pytest
@@ -26,7 +27,10 @@ cli.add_command(compare_command)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, data_cache):
-    return trained_checkpoint(tmp_path_factory, data_cache)
+    """A copy of the shared trained run: eval writes its results into the checkpoint."""
+    copy = tmp_path_factory.mktemp("eval-cli") / "run"
+    shutil.copytree(trained_checkpoint(tmp_path_factory, data_cache), copy)
+    return copy
 
 
 def write_results(path, scores: dict, val_loss: float):

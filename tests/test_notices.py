@@ -18,7 +18,11 @@ BUILD_NOTICE = "DeepSpeed is compiling its CPU communication op for this environ
 
 
 def test_the_op_build_is_announced_once_and_kept_per_environment(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    # set, then deleted: monkeypatch records the value to restore (none, or the user's) only when it
+    # changes a variable that exists, and _prepare_op_build sets it; left behind, it would send every
+    # later launch of this test process to an empty build folder (a minute's rebuild, or more)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     monkeypatch.setenv("DS_UPCYCLE_CACHE", str(tmp_path))
     monkeypatch.delenv("RANK", raising=False)
     comm._prepare_op_build()
@@ -37,6 +41,11 @@ def test_the_op_build_is_announced_once_and_kept_per_environment(tmp_path, monke
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))  # the user's own choice stays
     comm._prepare_op_build()
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")
+
+
+def test_the_op_build_test_leaves_the_environment_as_it_found_it():
+    """Runs after the test above in the same process (a file's tests run in order)."""
+    assert "test_the_op_build" not in os.environ.get("TORCH_EXTENSIONS_DIR", "")
 
 
 def test_the_cpu_is_chosen_where_there_is_no_gpu(monkeypatch):
