@@ -184,11 +184,13 @@ def bf16_source(shared_root, data_cache) -> dict:
     return {"cfg": Path(record["cfg"]), "src": Path(record["src"])}
 
 
-# Files that take minutes go first, so that with several workers (scripts/test.sh runs pytest-xdist,
-# a whole file per worker, in collection order) no worker is left running a long file alone at the end.
-LONG_FILES = ("test_reproduce.py", "test_expand.py", "test_checkpoint_io.py", "test_autoep_checkpoint.py",
-              "test_reproduce_seeds.py", "test_eval_tasks.py")
+# Files that take minutes go first, longest first (as measured in a 2-worker run), so that
+# with several workers (scripts/test.sh runs pytest-xdist, a whole file per worker, in collection
+# order) no worker is left running a long file alone at the end.
+LONG_FILES = ("test_autoep_checkpoint.py", "test_eval_tasks.py", "test_expand.py", "test_autoep_train.py",
+              "test_reproduce_seeds.py", "test_hf.py", "test_train.py", "test_reproduce.py", "test_checkpoint_io.py")
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.path.name not in LONG_FILES)  # stable: each file keeps its order
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: each file keeps its order
