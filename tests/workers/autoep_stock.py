@@ -86,7 +86,7 @@ def main() -> None:
 
     patch_transformers_registry()
     comm.single_process_env()  # the test's plumbing: one process without a launcher
-    deepspeed.init_distributed(dist_backend="gloo")
+    comm.init_distributed(dist_backend="gloo")  # DeepSpeed's own, and its CPU shared memory unlinked
     world = dist.get_world_size()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(model_config(args.family, args.num_experts))
