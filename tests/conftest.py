@@ -38,8 +38,8 @@ def launcher(procs: int) -> list[str]:
     """The command that starts a script on `procs` local processes: plain python for one; for more,
     DeepSpeed's per-node launcher, which is what the `deepspeed` command runs for local processes once
     it has found them (the same ranks, environment and rendezvous), without the `deepspeed` command's
-    own interpreter start (about 2.5 s of CPU per launch, much of the suite's time). The tests that
-    start with `run_train(..., runner=True)` and `ds-upcycle reproduce` go through `deepspeed` itself."""
+    own interpreter start (a 2-process 3-step train.py: 12.6 s against 15.1 s, one measurement). The
+    tests that start with `run_train(..., runner=True)` and `ds-upcycle reproduce` go through `deepspeed`."""
     if procs <= 1:
         return [sys.executable]
     hosts = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(procs))}).encode()).decode()

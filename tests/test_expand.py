@@ -8,8 +8,8 @@ likewise, Adam moments by the chosen mode.
 """
 
 import json
-from pathlib import Path
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
