@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import check_ok, run_cli, run_train, tiny_run_args, write_ds_config
+from conftest import check_ok, cli_in_process, expand_cli, run_train, tiny_run_args, write_ds_config
 from ds_upcycle.checkpoint import named_param_states, read_checkpoint, read_metrics
 from ds_upcycle.config import ModelConfig
 from ds_upcycle.errors import UserError
@@ -176,7 +176,7 @@ def test_an_autoep_checkpoint_expands_continues_scores_and_exports_as_its_legacy
     evaluation), score the experts on the engine, rebuild the model in one process and export it:
     each the same as for the legacy twin."""
     for dispatch in ("legacy", "autoep"):
-        check_ok(run_cli("expand", str(twins / dispatch), str(tmp_path / f"{dispatch}-x2"), "-m", "2",
+        check_ok(expand_cli(str(twins / dispatch), str(tmp_path / f"{dispatch}-x2"), "-m", "2",
                          "--world-size", "2", "--ep-size", "2"))
         check_ok(run_train(train_args(tmp_path / f"{dispatch}-cpt", data_cache, dispatch, 2, "--load",
                                       str(tmp_path / f"{dispatch}-x2"), "--fresh-schedule"), num_procs=2))
@@ -203,7 +203,7 @@ def test_an_autoep_checkpoint_expands_continues_scores_and_exports_as_its_legacy
     torch.testing.assert_close(logits["autoep"], logits["legacy"], rtol=1e-4, atol=1e-5)
     exported = {}
     for d in ("legacy", "autoep"):
-        check_ok(run_cli("export", str(tmp_path / f"{d}-cpt"), str(tmp_path / f"{d}-hf")))
+        check_ok(cli_in_process("export", str(tmp_path / f"{d}-cpt"), str(tmp_path / f"{d}-hf")))
         exported[d] = load_file(next((tmp_path / f"{d}-hf").glob("*.safetensors")))
     assert exported["autoep"].keys() == exported["legacy"].keys()
     for name, tensor in exported["legacy"].items():

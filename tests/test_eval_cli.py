@@ -9,8 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import check_ok, expand_cli
+from ds_upcycle.checkpoint import find_checkpoint, read_metrics
 from ds_upcycle.evaluation.cli import compare_command, eval_command
-from ds_upcycle.checkpoint import read_metrics
 from eval_helpers import offline_hub, trained_checkpoint  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
@@ -139,9 +140,6 @@ def test_compute_ledger_arithmetic(tmp_path):
 
 def test_compare_names_runs_by_role_and_plots_the_loss(tmp_path, checkpoint):
     """Columns by what the run records say a run is: grown by `expand` or trained at its expert count."""
-    from conftest import check_ok, expand_cli
-    from ds_upcycle.checkpoint import find_checkpoint
-
     check_ok(expand_cli(str(checkpoint), str(tmp_path / "up"), "-m", "2", "--select", "uniform"))
     fixed, upcycled = find_checkpoint(checkpoint), find_checkpoint(tmp_path / "up")
     experts = fixed.run_record.model.num_experts

@@ -5,14 +5,12 @@ reads a file that holds a harmless class outside DeepSpeed's own."""
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from conftest import ROOT, check_ok, expand_cli, run_train, tree_digest
+from conftest import ROOT, check_ok, expand_cli, run_cli, run_train, tree_digest
 from ds_upcycle.checkpoint.files import check_globals, load_file
 from ds_upcycle.errors import UserError
 
@@ -43,11 +41,6 @@ def copy_of_source(tmp_path, trained_source):
     return src, src / (src / "latest").read_text().strip()
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ds_upcycle.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
-
-
 def assert_refused(proc, file, marker) -> None:
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "[WARNING]" not in line]
@@ -72,8 +65,8 @@ def test_every_reading_command_refuses_it(tmp_path, copy_of_source, data_cache):
     src, tag = copy_of_source
     marker = tmp_path / "ran"
     plant(tag / "mp_rank_00_model_states.pt", "extra", Payload(marker))
-    assert_refused(cli("export", str(src), str(tmp_path / "hf")), "mp_rank_00_model_states.pt", marker)
-    assert_refused(cli("eval", str(src), "--tasks", "synthetic", "--limit", "2", "--output", str(tmp_path / "ev")),
+    assert_refused(run_cli("export", str(src), str(tmp_path / "hf")), "mp_rank_00_model_states.pt", marker)
+    assert_refused(run_cli("eval", str(src), "--tasks", "synthetic", "--limit", "2", "--output", str(tmp_path / "ev")),
                    "mp_rank_00_model_states.pt", marker)
     assert not (tmp_path / "hf").exists() and not (tmp_path / "ev").exists()
     # train.py --load: DeepSpeed would unpickle the files in full; the check comes first
@@ -92,7 +85,7 @@ def test_trust_opt_in_reads_a_harmless_unknown_class(tmp_path, copy_of_source):
         check_globals(tag / "mp_rank_00_model_states.pt")
     proc = expand_cli(str(src), str(tmp_path / "refused"), "-m", "2")
     assert proc.returncode != 0 and "argparse.Namespace" in proc.stderr
-    check_ok(cli("--trust-checkpoints", "expand", str(src), str(tmp_path / "trusted"), "-m", "2"))
+    check_ok(run_cli("--trust-checkpoints", "expand", str(src), str(tmp_path / "trusted"), "-m", "2"))
     assert (tmp_path / "trusted" / "latest").is_file()
 
 
