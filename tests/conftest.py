@@ -3,6 +3,7 @@ import fcntl
 import hashlib
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is first imported
 
-from ds_upcycle import cli  # noqa: E402
+from ds_upcycle import cli, comm  # noqa: E402
 from ds_upcycle.comm import free_port  # noqa: E402  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +162,16 @@ def cli_in_process(*args: str) -> CliResult:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(result.exception))
     return CliResult(result.exit_code, result.stdout, stderr)
+
+
+def refused_by_train_main(argv: list[str], monkeypatch) -> int:
+    """train.py's main run in this process, for a refusal that must come before the processes meet:
+    fails the test if it gets as far as initialising the process group. Returns the exit status."""
+    def meets(*args, **kwargs):
+        raise AssertionError("train.py initialised the process group before refusing")
+
+    monkeypatch.setattr(comm, "init_distributed", meets)
+    return runpy.run_path(str(ROOT / "train.py"))["main"](argv)
 
 
 def expand_cli(*args: str) -> CliResult:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, SMALL_DATA
+from conftest import ROOT, SMALL_DATA, cli_in_process
 from ds_upcycle.errors import UserError
 from ds_upcycle.moe.balance import load_stats
 from ds_upcycle.reproduce.config import NAMED_CONFIGS, load_config
@@ -81,15 +81,16 @@ def test_bad_config_is_one_line(tmp_path, text, message):
 
 
 def test_cli_bad_config_exits_with_one_line(tmp_path):
+    """The first as a user runs it (the whole stderr of the process), the others in this process."""
     (tmp_path / "bad.yaml").write_text("base: tiny\nmultiplier: 1\n")
-    for config in (str(tmp_path / "bad.yaml"), "tinny"):
-        proc = subprocess.run([sys.executable, "-m", "ds_upcycle.cli", "reproduce", "--config", config, "--out",
-                               str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, check=False)
+    as_user = subprocess.run([sys.executable, "-m", "ds_upcycle.cli", "reproduce", "--config",
+                              str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "out")],
+                             capture_output=True, text=True, cwd=ROOT, check=False)
+    for proc in (as_user, cli_in_process("reproduce", "--config", "tinny", "--out", str(tmp_path / "out"))):
         assert proc.returncode == 2
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
         assert proc.stderr.startswith("ds-upcycle: error:")
-    proc = subprocess.run([sys.executable, "-m", "ds_upcycle.cli", "reproduce", "--config", "pd-english", "--out",
-                           str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, check=False)
+    proc = cli_in_process("reproduce", "--config", "pd-english", "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and "needs --data" in proc.stderr and not (tmp_path / "out").exists()
 
 

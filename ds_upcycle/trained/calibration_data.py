@@ -47,9 +47,11 @@ class CalibrationData:
                 for s in starts]
 
 
-def check_calibration_source(spec: str) -> None:
+def check_calibration_source(spec: str, run: RunData) -> None:
     """Fail early (before anything is read in bulk or written) if the calibration data cannot be had."""
-    if spec != SOURCE_DATA:
+    if spec == SOURCE_DATA:
+        run.check_has_source()
+    else:
         resolve_source(spec)  # a missing path is refused here; a hub name is only tried when read
 
 

@@ -51,11 +51,15 @@ class RunData:
     def text_field(self) -> str:
         return self.config.text_field
 
-    @cached_property
-    def prepared(self) -> PreparedData:
+    def check_has_source(self) -> None:
+        """Refuse, before any work, a use of the run's own data where it has none (an import)."""
         if not self.has_source:
             raise UserError(f"{self.ref.path} was imported from a transformers model ({self.imported_from}) and has "
                             f"no training data of its own; name the data to use instead")
+
+    @cached_property
+    def prepared(self) -> PreparedData:
+        self.check_has_source()
         return prepare_data(self.config, self.tokenizer)
 
     def tokens(self, split: str) -> np.ndarray:

@@ -22,6 +22,7 @@ from ..config import ModelConfig, check_expert_parallel, parse_overrides, resolv
 from ..data.config import DataConfig
 from ..data.loader import BatchOrder, PackedSequences
 from ..data.prepare import PreparedData, prepare_data
+from ..data.sources import resolve_source
 from ..data.tokenizer import tokenizer_digest
 from ..errors import UserError
 from ..model import Transformer
@@ -327,6 +328,7 @@ def run_training(train_cfg: TrainConfig, data_cfg: DataConfig, ds_config: dict, 
     if start is not None:
         _check_tokenizer(data_cfg, vocab_size, start)
         _check_layout(start, world, train_cfg.ep_size)
+    resolve_source(data_cfg.source, data_cfg.text_field)  # a missing data file: refused before the processes meet
 
     comm.single_process_env()
     comm.init_distributed()

@@ -79,8 +79,8 @@ def run_scoring(cfg: ScoreConfig, ds_config: dict) -> ExpertScores:
         raise UserError(f"{start.path} has no MoE layers to score")
     ds_config = engine_config(ds_config, model_cfg, cfg.ep_size)  # its refusals before any work
     try:
-        check_calibration_source(cfg.data)
         run = RunData(start, cfg.data_cache)
+        check_calibration_source(cfg.data, run)
     except UserError as err:
         raise UserError(f"--score-data: {err}") from None
 

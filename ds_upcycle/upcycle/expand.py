@@ -258,7 +258,7 @@ def open_source(cfg: ExpandConfig) -> tuple[CheckpointReader, RunData | None]:
                 run = RunData(source.path, cfg.data_cache)
     if cfg.calibration_data is not None:
         with _blamed_on("--calibration-data"):
-            check_calibration_source(cfg.calibration_data)
+            check_calibration_source(cfg.calibration_data, run)
     return source, run
 
 
