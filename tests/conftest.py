@@ -1,6 +1,8 @@
 import base64
+import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import runpy
@@ -164,14 +166,20 @@ def cli_in_process(*args: str) -> CliResult:
     return CliResult(result.exit_code, result.stdout, stderr)
 
 
-def refused_by_train_main(argv: list[str], monkeypatch) -> int:
-    """train.py's main run in this process, for a refusal that must come before the processes meet:
-    fails the test if it gets as far as initialising the process group. Returns the exit status."""
+def train_refusal(argv: list[str], monkeypatch) -> CliResult:
+    """train.py's main run in this process, for an input it must refuse before the processes meet:
+    fails the test if it gets as far as initialising the process group. Its exit status and output."""
     def meets(*args, **kwargs):
         raise AssertionError("train.py initialised the process group before refusing")
 
     monkeypatch.setattr(comm, "init_distributed", meets)
-    return runpy.run_path(str(ROOT / "train.py"))["main"](argv)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = runpy.run_path(str(ROOT / "train.py"))["main"](argv)
+        except SystemExit as exit:  # argparse's own refusals
+            status = exit.code
+    return CliResult(status, out.getvalue(), err.getvalue())
 
 
 def expand_cli(*args: str) -> CliResult:

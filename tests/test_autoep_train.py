@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import check_ok, cli_in_process, expand_cli, run_train, tiny_run_args, write_ds_config
+from conftest import (check_ok, cli_in_process, expand_cli, run_train, tiny_run_args, train_refusal,
+                      write_ds_config)
 from ds_upcycle.checkpoint import named_param_states, read_checkpoint, read_metrics
 from ds_upcycle.config import ModelConfig
 from ds_upcycle.errors import UserError
@@ -211,11 +212,14 @@ def test_an_autoep_checkpoint_expands_continues_scores_and_exports_as_its_legacy
 
 
 @pytest.mark.slow
-def test_a_checkpoint_keeps_its_expert_layout(twins, tmp_path, data_cache):
-    """The two layouts name their weights differently: switching dispatch on --load is refused in one line."""
+def test_a_checkpoint_keeps_its_expert_layout(twins, tmp_path, data_cache, monkeypatch):
+    """The two layouts name their weights differently: switching dispatch on --load is refused in one
+    line, before the processes meet."""
     cfg = write_ds_config(tmp_path / "z2.json", stage=2, micro_batch=4)
-    proc = run_train(tiny_run_args(cfg, 2, data_cache, "--load", str(twins / "legacy"),
-                                   "--set", "moe_dispatch=autoep", "--save", str(tmp_path / "autoep")))
-    assert proc.returncode == 2 and "moe_dispatch" in proc.stderr and "Traceback" not in proc.stderr
+    args = tiny_run_args(cfg, 2, data_cache, "--load", str(twins / "legacy"), "--set", "moe_dispatch=autoep",
+                         "--save", str(tmp_path / "autoep"))
+    proc = train_refusal(args, monkeypatch)
+    assert proc.returncode == 2 and proc.stderr.startswith("train.py: error: ") and "moe_dispatch" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "autoep").exists()
 

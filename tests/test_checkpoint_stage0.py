@@ -9,9 +9,6 @@ which must write exactly the same files.
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ import torch
 
 from ckpt_helpers import (assert_deepspeed_saves_the_same, assert_same_params, duplicate_experts, merged_dump, run_worker,
                           train_command)
-from conftest import ROOT, bf16_ds_config, check_ok, run_train, tree_digest, write_ds_config
+from conftest import bf16_ds_config, check_ok, expand_cli, run_train, tree_digest, write_ds_config
 from ds_upcycle.checkpoint import load_state, named_param_states, read_checkpoint, write_checkpoint
 from ds_upcycle.checkpoint.stage0 import Stage0Reader
 from ds_upcycle.errors import UserError
@@ -145,8 +142,7 @@ def test_stage0_bf16_is_refused_in_one_line(tmp_path, data_cache):
     src = tmp_path / "src"
     check_ok(run_train(train_command(data_cache, cfg, "--save", str(src))))
     before = tree_digest(src)
-    proc = subprocess.run([sys.executable, "-m", "ds_upcycle.cli", "expand", str(src), str(tmp_path / "dst"), "-m", "2"],
-                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    proc = expand_cli(str(src), str(tmp_path / "dst"), "-m", "2")
     assert proc.returncode == 2 and "mixed-precision optimizer" in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert tree_digest(src) == before and not (tmp_path / "dst").exists()

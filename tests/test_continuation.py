@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import SOURCE_MODEL, check_ok, run_train, tiny_run_args, write_ds_config
+from conftest import SOURCE_MODEL, check_ok, run_train, tiny_run_args, train_refusal, write_ds_config
 from ds_upcycle.data.tokenizer import train_tokenizer
 from ds_upcycle.checkpoint import read_metrics
 
@@ -109,18 +109,18 @@ def test_same_command_resumes_without_notes(tmp_path, data_cache):
                            "note: --steps 6 applies from step 5 (the run was saved with 4)"]
 
 
-def test_what_a_checkpoint_cannot_take_is_refused_or_named(tmp_path, data_cache, source):
+def test_what_a_checkpoint_cannot_take_is_refused_or_named(tmp_path, data_cache, source, monkeypatch):
     cfg = write_ds_config(tmp_path / "ds.json", micro_batch=4)
     load = ["--load", str(source), "--save", str(tmp_path / "out")]
-    line = refused(run_train(tiny_run_args(cfg, 1, data_cache, *load, "--set", "num_experts=8")))
+    line = refused(train_refusal(tiny_run_args(cfg, 1, data_cache, *load, "--set", "num_experts=8"), monkeypatch))
     assert line == (f"train.py: error: --set num_experts=8 does not fit checkpoint {source / 'global_step8'}, "
                     f"whose weights have num_experts 4; grow experts with ds-upcycle expand")
-    line = refused(run_train(tiny_run_args(cfg, 1, data_cache, *load, "--set", "dim=96")))
+    line = refused(train_refusal(tiny_run_args(cfg, 1, data_cache, *load, "--set", "dim=96"), monkeypatch))
     assert "--set dim=96 does not fit" in line and "dim 64" in line
 
     other = train_tokenizer([f"document {i} about nothing in particular" for i in range(200)], 300,
                             tmp_path / "other.model")
-    line = refused(run_train(tiny_run_args(cfg, 1, data_cache, *load, "--tokenizer", str(other))))
+    line = refused(train_refusal(tiny_run_args(cfg, 1, data_cache, *load, "--tokenizer", str(other)), monkeypatch))
     assert line.startswith(f"train.py: error: --tokenizer {other} is not the tokenizer of checkpoint")
 
     # Fields that do not shape a weight apply; --vocab-size cannot, and says so.
@@ -132,12 +132,12 @@ def test_what_a_checkpoint_cannot_take_is_refused_or_named(tmp_path, data_cache,
     assert info["model"]["route_bias_update"] == 0.01 and info["model"]["vocab_size"] <= 512
 
 
-def test_optimizer_state_resumes_only_on_its_layout(tmp_path, data_cache, trained_source):
+def test_optimizer_state_resumes_only_on_its_layout(tmp_path, data_cache, trained_source, monkeypatch):
     """The shared source was saved by 2 processes with ep_size 2: one process is refused before
     anything runs, with the reshard that works."""
     src, cfg = trained_source["src"], trained_source["cfg"]
-    line = refused(run_train(tiny_run_args(cfg, 13, data_cache, *SOURCE_MODEL, "--load", str(src),
-                                           "--save", str(tmp_path / "run"))))
+    line = refused(train_refusal(tiny_run_args(cfg, 13, data_cache, *SOURCE_MODEL, "--load", str(src),
+                                               "--save", str(tmp_path / "run")), monkeypatch))
     assert (f"{trained_source['tag']} was saved on world size 2 with ep_size 2, and its optimizer state resumes only "
             f"there (this job: world size 1, ep_size 1); reshard it first: ds-upcycle expand {trained_source['tag']} "
             f"NEW -m 1 --world-size 1 --ep-size 1") in line

@@ -18,7 +18,7 @@ from ds_upcycle.atomic import check_writable
 from ds_upcycle.cli import main
 from ds_upcycle.errors import UserError
 
-from conftest import ROOT, refused_by_train_main
+from conftest import ROOT, train_refusal
 
 
 @pytest.fixture
@@ -88,10 +88,10 @@ def test_an_unwritable_destination_is_refused_before_any_work(command, where, tm
     assert listing(tmp_path) == before
 
 
-def test_train_refuses_an_unwritable_save_before_training(regular_file, tmp_path, capsys, monkeypatch):
+def test_train_refuses_an_unwritable_save_before_training(regular_file, tmp_path, monkeypatch):
     args = ["--deepspeed_config", str(ROOT / "ds_configs" / "zero2_fp32.json"), "--save", str(regular_file / "run"),
             "--steps", "1", "--data-cache", str(tmp_path / "cache")]
-    assert refused_by_train_main(args, monkeypatch) == 2
-    assert capsys.readouterr().err == (f"train.py: error: cannot write --save directory {regular_file / 'run'}: "
+    proc = train_refusal(args, monkeypatch)
+    assert proc.returncode == 2 and proc.stderr == (f"train.py: error: cannot write --save directory {regular_file / 'run'}: "
                                        f"{regular_file} is a file, not a directory\n")
     assert not (tmp_path / "cache").exists()  # no data was prepared

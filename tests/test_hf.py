@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from ckpt_helpers import assert_deepspeed_saves_the_same, run_worker
-from conftest import SMALL_DATA, check_ok, refused_by_train_main, run_train, write_ds_config
+from conftest import SMALL_DATA, check_ok, run_train, train_refusal, write_ds_config
 from ds_upcycle.checkpoint import MODULE_ONLY_CONFIG, named_param_states, read_checkpoint, read_module_weights
 from ds_upcycle.cli import main
 from ds_upcycle.config import PRESETS, ModelConfig
@@ -419,8 +419,7 @@ def test_weights_written_one_tensor_at_a_time_read_back_with_safetensors(tmp_pat
         assert set(load_file(str(tmp_path / file))) <= set(tensors)
 
 
-def test_a_release_is_scored_on_the_engine_and_expanded_from_the_scores(tmp_path, sp_model, data_cache, capsys,
-                                                                         monkeypatch):
+def test_a_release_is_scored_on_the_engine_and_expanded_from_the_scores(tmp_path, sp_model, data_cache, monkeypatch):
     """A release has no Adam state and no data of its own: the scoring pass takes named data, equals the
     one-process calibration on it, and expand plans from its file."""
     hf_dir, _ = hf_model_dir("olmoe", tmp_path, sp_model)
@@ -428,9 +427,9 @@ def test_a_release_is_scored_on_the_engine_and_expanded_from_the_scores(tmp_path
     import_checkpoint(hf_dir, ckpt)
     args = ["--deepspeed_config", str(write_ds_config(tmp_path / "ds.json", micro_batch=2)), "--load", str(ckpt),
             "--score-experts", str(scores), "--score-batches", "2", "--data-cache", str(data_cache)]
-    assert refused_by_train_main(args, monkeypatch) == 2 and not scores.exists()
-    refused = capsys.readouterr().err
-    assert "train.py: error: --score-data: " in refused and "name the data to use instead" in refused
+    refused = train_refusal(args, monkeypatch)
+    assert refused.returncode == 2 and not scores.exists()
+    assert "train.py: error: --score-data: " in refused.stderr and "name the data to use instead" in refused.stderr
     check_ok(run_train([*args, "--score-data", SMALL_DATA]))
     cpu = calibrate(read_checkpoint(ckpt), RunData(ckpt, str(data_cache)), SMALL_DATA, 2, 2)
     ours = ExpertScores.read(scores)

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from conftest import check_ok, expand_cli, run_train, tree_digest, write_ds_config
+from conftest import check_ok, expand_cli, run_train, train_refusal, tree_digest, write_ds_config
 
 from ds_upcycle.checkpoint import read_checkpoint
 from ds_upcycle.errors import UserError
@@ -140,7 +140,7 @@ def test_scores_option_validation(kwargs, message):
     (["--score-experts", "s.json", "--load", "x", "--steps", "5"], "drop --steps"),
     (["--load", "x"], "required: --steps (or --score-experts FILE)"),
 ])
-def test_train_py_score_options(args, message, tmp_path):
-    proc = run_train(["--deepspeed_config", str(write_ds_config(tmp_path / "c.json")), *args])
+def test_train_py_score_options(args, message, tmp_path, monkeypatch):
+    proc = train_refusal(["--deepspeed_config", str(write_ds_config(tmp_path / "c.json")), *args], monkeypatch)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-1000:]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (ROOT, bf16_ds_config, check_ok, launch_env, launcher, refused_by_train_main, run_train,
+from conftest import (ROOT, bf16_ds_config, check_ok, launch_env, launcher, run_train, train_refusal,
                       write_ds_config)
 from ds_upcycle.checkpoint import read_metrics
 from ds_upcycle.moe.names import moe_prefix, router_bias
@@ -116,7 +116,7 @@ def test_bias_update_uses_load_summed_over_ranks(tmp_path):
     (["--load", "no-such-checkpoint"], "checkpoint not found: no-such-checkpoint"),
     (["--set", "num_experts=6", "--ep-size", "4"], "num_experts 6 is not divisible by --ep-size 4"),
 ])
-def test_bad_input_gives_one_line(tmp_path, train_args, extra, message, monkeypatch, capsys):
+def test_bad_input_gives_one_line(tmp_path, train_args, extra, message, monkeypatch):
     """train.py's main in this process: each refusal comes before the processes meet and before
     anything is written. The launched path of a refusal is
     test_world_size_not_divisible_by_ep_size's."""
@@ -124,9 +124,9 @@ def test_bad_input_gives_one_line(tmp_path, train_args, extra, message, monkeypa
     if "--ep-size" in extra:
         monkeypatch.setenv("WORLD_SIZE", "4")
     args = train_args(cfg, 2, *extra, "--save", str(tmp_path / "run"))
-    assert refused_by_train_main(args, monkeypatch) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"train.py: error: {message}") and err.count("\n") == 1, err
+    proc = train_refusal(args, monkeypatch)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"train.py: error: {message}") and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "run").exists()
 
 
