@@ -53,8 +53,6 @@ def test_task_names_are_checked(manager):
 
 
 def test_synthetic_tasks_on_other_data_say_what_to_run():
-    from ds_upcycle.evaluation.synthetic import spec_from_source
-
     with pytest.raises(UserError, match=r"data ds-upcycle does not know \(an import\): name lm-eval tasks with "
                                         r"--tasks, e.g. --tasks paper11"):
         spec_from_source(None)
