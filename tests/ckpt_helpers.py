@@ -15,10 +15,11 @@ def load_pt(path: Path):
     return torch.load(path, weights_only=False)
 
 
-def run_worker(jobs: list[dict], world: int, ep_size: int, jobs_file: Path) -> None:
+def run_worker(jobs: list[dict], world: int, jobs_file: Path) -> None:
+    """The oracle (tests/workers/checkpoint_worker.py) on `world` processes, for every job at once."""
     jobs_file.write_text(json.dumps(jobs))
     script = str(ROOT / "tests" / "workers" / "checkpoint_worker.py")
-    check_ok(subprocess.run([*launcher(world), script, "--ep-size", str(ep_size), str(jobs_file)], cwd=ROOT,
+    check_ok(subprocess.run([*launcher(world), script, str(jobs_file)], cwd=ROOT,
                             env=launch_env(), capture_output=True, text=True, timeout=600, check=False))
 
 

@@ -79,13 +79,14 @@ def written(workdir, sources, ds_configs) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def oracle(workdir, sources, written, ds_configs) -> dict[str, dict]:
-    """One worker launch per layout loads every checkpoint meant for it; returns merged dumps by name."""
-    jobs: dict[tuple[int, int], list[dict]] = {}
+    """One worker launch per world size loads every checkpoint meant for it, each on its own layout;
+    returns merged dumps by name."""
+    jobs: dict[int, list[dict]] = {}
 
     def add(name: str, ckpt: Path, dp: int, ep: int, stage: int, resave: bool, step: bool) -> None:
-        jobs.setdefault((dp, ep), []).append({
+        jobs.setdefault(dp, []).append({
             "name": name, "ckpt": str(ckpt), "ds_config": str(ds_configs[stage]), "dump": str(workdir / "dump" / name),
-            "resave": str(workdir / "resave" / name) if resave else None, "step": step})
+            "ep_size": ep, "resave": str(workdir / "resave" / name) if resave else None, "step": step})
 
     for name, (dp, ep, stage) in SOURCES.items():
         add(name, sources[name], dp, ep, stage, resave=False, step=False)
@@ -94,9 +95,9 @@ def oracle(workdir, sources, written, ds_configs) -> dict[str, dict]:
     _, dp, ep, stage = EXPANDED
     add("expanded", written["expanded"], dp, ep, stage, resave=True, step=True)
     (workdir / "dump").mkdir()
-    for (dp, ep), layout_jobs in jobs.items():
-        run_worker(layout_jobs, dp, ep, workdir / f"jobs-{dp}-{ep}.json")
-    return {job["name"]: merged_dump(Path(job["dump"]), dp) for (dp, _), js in jobs.items() for job in js}
+    for dp, world_jobs in jobs.items():
+        run_worker(world_jobs, dp, workdir / f"jobs-{dp}.json")
+    return {job["name"]: merged_dump(Path(job["dump"]), dp) for dp, js in jobs.items() for job in js}
 
 
 # -- against stock DeepSpeed -------------------------------------------------------------------

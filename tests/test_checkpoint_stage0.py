@@ -69,12 +69,12 @@ def written(workdir, sources) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def oracle(workdir, sources, written, ds_config) -> dict[str, dict]:
-    jobs: dict[tuple[int, int], list[dict]] = {}
+    jobs: dict[int, list[dict]] = {}
 
     def add(name: str, ckpt: Path, dp: int, ep: int, resave: bool) -> None:
-        jobs.setdefault((dp, ep), []).append({
+        jobs.setdefault(dp, []).append({
             "name": name, "ckpt": str(ckpt), "ds_config": str(ds_config), "dump": str(workdir / "dump" / name),
-            "resave": str(workdir / "resave" / name) if resave else None, "step": resave})
+            "ep_size": ep, "resave": str(workdir / "resave" / name) if resave else None, "step": resave})
 
     for name, (dp, ep) in SOURCES.items():
         add(name, sources[name], dp, ep, resave=False)
@@ -83,9 +83,9 @@ def oracle(workdir, sources, written, ds_config) -> dict[str, dict]:
     add("duplicated", written["duplicated"], 2, 2, resave=True)
     add("expanded", written["expanded"], 1, 1, resave=True)
     (workdir / "dump").mkdir()
-    for (dp, ep), layout_jobs in jobs.items():
-        run_worker(layout_jobs, dp, ep, workdir / f"jobs-{dp}-{ep}.json")
-    return {job["name"]: merged_dump(Path(job["dump"]), dp) for (dp, _), js in jobs.items() for job in js}
+    for dp, world_jobs in jobs.items():
+        run_worker(world_jobs, dp, workdir / f"jobs-{dp}.json")
+    return {job["name"]: merged_dump(Path(job["dump"]), dp) for dp, js in jobs.items() for job in js}
 
 
 @pytest.mark.parametrize("name", SOURCES)
@@ -158,7 +158,7 @@ def test_stage0_tied_embeddings_reshard(tmp_path, ds_config, data_cache):
     write_checkpoint(reader, out, TAG, 2, 2)
     assert read_checkpoint(out).meta.shared_params == reader.meta.shared_params
     run_worker([{"name": "tied", "ckpt": str(out), "ds_config": str(ds_config), "dump": str(tmp_path / "tied"),
-                 "resave": str(tmp_path / "resave"), "step": True}], 2, 2, tmp_path / "jobs.json")
+                 "ep_size": 2, "resave": str(tmp_path / "resave"), "step": True}], 2, tmp_path / "jobs.json")
     dump = merged_dump(tmp_path / "tied", 2)
     assert_same_params(named_param_states(reader), dump)
     assert dump["train_step"]["params_moved"] == dump["train_step"]["params"]

@@ -79,13 +79,13 @@ EXPANSIONS = {
 @pytest.fixture(scope="module")
 def loaded(work, bf16_source) -> dict:
     """Every expansion of EXPANSIONS (and a bf16 one) written by `ds-upcycle expand`, then loaded with
-    stock `engine.load_checkpoint` together with its source: one oracle launch per layout."""
+    stock `engine.load_checkpoint` together with its source: one oracle launch per world size."""
     root = work["root"]
     procs, jobs = {}, {}
 
     def add(name, ckpt, world, ep, step, cfg):
-        jobs.setdefault((world, ep), []).append({"name": name, "ckpt": str(ckpt), "ds_config": str(cfg),
-                                                 "dump": str(root / "dump" / name), "resave": None, "step": step})
+        jobs.setdefault(world, []).append({"name": name, "ckpt": str(ckpt), "ds_config": str(cfg), "ep_size": ep,
+                                           "dump": str(root / "dump" / name), "resave": None, "step": step})
 
     add("source", work["src"], 2, 2, False, work["cfg"])
     for name, (args, world, ep, _, step) in EXPANSIONS.items():
@@ -98,9 +98,9 @@ def loaded(work, bf16_source) -> dict:
     if procs["bf16"].returncode == 0:
         add("bf16", root / "bf16", 1, 1, True, bf16_source["cfg"])
     (root / "dump").mkdir()
-    for (world, ep), layout_jobs in jobs.items():
-        run_worker(layout_jobs, world, ep, root / f"jobs-{world}-{ep}.json")
-    dumps = {job["name"]: merged_dump(Path(job["dump"]), world) for (world, _), js in jobs.items() for job in js}
+    for world, world_jobs in jobs.items():
+        run_worker(world_jobs, world, root / f"jobs-{world}.json")
+    dumps = {job["name"]: merged_dump(Path(job["dump"]), world) for world, js in jobs.items() for job in js}
     return {"procs": procs, "dumps": dumps}
 
 

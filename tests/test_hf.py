@@ -200,7 +200,7 @@ def test_imported_checkpoint_is_what_deepspeed_saves(tmp_path, sp_model, dtype):
     assert not list(tag.glob("zero_pp_rank_*")) and (tag / "expp_rank_0_mp_rank_00_optim_states.pt").is_file()
     (tmp_path / "ds.json").write_text(json.dumps(MODULE_ONLY_CONFIG))
     run_worker([{"ckpt": str(tmp_path / "ckpt"), "ds_config": str(tmp_path / "ds.json"), "dump": str(tmp_path / "dump"),
-                 "resave": str(tmp_path / "resave"), "scheduler": False, "module_dtype": dtype}], 1, 1,
+                 "resave": str(tmp_path / "resave"), "scheduler": False, "module_dtype": dtype}], 1,
                tmp_path / "jobs.json")
     assert_deepspeed_saves_the_same(tag, tmp_path / "resave" / "imported")
     stored = read_module_weights(tag)

@@ -1,13 +1,13 @@
 """Oracle for checkpoint I/O: load checkpoints with stock `engine.load_checkpoint` on this layout.
 
-    [deepspeed --num_gpus N] checkpoint_worker.py --ep-size P JOBS.json
+    [deepspeed --num_gpus N] checkpoint_worker.py JOBS.json
 
-JOBS.json is a list of {"ckpt", "ds_config", "dump", "resave" (or null), "step" (bool), "scheduler"
+JOBS.json is a list of {"ckpt", "ds_config", "dump", "ep_size" (default 1), "resave" (or null), "step"
+(bool), "scheduler"
 (bool, default true: false for a checkpoint saved without an LR scheduler), "module_dtype" (default
 float32: the model's parameters are cast to it before initialize, as a script without an optimizer
-would)}. A
-ds_config without an optimizer builds an engine without one. For each
-job every rank builds the model the checkpoint describes, loads it, and writes `<dump>.rank<r>.pt`:
+would)}. A ds_config without an optimizer builds an engine without one. Jobs of different ep_size
+share a launch: DeepSpeed keeps one expert-parallel group per size, by name. For each job every rank builds the model the checkpoint describes, loads it, and writes `<dump>.rank<r>.pt`:
 every parameter's fp32 master weight and Adam moments through DeepSpeed's own accessors
 (safe_get_full_*), module weights and buffers under layout-independent names, and the restored
 scheduler, client state and step. With "resave" it then saves the engine again with
@@ -72,9 +72,9 @@ def training_step(engine, model: Transformer, seed: int) -> dict:
     return {"loss": loss.item(), "params_moved": moved, "params": len(before)}
 
 
-def run_job(job: dict, ep_size: int, index: int) -> None:
+def run_job(job: dict, index: int) -> None:
     ref = find_checkpoint(job["ckpt"])
-    cfg = ref.model_config
+    cfg, ep_size = ref.model_config, job.get("ep_size", 1)
     model = Transformer(cfg, ep_size=ep_size, ep_rank=comm.rank() % ep_size)
     for param in model.parameters():  # buffers (routing biases) stay fp32
         param.data = param.data.to(getattr(torch, job.get("module_dtype", "float32")))
@@ -107,13 +107,12 @@ def run_job(job: dict, ep_size: int, index: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--local_rank", type=int)
-    parser.add_argument("--ep-size", type=int, default=1)
     parser.add_argument("jobs")
     args = parser.parse_args()
     comm.single_process_env()
     comm.init_distributed(dist_backend="gloo")
     for index, job in enumerate(json.loads(Path(args.jobs).read_text())):
-        run_job(job, args.ep_size, index)
+        run_job(job, index)
     comm.shutdown()
 
 
