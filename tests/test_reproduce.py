@@ -183,9 +183,10 @@ def test_cpt_batch_split_takes_smaller_steps_over_the_same_tokens():
 
 def test_miniature_experiment_end_to_end(tmp_path, data_cache):
     config = tmp_path / "mini.json"
-    # grad_sq at 25% (beside uniform) and 50% CPT, and the control: every kind of stage, each once
-    # (a cpt_sweep arm is one more of the same stages; make_plan's tests cover the sweep's planning)
-    config.write_text(json.dumps(MINI))
+    # grad_sq at 25% and 50% CPT, and the control: every kind of stage, each once (a selection arm,
+    # uniform beside grad_sq, is one more of the same stages; make_plan's tests cover its planning)
+    mini = {**MINI, "selection_cpt_fraction": None, "cpt_sweep": [0.25]}
+    config.write_text(json.dumps(mini))
     out = tmp_path / "exp"
     proc = _reproduce(config, out, data_cache)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -288,6 +289,6 @@ def test_miniature_experiment_end_to_end(tmp_path, data_cache):
 
     # The same directory refuses a different experiment.
     other = tmp_path / "other.json"
-    other.write_text(json.dumps({**MINI, "total_steps": 20}))
+    other.write_text(json.dumps({**mini, "total_steps": 20}))
     refused = _reproduce(other, out, data_cache)
     assert refused.returncode == 2 and "different config (total_steps differ)" in refused.stderr
