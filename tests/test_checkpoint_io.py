@@ -2,9 +2,11 @@
 
 The oracle is DeepSpeed itself (tests/workers/checkpoint_worker.py): a checkpoint loaded with
 `engine.load_checkpoint` on a layout, every parameter read back with `safe_get_full_*`. Sources
-are trained with train.py for a few steps on (dp, ep) in {(1,1), (2,1), (2,2)} with ZeRO 1 and 2;
-the model is interleaved (MoE module index != block index) with widths that make DeepSpeed pad
-the flat groups, so the padding rules are exercised.
+are trained with train.py for a few steps on (dp, ep) in {(1,1), (2,1), (2,2)}; the model is
+interleaved (MoE module index != block index) with widths that make DeepSpeed pad the flat groups,
+so the padding rules are exercised. ZeRO 1 and 2 save the same files (one optimizer class,
+DeepSpeedZeroOptimizer, writes both; only the recorded stage differs), so four sources cover the
+six pairs of stage and layout: every layout, and each stage on two processes with padding.
 """
 
 import copy
@@ -29,14 +31,13 @@ from ds_upcycle.model import Transformer
 
 TAG = "global_step3"
 # name: (data-parallel size, ep_size, ZeRO stage)
-SOURCES = {"z1-dp1-ep1": (1, 1, 1), "z2-dp1-ep1": (1, 1, 2), "z1-dp2-ep1": (2, 1, 1),
-           "z2-dp2-ep1": (2, 1, 2), "z1-dp2-ep2": (2, 2, 1), "z2-dp2-ep2": (2, 2, 2)}
+SOURCES = {"z1-dp1-ep1": (1, 1, 1), "z2-dp2-ep1": (2, 1, 2), "z1-dp2-ep2": (2, 2, 1), "z2-dp2-ep2": (2, 2, 2)}
 # name: (source, target dp, target ep, ZeRO stage of the target config)
-RESHARDS = {"z2-dp1-ep1-to-dp2-ep2": ("z2-dp1-ep1", 2, 2, 2),
+RESHARDS = {"z1-dp1-ep1-to-dp2-ep2": ("z1-dp1-ep1", 2, 2, 2),   # and ZeRO-1 -> ZeRO-2
             "z1-dp2-ep2-to-dp1-ep1": ("z1-dp2-ep2", 1, 1, 2),   # and ZeRO-1 -> ZeRO-2
             "z2-dp2-ep1-to-dp2-ep2": ("z2-dp2-ep1", 2, 2, 2),
             "z1-dp2-ep2-to-dp2-ep1": ("z1-dp2-ep2", 2, 1, 1)}
-EXPANDED = ("z1-dp2-ep1", 2, 2, 2)   # 4 -> 8 experts, written for dp 2, ep 2
+EXPANDED = ("z2-dp2-ep1", 2, 2, 2)   # 4 -> 8 experts, written for dp 2, ep 2
 
 
 # -- fixtures: train sources, write targets, load everything with stock DeepSpeed --------------

@@ -3,6 +3,7 @@ mixtral: AutoEP's mixtral preset), plus the one call of ds_upcycle.moe.autoep wh
 
     [deepspeed --num_gpus N] autoep_stock.py --out OUT.json [--balance U] [--steps S] [--save DIR] [--load DIR]
         [--num-experts E] [--autoep-size P] [--dump FILE] [--zero-stage Z] [--bf16] [--family F]
+        [--continue-steps N]
 
 The script is what a user writes (the preset, no ds-upcycle model). For the tests it also records,
 independently of the balancer, which experts the routers chose in every training step (a forward
@@ -10,7 +11,9 @@ hook on each AutoEP router, summed over processes), the bias after every step, t
 micro-batch, and with --save the expert_bias entries of the saved model-states file. With --dump,
 after loading (or, without --load, before saving) every process writes FILE.rank<R>: the fp32
 master weight and Adam moments of every router and of every expert it holds, by global expert id,
-through DeepSpeed's own safe_get_full_* accessors.
+through DeepSpeed's own safe_get_full_* accessors. With --continue-steps, after saving it trains N more
+steps on data drawn as a new job draws it: the losses a job that loads the checkpoint on this layout
+must take.
 """
 
 import argparse
@@ -82,6 +85,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--family", choices=("qwen3_moe", "mixtral"), default="qwen3_moe",
                         help="the transformers class and AutoEP preset")
+    parser.add_argument("--continue-steps", type=int, default=0)
     args = parser.parse_args()
 
     patch_transformers_registry()
@@ -115,23 +119,27 @@ def main() -> None:
         return [layer.expert_bias.tolist() if layer.expert_bias is not None else None for layer in layers]
 
     record = {"world": world, "bias_at_start": biases(), "loads": [], "bias": [], "losses": []}
-    gen = torch.Generator().manual_seed(1 + engine.global_rank)
-    for _ in range(args.steps):
-        chosen.zero_()
-        for _ in range(engine.gradient_accumulation_steps()):
-            ids = torch.randint(0, args.token_ids, (2, 16), generator=gen)
-            loss = engine(input_ids=ids, labels=ids).loss
-            record["losses"].append(loss.item())
-            engine.backward(loss)
-            engine.step()
-        with torch.no_grad():  # an eval pass between steps: the balancer must not count it
-            engine.eval()
-            engine(input_ids=torch.randint(0, 128, (2, 16), generator=gen))
-            engine.train()
-        total = chosen.clone()
-        dist.all_reduce(total)
-        record["loads"].append(total.tolist())
-        record["bias"].append(biases())
+
+    def train(steps: int, losses: list) -> None:
+        gen = torch.Generator().manual_seed(1 + engine.global_rank)  # every job draws the same data
+        for _ in range(steps):
+            chosen.zero_()
+            for _ in range(engine.gradient_accumulation_steps()):
+                ids = torch.randint(0, args.token_ids, (2, 16), generator=gen)
+                loss = engine(input_ids=ids, labels=ids).loss
+                losses.append(loss.item())
+                engine.backward(loss)
+                engine.step()
+            with torch.no_grad():  # an eval pass between steps: the balancer must not count it
+                engine.eval()
+                engine(input_ids=torch.randint(0, 128, (2, 16), generator=gen))
+                engine.train()
+            total = chosen.clone()
+            dist.all_reduce(total)
+            record["loads"].append(total.tolist())
+            record["bias"].append(biases())
+
+    train(args.steps, record["losses"])
     if balancer is not None:
         record["last_load"] = balancer.last_load
     if args.dump and not args.load:
@@ -140,6 +148,9 @@ def main() -> None:
         engine.save_checkpoint(args.save, tag="t")
         saved = torch.load(Path(args.save) / "t" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
         record["saved_bias"] = {k: v.tolist() for k, v in saved.items() if k.endswith("expert_bias")}
+        if args.continue_steps:
+            record["continued_losses"] = []
+            train(args.continue_steps, record["continued_losses"])
     if engine.global_rank == 0:
         Path(args.out).write_text(json.dumps(record))
     dist.barrier()
