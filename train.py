@@ -17,6 +17,7 @@ warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is depreca
 
 from ds_upcycle import comm  # noqa: E402
 from ds_upcycle.errors import UserError  # noqa: E402
+from ds_upcycle.quick_exit import exit_process  # noqa: E402
 from ds_upcycle.training.args import configs_from_args, parse_args, score_config_from_args  # noqa: E402
 from ds_upcycle.training.loop import read_ds_config, run_training  # noqa: E402
 from ds_upcycle.training.scoring import run_scoring  # noqa: E402
@@ -47,4 +48,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

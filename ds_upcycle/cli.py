@@ -17,6 +17,7 @@ from .choices import ALLOCATIONS, EXPORT_DTYPES, OPTIMIZER_STATE_MODES, SELECTIO
 from .config import PRESETS, count_parameters
 from .data.config import DataConfig
 from .errors import UserError, user_errors
+from .quick_exit import exit_process
 from .evaluation.cli import compare_command, eval_command
 from .upcycle.config import ExpandConfig, parse_layers
 
@@ -279,5 +280,15 @@ def _seed_list(text: str | None) -> tuple[int, ...] | None:
 main.add_command(eval_command)
 main.add_command(compare_command)
 
+
+def run() -> None:
+    """The `ds-upcycle` entry point: the command, then its exit status without the interpreter's
+    final collections (ds_upcycle.quick_exit; click ends every command with SystemExit)."""
+    try:
+        main()
+    except SystemExit as done:
+        exit_process(done.code)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -7,11 +7,10 @@ then hands the command line to lm-eval unchanged. lm-eval releases that read the
 entry-point group (declared in setup.cfg) find the model with a plain `lm_eval --model ds-upcycle`.
 """
 
-import sys
-
 from lm_eval.__main__ import cli_evaluate
 
 from .evaluation import lm_model  # noqa: F401  (registers "ds-upcycle" with lm-eval)
+from .quick_exit import exit_process
 
 if __name__ == "__main__":
-    sys.exit(cli_evaluate())
+    exit_process(cli_evaluate())

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ds_upcycle"
 # Component (first name under ds_upcycle/) -> layer; an import must go to a lower layer or stay
 # inside its own component.
 LAYERS = {
-    "__init__": 0, "choices": 0, "errors": 0, "trust": 0, "cache": 0, "accelerator": 0,
+    "__init__": 0, "choices": 0, "errors": 0, "trust": 0, "cache": 0, "accelerator": 0, "quick_exit": 0,
     "atomic": 1, "comm": 1, "config": 1, "dtypes": 1,
     "data": 2, "moe": 2,
     "model": 3,
