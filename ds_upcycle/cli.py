@@ -17,8 +17,8 @@ from .choices import ALLOCATIONS, EXPORT_DTYPES, OPTIMIZER_STATE_MODES, SELECTIO
 from .config import PRESETS, count_parameters
 from .data.config import DataConfig
 from .errors import UserError, user_errors
-from .quick_exit import exit_process
 from .evaluation.cli import compare_command, eval_command
+from .quick_exit import exit_process
 from .upcycle.config import ExpandConfig, parse_layers
 
 

@@ -27,4 +27,3 @@ def test_exit_status_atexit_and_buffered_output_survive(tmp_path):
         assert proc.returncode == status
         assert proc.stdout == "buffered, no newline" and proc.stderr == "atexit ran\n"
         assert (tmp_path / "out").read_text() == "written"
-
