@@ -11,9 +11,9 @@ hook on each AutoEP router, summed over processes), the bias after every step, t
 micro-batch, and with --save the expert_bias entries of the saved model-states file. With --dump,
 after loading (or, without --load, before saving) every process writes FILE.rank<R>: the fp32
 master weight and Adam moments of every router and of every expert it holds, by global expert id,
-through DeepSpeed's own safe_get_full_* accessors. With --continue-steps, after saving it trains N more
-steps on data drawn as a new job draws it: the losses a job that loads the checkpoint on this layout
-must take.
+through DeepSpeed's own safe_get_full_* accessors. With --continue-steps, after the steps (and the
+save) it trains N more on data drawn as a new job draws it, recorded as continued_losses (their loads
+and biases join the others): the losses a job that loads the checkpoint on this layout must take.
 """
 
 import argparse
@@ -149,9 +149,9 @@ def main() -> None:
         engine.save_checkpoint(args.save, tag="t")
         saved = torch.load(Path(args.save) / "t" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
         record["saved_bias"] = {k: v.tolist() for k, v in saved.items() if k.endswith("expert_bias")}
-        if args.continue_steps:
-            record["continued_losses"] = []
-            train(args.continue_steps, record["continued_losses"])
+    if args.continue_steps:
+        record["continued_losses"] = []
+        train(args.continue_steps, record["continued_losses"])
     if engine.global_rank == 0:
         Path(args.out).write_text(json.dumps(record))
     dist.barrier()
