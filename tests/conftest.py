@@ -1,6 +1,7 @@
 import base64
 import contextlib
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -10,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import traceback
+import unittest.mock
 from pathlib import Path
 from typing import NamedTuple
 
@@ -66,14 +68,61 @@ def launch_env(env: dict | None = None) -> dict:
 
 def run_train(args: list[str], num_procs: int = 0, cwd: Path = ROOT, timeout: int = 600,
               env: dict | None = None, runner: bool = False) -> subprocess.CompletedProcess:
-    """Run train.py: plain python (num_procs=0) or on num_procs processes (`launcher`); with runner,
-    through the `deepspeed` command as a user would."""
+    """Run train.py: on one process, its main in this one (train_in_process); on num_procs processes,
+    through DeepSpeed's launcher (`launcher`), or with runner through the `deepspeed` command as a
+    user would."""
+    if num_procs <= 1 and not runner:
+        return train_in_process(args, cwd, env)
     if runner:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs),
                "--master_port", str(free_port()), str(ROOT / "train.py"), *args]
     else:
         cmd = [*launcher(num_procs), str(ROOT / "train.py"), *args]
     return subprocess.run(cmd, cwd=cwd, env=launch_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+@functools.cache
+def train_main():
+    return runpy.run_path(str(ROOT / "train.py"))["main"]
+
+
+@contextlib.contextmanager
+def one_process_launch(cwd: Path = ROOT, env: dict | None = None):
+    """This process as a one-process launch sees it, for the duration of the block: launch_env's
+    environment, one torch thread, the working directory; all three restored after. A launch spends
+    seconds importing and tearing down torch and DeepSpeed around a tiny job that takes a fraction
+    of one (a 1-process 8-step train.py run, one measurement: 6.2 s launched, 0.5 s here once warm).
+    A world-size-1 process group the block starts stays up for the next (what it costs a process
+    to tear one down is what the launched tests and the stages of `reproduce` cover)."""
+    environ, threads, here = dict(os.environ), torch.get_num_threads(), os.getcwd()
+    launched = launch_env(env)
+    os.environ.clear()
+    os.environ.update(launched)
+    torch.set_num_threads(1)
+    os.chdir(cwd)
+    try:
+        with unittest.mock.patch.object(comm, "shutdown", lambda: None):
+            yield
+    finally:
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.set_num_threads(threads)
+
+
+def train_in_process(args: list[str], cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """train.py's main in this process (one_process_launch), its output captured, an escaping
+    exception as the traceback and exit status 1 a user would get."""
+    out, err = io.StringIO(), io.StringIO()
+    with one_process_launch(cwd, env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = train_main()(args)
+        except SystemExit as exit:  # argparse's refusals
+            status = exit.code if isinstance(exit.code, int) else 2
+        except Exception:  # noqa: BLE001  (what the process would print before exiting 1)
+            traceback.print_exc()
+            status = 1
+    return subprocess.CompletedProcess(["train.py", *args], status, out.getvalue(), err.getvalue())
 
 
 def shared_base(tmp_path_factory) -> Path:
@@ -168,15 +217,16 @@ def cli_in_process(*args: str) -> CliResult:
 
 def train_refusal(argv: list[str], monkeypatch) -> CliResult:
     """train.py's main run in this process, for an input it must refuse before the processes meet:
-    fails the test if it gets as far as initialising the process group. Its exit status and output."""
+    fails the test if it gets as far as initialising the process group. Its exit status and output.
+    The guard ends with the call (a test may go on to train)."""
     def meets(*args, **kwargs):
         raise AssertionError("train.py initialised the process group before refusing")
 
-    monkeypatch.setattr(comm, "init_distributed", meets)
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with monkeypatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch.setattr(comm, "init_distributed", meets)
         try:
-            status = runpy.run_path(str(ROOT / "train.py"))["main"](argv)
+            status = train_main()(argv)
         except SystemExit as exit:  # argparse's own refusals
             status = exit.code
     return CliResult(status, out.getvalue(), err.getvalue())
@@ -191,10 +241,20 @@ AUTOEP_STOCK = str(ROOT / "tests" / "workers" / "autoep_stock.py")
 
 
 def run_autoep_stock(out: Path, *args: str, procs: int = 1) -> dict:
-    """The stock AutoEP script (tests/workers/autoep_stock.py) on `procs` processes; its record."""
-    check_ok(subprocess.run([*launcher(procs), AUTOEP_STOCK, "--out", str(out), *args], cwd=ROOT, env=launch_env(),
-                            capture_output=True, text=True, timeout=600))
+    """The stock AutoEP script (tests/workers/autoep_stock.py) on `procs` processes (one: its main in
+    this process, one_process_launch); its record."""
+    if procs == 1:
+        with one_process_launch():
+            autoep_stock_main()(["--out", str(out), *args])
+    else:
+        check_ok(subprocess.run([*launcher(procs), AUTOEP_STOCK, "--out", str(out), *args], cwd=ROOT,
+                                env=launch_env(), capture_output=True, text=True, timeout=600))
     return json.loads(Path(out).read_text())
+
+
+@functools.cache
+def autoep_stock_main():
+    return runpy.run_path(AUTOEP_STOCK)["main"]
 
 
 # The trained source of the expansion tests: what its training run was given besides tiny_run_args.
@@ -238,8 +298,9 @@ def bf16_source(shared_root, data_cache) -> dict:
 # Files that take minutes go first, longest first (as measured in a 2-worker run), so that
 # with several workers (scripts/test.sh runs pytest-xdist, a whole file per worker, in collection
 # order) no worker is left running a long file alone at the end.
-LONG_FILES = ("test_autoep_checkpoint.py", "test_eval_tasks.py", "test_expand.py", "test_autoep_train.py",
-              "test_reproduce_seeds.py", "test_hf.py", "test_train.py", "test_reproduce.py", "test_checkpoint_io.py")
+LONG_FILES = ("test_eval_tasks.py", "test_autoep_checkpoint.py", "test_reproduce.py", "test_reproduce_seeds.py",
+              "test_autoep_train.py", "test_expand.py", "test_checkpoint_io.py", "test_hf.py", "test_train.py",
+              "test_checkpoint_stage0.py", "test_scoring.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -68,7 +68,7 @@ def dump_state(engine, layers, path: str) -> None:
     torch.save(state, f"{path}.rank{engine.global_rank}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--local_rank", type=int)
     parser.add_argument("--out", required=True)
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--family", choices=("qwen3_moe", "mixtral"), default="qwen3_moe",
                         help="the transformers class and AutoEP preset")
     parser.add_argument("--continue-steps", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     patch_transformers_registry()
     comm.single_process_env()  # the test's plumbing: one process without a launcher
