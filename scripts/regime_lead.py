@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="a named reproduce config or a config file")
     parser.add_argument("--seeds", required=True, help="comma-separated, e.g. 0,1,2,3")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--data", default=None, help="the data source, for a config that names none (pd-english)")
     parser.add_argument("--data-cache", default=None)
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (each one process)")
     parser.add_argument("--upcycled", action="store_true", help="also run and report the main upcycled arm")
@@ -143,7 +144,7 @@ def main() -> None:
                         help="validation sequences of the final evaluation (default: the config's final_val_samples)")
     args = parser.parse_args()
     try:
-        base = load_config(args.config)
+        base = load_config(args.config, **({'data': args.data} if args.data else {}))
         seeds = [int(s) for s in args.seeds.split(",")]
         exps = [Experiment(dataclasses.replace(base, seed=s, seeds=()), Path(args.out) / f"seed-{s}",
                            args.data_cache) for s in seeds]
