@@ -144,7 +144,7 @@ def main() -> None:
                         help="validation sequences of the final evaluation (default: the config's final_val_samples)")
     args = parser.parse_args()
     try:
-        base = load_config(args.config, **({'data': args.data} if args.data else {}))
+        base = load_config(args.config, **({"data": args.data} if args.data else {}))
         seeds = [int(s) for s in args.seeds.split(",")]
         exps = [Experiment(dataclasses.replace(base, seed=s, seeds=()), Path(args.out) / f"seed-{s}",
                            args.data_cache) for s in seeds]
