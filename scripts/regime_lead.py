@@ -145,6 +145,8 @@ def main() -> None:
     args = parser.parse_args()
     try:
         base = load_config(args.config, **({"data": args.data} if args.data else {}))
+        if base.data is None:
+            raise UserError(f"config {base.name} needs --data: the directory or file of text to train on")
         seeds = [int(s) for s in args.seeds.split(",")]
         exps = [Experiment(dataclasses.replace(base, seed=s, seeds=()), Path(args.out) / f"seed-{s}",
                            args.data_cache) for s in seeds]
