@@ -1,14 +1,12 @@
 """Helpers shared by the checkpoint tests: the stock-DeepSpeed oracle worker, comparisons, file digests."""
 
 import json
-import runpy
 import subprocess
 from pathlib import Path
 
 import torch
 
-from conftest import ROOT, SMALL_DATA, check_ok, launch_env, launcher, one_process_launch
-from ds_upcycle import comm
+from conftest import ROOT, SMALL_DATA, check_ok, launch_env, launcher, one_process_launch, script_function
 from ds_upcycle.checkpoint import CheckpointState, NonExpertState, ParamState
 from ds_upcycle.moe.names import router_bias, router_weight
 
@@ -17,7 +15,7 @@ def load_pt(path: Path):
     return torch.load(path, weights_only=False)
 
 
-WORKER = ROOT / "tests" / "workers" / "checkpoint_worker.py"
+WORKER = str(ROOT / "tests" / "workers" / "checkpoint_worker.py")
 
 
 def run_worker(jobs: list[dict], world: int, jobs_file: Path) -> None:
@@ -25,14 +23,10 @@ def run_worker(jobs: list[dict], world: int, jobs_file: Path) -> None:
     on one, its jobs in this process (conftest's one_process_launch)."""
     jobs_file.write_text(json.dumps(jobs))
     if world == 1:
-        run_job = runpy.run_path(str(WORKER))["run_job"]
         with one_process_launch():
-            comm.single_process_env()
-            comm.init_distributed(dist_backend="gloo")
-            for index, job in enumerate(jobs):
-                run_job(job, index)
+            script_function(WORKER, "run_jobs")(jobs)
         return
-    check_ok(subprocess.run([*launcher(world), str(WORKER), str(jobs_file)], cwd=ROOT,
+    check_ok(subprocess.run([*launcher(world), WORKER, str(jobs_file)], cwd=ROOT,
                             env=launch_env(), capture_output=True, text=True, timeout=600, check=False))
 
 

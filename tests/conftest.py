@@ -82,8 +82,13 @@ def run_train(args: list[str], num_procs: int = 0, cwd: Path = ROOT, timeout: in
 
 
 @functools.cache
+def script_function(path: str, name: str):
+    """A function of a script (train.py, a test worker), the script read once per test process."""
+    return runpy.run_path(path)[name]
+
+
 def train_main():
-    return runpy.run_path(str(ROOT / "train.py"))["main"]
+    return script_function(str(ROOT / "train.py"), "main")
 
 
 @contextlib.contextmanager
@@ -245,16 +250,11 @@ def run_autoep_stock(out: Path, *args: str, procs: int = 1) -> dict:
     this process, one_process_launch); its record."""
     if procs == 1:
         with one_process_launch():
-            autoep_stock_main()(["--out", str(out), *args])
+            script_function(AUTOEP_STOCK, "main")(["--out", str(out), *args])
     else:
         check_ok(subprocess.run([*launcher(procs), AUTOEP_STOCK, "--out", str(out), *args], cwd=ROOT,
                                 env=launch_env(), capture_output=True, text=True, timeout=600))
     return json.loads(Path(out).read_text())
-
-
-@functools.cache
-def autoep_stock_main():
-    return runpy.run_path(AUTOEP_STOCK)["main"]
 
 
 # The trained source of the expansion tests: what its training run was given besides tiny_run_args.

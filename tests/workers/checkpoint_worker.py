@@ -110,11 +110,16 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int)
     parser.add_argument("jobs")
     args = parser.parse_args()
+    run_jobs(json.loads(Path(args.jobs).read_text()))
+    comm.shutdown()
+
+
+def run_jobs(jobs: list[dict]) -> None:
+    """Every job on this process's layout (the tests call it in their own process for one)."""
     comm.single_process_env()
     comm.init_distributed(dist_backend="gloo")
-    for index, job in enumerate(json.loads(Path(args.jobs).read_text())):
+    for index, job in enumerate(jobs):
         run_job(job, index)
-    comm.shutdown()
 
 
 if __name__ == "__main__":
