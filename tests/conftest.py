@@ -252,8 +252,12 @@ def run_autoep_stock(out: Path, *args: str, procs: int = 1) -> dict:
         with one_process_launch():
             script_function(AUTOEP_STOCK, "main")(["--out", str(out), *args])
     else:
-        check_ok(subprocess.run([*launcher(procs), AUTOEP_STOCK, "--out", str(out), *args], cwd=ROOT,
+        command = launcher(procs)
+        port = next(arg.split("=", 1)[1] for arg in command if arg.startswith("--master_port="))
+        check_ok(subprocess.run([*command, AUTOEP_STOCK, "--out", str(out), *args], cwd=ROOT,
                                 env=launch_env(), capture_output=True, text=True, timeout=600))
+        # its ranks' DeepSpeed CPU shared-memory segments (named by the launch's port) went with it
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return json.loads(Path(out).read_text())
 
 
