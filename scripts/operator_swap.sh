@@ -2,8 +2,10 @@
 # The operator swap (docs/RESULTS.md): the upcycled arm of `stream` at 50% CPT under each config
 # given, every one from the same stable-phase source as the plain operator's run in BASE.
 #
-#   bash scripts/operator_swap.sh BASE SEEDS CONFIG...
+#   bash scripts/operator_swap.sh BASE SEEDS CONFIG... [-- REGIME_LEAD_ARGS...]
 #   e.g. bash scripts/operator_swap.sh runs/stream 0,1,2,3 configs/swap-authors.yaml configs/swap-rank.yaml
+#
+# Arguments after `--` go to every regime_lead.py call (--data for a config that names none).
 #
 # BASE is `python scripts/regime_lead.py --config stream --seeds SEEDS --out BASE --upcycled`'s
 # output (Fixed-E, Fixed-mE and the plain arm). Each CONFIG runs in BASE-<config name>, its Fixed-E,
@@ -12,7 +14,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=$(realpath "$1"); seeds=$2; shift 2
-for config in "$@"; do
+configs=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do configs+=("$1"); shift; done
+[ $# -gt 0 ] && shift  # the `--`
+for config in "${configs[@]}"; do
   out="$base-$(basename "$config" .yaml)"
   for seed in ${seeds//,/ }; do
     mkdir -p "$out/seed-$seed"
@@ -20,5 +25,5 @@ for config in "$@"; do
       [ -e "$out/seed-$seed/$arm" ] || ln -s "$base/seed-$seed/$arm" "$out/seed-$seed/$arm"
     done
   done
-  python scripts/regime_lead.py --config "$config" --seeds "$seeds" --out "$out" --upcycled --final-samples 1024
+  python scripts/regime_lead.py --config "$config" --seeds "$seeds" --out "$out" --upcycled --final-samples 1024 "$@"
 done

@@ -55,6 +55,11 @@ def test_named_and_file_configs(tmp_path):
     assert cfg.total_steps == 40 and cfg.model_overrides == ("dim=64",) and cfg.name == "tiny"
     (tmp_path / "c.json").write_text(json.dumps(MINI))
     assert load_config(str(tmp_path / "c.json")).total_steps == 16
+    # a file may start from another file, named relative to its own folder; later files win
+    (tmp_path / "arms").mkdir()
+    (tmp_path / "arms" / "d.yaml").write_text("base: ../c.yaml\nreinit_fraction: 1.0\ntotal_steps: 80\n")
+    derived = load_config(str(tmp_path / "arms" / "d.yaml"))
+    assert derived == dataclasses.replace(cfg, reinit_fraction=1.0, total_steps=80)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -72,6 +77,10 @@ def test_named_and_file_configs(tmp_path):
     ("base: tiny\ngrowth: [[0.33, 6], [0.5, 8]]\n", "the first must be a multiple of Fixed-E's checkpoint interval"),
     ("base: tiny\ngrowth: [0.25, 8]\n", "growth must be a list of [share of T, experts] pairs"),
     ("base: tiny\ntransition: annealed\ngrowth: [[0.25, 8]]\n", "set transition: stable"),
+    ("base: tine\n", "unknown base config 'tine'; choose from tiny, stream"),
+    ("base: [tiny]\n", "base must name a config, got ['tiny']"),
+    ("base: other.yaml\n", "base config file not found"),
+    ("base: bad.yaml\ntotal_steps: 40\n", "its bases come round to"),
 ])
 def test_bad_config_is_one_line(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

@@ -314,6 +314,7 @@ NAMED_CONFIGS["stream-staged"] = dataclasses.replace(NAMED_CONFIGS["stream"], na
                                                      growth=((0.25, 6), (0.5, 8)))
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ReproduceConfig)}
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 def _read_file(path: Path) -> dict:
@@ -337,13 +338,13 @@ def _read_file(path: Path) -> dict:
     return data
 
 
-def config_from_dict(data: dict, origin: str) -> ReproduceConfig:
-    """A config from a mapping; `base: NAME` starts from a named config and changes some fields."""
+def config_from_dict(data: dict, origin: str, bases: tuple[Path, ...] = ()) -> ReproduceConfig:
+    """A config from a mapping read from the file `origin`; `base: NAME` starts from a named config,
+    `base: FILE.yaml` from another config file (relative to origin's folder), and changes some fields.
+    `bases`: the files already on this chain of bases, which must not come round again."""
     data = dict(data)
     base = data.pop("base", None)
-    if base is not None and base not in NAMED_CONFIGS:
-        raise UserError(f"{origin}: unknown base config {base!r}; choose from {', '.join(NAMED_CONFIGS)}")
-    values = dataclasses.asdict(NAMED_CONFIGS[base]) if base else {}
+    values = dataclasses.asdict(base_config(base, origin, bases)) if base is not None else {}
     for key, value in data.items():
         if key not in _FIELDS:
             raise UserError(f"{origin}: unknown field {key!r}{did_you_mean(key, _FIELDS)}")
@@ -359,6 +360,24 @@ def config_from_dict(data: dict, origin: str) -> ReproduceConfig:
         return ReproduceConfig(**values)
     except TypeError as err:
         raise UserError(f"{origin}: {err}") from None
+
+
+def base_config(base, origin: str, bases: tuple[Path, ...]) -> ReproduceConfig:
+    """The config that `base:` in the file `origin` names: a named config or a config file."""
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{origin}: base must name a config, got {base!r}")
+    if base in NAMED_CONFIGS:
+        return NAMED_CONFIGS[base]
+    path = Path(origin).parent / base
+    if path.suffix not in CONFIG_SUFFIXES:
+        raise UserError(f"{origin}: unknown base config {base!r}; choose from {', '.join(NAMED_CONFIGS)} "
+                        f"or give a .yaml/.json file")
+    if not path.is_file():
+        raise UserError(f"{origin}: base config file not found: {path}")
+    chain = (*bases, Path(origin).resolve())
+    if path.resolve() in chain:
+        raise UserError(f"{origin}: its bases come round to {path} again")
+    return config_from_dict(_read_file(path), str(path), chain)
 
 
 def growth_value(value) -> tuple[tuple[float, int], ...]:
@@ -381,7 +400,7 @@ def load_config(name_or_file: str, **changes) -> ReproduceConfig:
         data.update(changes)
         return ReproduceConfig(**data)
     path = Path(name_or_file)
-    if path.suffix not in (".yaml", ".yml", ".json"):
+    if path.suffix not in CONFIG_SUFFIXES:
         raise UserError(f"unknown config {name_or_file!r}{did_you_mean(name_or_file, NAMED_CONFIGS)}; choose from "
                         f"{', '.join(NAMED_CONFIGS)} or give a .yaml/.json file")
     if not path.is_file():
