@@ -173,7 +173,6 @@ def bench_models(cfg, batch: int, seq_len: int, warmup: int, repeats: int, bf16:
     if torch.cuda.is_available():
         figures["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         print(f"  peak GPU memory (both engines) = {figures['peak_gpu_memory_gib']:.1f} GiB")
-    del engines
     return figures
 
 

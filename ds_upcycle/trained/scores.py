@@ -29,7 +29,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..atomic import write_json_atomic
-from ..choices import GRADIENT_FREE_RULES, SELECTION_RULES
+from ..choices import SELECTION_RULES
 from ..errors import UserError
 
 FISHER_EPS = 1e-12
