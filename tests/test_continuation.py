@@ -72,6 +72,30 @@ def test_fresh_schedule_takes_every_setting_from_the_command_line(tmp_path, data
     assert {(g["weight_decay"], tuple(g["betas"])) for g in groups} == {(0.5, (0.8, 0.9))}
 
 
+def test_new_stage_keeping_its_data_position_trains_on_the_batches_that_came_next(tmp_path, data_cache):
+    """A new stage on the run's own split with --keep-data-position (reproduce's cpt_data "pretrain")
+    takes the batches the run it starts from would have taken next: with that run's schedule from
+    there on, it is that run, loss for loss."""
+    cfg = write_ds_config(tmp_path / "ds.json", micro_batch=4)
+    full, branch = tmp_path / "full", tmp_path / "branch"
+    check_ok(run_train(tiny_run_args(cfg, 12, data_cache, "--save", str(full), "--save-interval", "6",
+                                     "--warmup-steps", "1", "--decay-fraction", "0.25")))
+    shutil.copytree(full / "global_step6", branch / "global_step6")
+    (branch / "latest").write_text("global_step6")
+    for keep in ("--keep-data-position", None):
+        check_ok(run_train(tiny_run_args(cfg, 6, data_cache, "--load", str(branch), "--save", str(tmp_path / str(keep)),
+                                         "--split", "pretrain", "--fresh-schedule", "--warmup-steps", "0",
+                                         "--decay-fraction", "0.5", *([keep] if keep else []))))
+    reference = read_metrics(full / "metrics.jsonl")[6:]
+    kept = read_metrics(tmp_path / "--keep-data-position" / "metrics.jsonl")
+    restarted = read_metrics(tmp_path / "None" / "metrics.jsonl")
+    assert [r["step"] for r in kept] == [r["step"] for r in reference] == list(range(7, 13))
+    assert [r["lr"] for r in kept] == pytest.approx([r["lr"] for r in reference], rel=1e-12)
+    assert [r["loss"] for r in kept] == pytest.approx([r["loss"] for r in reference], rel=1e-6)
+    # without it the stage starts from the split's first sample: other batches, other losses
+    assert [r["loss"] for r in restarted] != pytest.approx([r["loss"] for r in reference], rel=1e-3)
+
+
 def test_resumed_run_applies_changed_settings_and_names_them(tmp_path, data_cache, source):
     cfg = write_ds_config(tmp_path / "ds.json", micro_batch=4)
     run = tmp_path / "run"

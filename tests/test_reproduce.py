@@ -152,6 +152,25 @@ def test_stable_transition_continues_fixed_e_schedule_from_its_checkpoint():
         load_config("tiny", transition="late")
 
 
+def test_cpt_data_pretrain_continues_the_source_data_in_every_cpt_stage():
+    cfg = load_config("stream-staged", cpt_data="pretrain")
+    plan = make_plan(cfg)
+    cpt = [s for s in plan.stages if isinstance(s, TrainStage) and s.load]
+    assert {s.name for s in cpt} >= {plan.main.cpt, plan.control, *plan.staged.trained}
+    assert all(s.split == "pretrain" and s.keep_data_position for s in cpt)
+    args = train_args(Experiment(cfg, Path("out")), next(s for s in cpt if s.name == plan.main.cpt))
+    assert args[args.index("--split") + 1] == "pretrain" and "--keep-data-position" in args
+    # the paper's protocol, the default: CPT on the cpt split from its first sample; staged stages
+    # after the first continue the stage before
+    default = make_plan(load_config("stream-staged"))
+    stages = {s.name: s for s in default.stages if isinstance(s, TrainStage) and s.load}
+    assert {s.split for s in stages.values()} == {"cpt"}
+    assert [stages[name].keep_data_position for name in default.staged.trained] == [False, True]
+    assert not any(s.keep_data_position for name, s in stages.items() if name not in default.staged.trained)
+    with pytest.raises(UserError, match="cpt_data must be one of cpt, pretrain"):
+        load_config("stream", cpt_data="train")
+
+
 def _digest(paths) -> dict:
     return {str(p): (p.stat().st_mtime_ns, hashlib.sha1(p.read_bytes()).hexdigest())
             for root in paths for p in sorted(root.rglob("*")) if p.is_file()}

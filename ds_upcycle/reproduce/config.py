@@ -19,6 +19,7 @@ from ..upcycle.config import ExpandConfig
 
 
 TRANSITIONS = ("annealed", "stable")
+CPT_DATA = ("cpt", "pretrain")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ class ReproduceConfig:
             anneal at T0, and CPT warms up again and anneals at its end) or "stable" (the source is
             Fixed-E's own checkpoint at T0, taken in its stable phase, and CPT continues at the
             peak learning rate without warmup, ending with an anneal as long as Fixed-E's).
+        cpt_data: what continued pre-training (and the control) trains on: "cpt", the split of
+            documents set aside for it (the paper's protocol), or "pretrain", the source's own data
+            continued from where it stopped at T0, so that every arm sees the same tokens as Fixed-E
+            (where the data repeat, CPT on other documents would also be CPT on more text).
         data, text_field, seq_len, vocab_size, val_fraction, cpt_split_fraction: training data
             (train.py --data, --text-field, --seq-len, --vocab-size, --val-fraction, --cpt-fraction;
             defaults as train.py's); splits are assigned per document by a hash.
@@ -116,6 +121,7 @@ class ReproduceConfig:
     reinit_fraction: float = 0.0
     growth: tuple[tuple[float, int], ...] = ()
     transition: str = "annealed"
+    cpt_data: str = "cpt"
     data: str | None = DataConfig.source
     text_field: str = DataConfig.text_field
     seq_len: int = DataConfig.seq_len
@@ -163,6 +169,8 @@ class ReproduceConfig:
             raise UserError(f"select must be one of {', '.join(SELECTION_RULES)}, got {self.select!r}")
         if self.transition not in TRANSITIONS:
             raise UserError(f"transition must be one of {', '.join(TRANSITIONS)}, got {self.transition!r}")
+        if self.cpt_data not in CPT_DATA:
+            raise UserError(f"cpt_data must be one of {', '.join(CPT_DATA)}, got {self.cpt_data!r}")
         if self.split_copies and not self.distinct_copies:
             raise UserError("split_copies needs distinct_copies: without group routing a token takes both copies")
         if self.lift_groups_after is not None and (not self.distinct_copies or self.lift_groups_after < 1):

@@ -7,6 +7,7 @@ Arms (directories under the output directory):
                             with transition "stable", a copy of Fixed-E's checkpoint at T0
     expanded-cptNN-RULE     source-cptNN expanded to m*E experts with selection RULE
     upcycled-cptNN-RULE     continued pre-training of the expansion for T - T0 steps on the cpt split
+                            (cpt_data "pretrain": on the source's data, continued)
     continued-e-cptNN       control: the same CPT stage from source-cptNN without expansion
     staged-expanded-N       with `growth`: the checkpoint before, grown to N experts
     staged-N                its continued pre-training up to the next growth step (the last: to T)
@@ -49,7 +50,7 @@ class TrainStage:
     decay_fraction: float | None = None
     exit_at: int | None = None          # stop at this global step (a stage of staged growth)
     micro_batch_size: int | None = None  # where it differs from the config's (cpt_batch_split)
-    keep_data_position: bool = False    # continue the loaded checkpoint's data (staged growth)
+    keep_data_position: bool = False    # continue the loaded checkpoint's data (staged growth, cpt_data "pretrain")
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ def _staged_stages(cfg: ReproduceConfig, arm: StagedArm) -> list:
     for i, (step, count, end) in enumerate(zip(arm.steps, arm.counts, ends)):
         out.append(ExpandStage(arm.expanded[i], previous, cfg.select, count))
         stage = _cpt_stage(cfg, arm.trained[i], step, arm.expanded[i])
-        out.append(dataclasses.replace(stage, exit_at=end, keep_data_position=i > 0))
+        out.append(dataclasses.replace(stage, exit_at=end, keep_data_position=stage.keep_data_position or i > 0))
         previous = arm.trained[i]
     return out
 
@@ -201,7 +202,9 @@ def _cpt_stage(cfg: ReproduceConfig, name: str, transition: int, load: str) -> T
     # With cpt_batch_split k: k times the steps of 1/k the batch, the anneal as many tokens as Fixed-E's.
     k = cfg.cpt_batch_split
     steps, micro = (cfg.total_steps - transition) * k, cfg.micro_batch_size // k if k > 1 else None
+    # cpt_data "pretrain": the source's data from where it stopped, the tokens Fixed-E trains on after T0
+    data = dict(split=cfg.cpt_data, keep_data_position=cfg.cpt_data == "pretrain")
     if cfg.transition == "stable":  # no re-warm; the same final anneal as Fixed-E's
-        return TrainStage(name, steps, split="cpt", load=load, warmup=0,
-                          decay_fraction=cfg.decay_steps(cfg.total_steps) * k / steps, micro_batch_size=micro)
-    return TrainStage(name, steps, split="cpt", load=load, micro_batch_size=micro)
+        return TrainStage(name, steps, load=load, warmup=0, decay_fraction=cfg.decay_steps(cfg.total_steps) * k / steps,
+                          micro_batch_size=micro, **data)
+    return TrainStage(name, steps, load=load, micro_batch_size=micro, **data)
