@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The operator swap (docs/RESULTS.md): the upcycled arm of `stream` at 50% CPT under each config
-# given, every one from the same stable-phase source as the plain operator's run in BASE.
+# The operator swap (docs/RESULTS.md): the upcycled arm at 50% CPT under each config given (a config
+# of the same regime, e.g. `base: stream`), every one from the same stable-phase source as the
+# upcycled run in BASE.
 #
 #   bash scripts/operator_swap.sh BASE SEEDS CONFIG... [-- REGIME_LEAD_ARGS...]
 #   e.g. bash scripts/operator_swap.sh runs/stream 0,1,2,3 configs/swap-authors.yaml configs/swap-rank.yaml
@@ -8,9 +9,10 @@
 # Arguments after `--` go to every regime_lead.py call (--data for a config that names none).
 #
 # BASE is `python scripts/regime_lead.py --config stream --seeds SEEDS --out BASE --upcycled`'s
-# output (Fixed-E, Fixed-mE and the plain arm). Each CONFIG runs in BASE-<config name>, its Fixed-E,
-# Fixed-mE and source linked to BASE's, then its final checkpoints are evaluated on 1,024
-# validation sequences (regime_lead --final-samples 1024) beside BASE's.
+# output (Fixed-E, Fixed-mE and the plain arm), or the same for another regime's config. Each CONFIG
+# runs in BASE-<config file name>, its Fixed-E, Fixed-mE and source linked to BASE's, then its final
+# checkpoints are evaluated on 1,024 validation sequences, or all where there are fewer
+# (regime_lead --final-samples 1024), beside BASE's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=$(realpath "$1"); seeds=$2; shift 2
