@@ -82,13 +82,13 @@ def test_new_stage_keeping_its_data_position_trains_on_the_batches_that_came_nex
                                      "--warmup-steps", "1", "--decay-fraction", "0.25")))
     shutil.copytree(full / "global_step6", branch / "global_step6")
     (branch / "latest").write_text("global_step6")
-    for keep in ("--keep-data-position", None):
-        check_ok(run_train(tiny_run_args(cfg, 6, data_cache, "--load", str(branch), "--save", str(tmp_path / str(keep)),
+    for name, keep in (("kept", ["--keep-data-position"]), ("restarted", [])):
+        check_ok(run_train(tiny_run_args(cfg, 6, data_cache, "--load", str(branch), "--save", str(tmp_path / name),
                                          "--split", "pretrain", "--fresh-schedule", "--warmup-steps", "0",
-                                         "--decay-fraction", "0.5", *([keep] if keep else []))))
+                                         "--decay-fraction", "0.5", *keep)))
     reference = read_metrics(full / "metrics.jsonl")[6:]
-    kept = read_metrics(tmp_path / "--keep-data-position" / "metrics.jsonl")
-    restarted = read_metrics(tmp_path / "None" / "metrics.jsonl")
+    kept = read_metrics(tmp_path / "kept" / "metrics.jsonl")
+    restarted = read_metrics(tmp_path / "restarted" / "metrics.jsonl")
     assert [r["step"] for r in kept] == [r["step"] for r in reference] == list(range(7, 13))
     assert [r["lr"] for r in kept] == pytest.approx([r["lr"] for r in reference], rel=1e-12)
     assert [r["loss"] for r in kept] == pytest.approx([r["loss"] for r in reference], rel=1e-6)
