@@ -1,6 +1,6 @@
 """How a reproduce config's bigger model builds its lead: Fixed-E and Fixed-mE alone, over seeds.
 
-    python scripts/regime_lead.py --config stream --seeds 0,1,2,3 --out runs/stream-lead [--upcycled] [--staged]
+    python scripts/regime_lead.py --config stream --seeds 0,1,2,3 --out runs/stream-lead [--upcycled] [--staged] [--control]
 
 Runs the two fixed-size arms of `ds-upcycle reproduce` (the same train.py commands, from its own
 plan, in the same directories: OUT/seed-<s>/fixed-e, ...) for every seed, two runs at a time,
@@ -13,7 +13,8 @@ select: source, expansion, CPT) and prints its warm-start jump and the gap it cl
 (paired: (L_E - L_up) / (L_E - L_mE) of the same seed), from the evaluation during training at T
 and again from reproduce's final evaluation of the three checkpoints (the first final_val_samples
 validation sequences), which reproduce's own tables report.
-With --staged, the same for the config's staged-growth arm (`growth`), with the jump of each growth.
+With --staged, the same for the config's staged-growth arm (`growth`), with the jump of each growth;
+with --control, for the control (the main arm's source continued over the same CPT without expansion).
 Each seed's directory gets copies.png: the copy diagnostics of the arms run there (plots.plot_copies).
 """
 
@@ -39,14 +40,17 @@ from ds_upcycle.reproduce.stages import (MARKER, is_complete, mark_complete, run
                                          run_train_stage)
 
 
-def jobs_of(exp: Experiment, upcycled: bool, staged: bool) -> list[list]:
-    """Chains of stages to run in order: Fixed-mE alone; Fixed-E, then (--upcycled) the main arm and
-    (--staged) the staged-growth arm."""
+def jobs_of(exp: Experiment, upcycled: bool, staged: bool, control: bool = False) -> list[list]:
+    """Chains of stages to run in order: Fixed-mE alone; Fixed-E, then (--upcycled) the main arm,
+    (--control) its source continued without expansion and (--staged) the staged-growth arm."""
     plan = make_plan(exp.cfg)
     if staged and plan.staged is None:
         raise UserError(f"--staged: config {exp.cfg.name} has no growth schedule")
+    if control and plan.control is None:
+        raise UserError(f"--control: config {exp.cfg.name} sets control: false")
     by_name = {stage.name: stage for stage in plan.stages}
     names = [plan.main.source, plan.main.expanded, plan.main.cpt] if upcycled else []
+    names += [plan.main.source, plan.control] if control else []
     if staged:
         names += [plan.staged.source, *(n for pair in zip(plan.staged.expanded, plan.staged.trained) for n in pair)]
     return [[by_name[FIXED_ME]], [by_name[FIXED_E], *(by_name[n] for n in dict.fromkeys(names))]]
@@ -140,6 +144,8 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (each one process)")
     parser.add_argument("--upcycled", action="store_true", help="also run and report the main upcycled arm")
     parser.add_argument("--staged", action="store_true", help="also run and report the staged-growth arm")
+    parser.add_argument("--control", action="store_true",
+                        help="also run and report the control: the main arm's source continued without expansion")
     parser.add_argument("--final-samples", type=int, default=None,
                         help="validation sequences of the final evaluation (default: the config's final_val_samples)")
     args = parser.parse_args()
@@ -151,7 +157,7 @@ def main() -> None:
         exps = [Experiment(dataclasses.replace(base, seed=s, seeds=()), Path(args.out) / f"seed-{s}",
                            args.data_cache) for s in seeds]
         # Runs that start together may each prepare the data; the cache keeps the first complete copy.
-        jobs = [(exp, chain) for exp in exps for chain in jobs_of(exp, args.upcycled, args.staged)]
+        jobs = [(exp, chain) for exp in exps for chain in jobs_of(exp, args.upcycled, args.staged, args.control)]
         with ThreadPoolExecutor(args.parallel) as pool:
             list(pool.map(lambda job: run_chain(*job), jobs))
         curves = {exp.cfg.seed: (val_curve(exp.out / FIXED_E), val_curve(exp.out / FIXED_ME)) for exp in exps}
@@ -166,6 +172,9 @@ def main() -> None:
         if args.staged:
             print()
             print(upcycled_table(exps, plan.staged.label, plan.staged.cpt, plan.staged.expanded, samples))
+        if args.control:
+            print()
+            print(upcycled_table(exps, "control", plan.control, (), samples))
         for exp in exps:  # the copy diagnostics of the arms run here, where they were recorded
             plot_copies(exp.out, plan, exp.out / "copies.png")
     except UserError as err:

@@ -19,7 +19,7 @@ from ds_upcycle.errors import UserError
 from ds_upcycle.moe.balance import load_stats
 from ds_upcycle.reproduce.config import NAMED_CONFIGS, load_config
 from ds_upcycle.reproduce.experiment import Experiment
-from ds_upcycle.reproduce.stages import train_args
+from ds_upcycle.reproduce.stages import train_args, write_scaled_deepspeed_config
 from ds_upcycle.reproduce.plots import budget_rows
 from ds_upcycle.reproduce.plan import BranchStage, ExpandStage, TrainStage, branch_step, make_plan
 from ds_upcycle.checkpoint import read_metrics
@@ -169,6 +169,27 @@ def test_cpt_data_pretrain_continues_the_source_data_in_every_cpt_stage():
     assert not any(s.keep_data_position for name, s in stages.items() if name not in default.staged.trained)
     with pytest.raises(UserError, match="cpt_data must be one of cpt, pretrain"):
         load_config("stream", cpt_data="train")
+
+
+def test_cpt_lr_scale_trains_cpt_stages_on_a_scaled_copy_of_the_deepspeed_config(tmp_path):
+    cfg = load_config("stream", cpt_batch_split=2, cpt_lr_scale=0.5)
+    exp = Experiment(cfg, tmp_path / "out")
+    shipped = ROOT / "ds_configs" / "zero2_fp32.json"
+    for stage in (s for s in make_plan(cfg).stages if isinstance(s, TrainStage)):
+        args = train_args(exp, stage)
+        used = Path(args[args.index("--deepspeed_config") + 1])
+        assert used == ((tmp_path / "out" / "ds_configs" / f"{stage.name}.json").resolve() if stage.load
+                        else shipped.resolve()), stage.name
+    scaled = tmp_path / "scaled.json"
+    write_scaled_deepspeed_config(shipped, 0.5, scaled)
+    expected = json.loads(shipped.read_text())
+    expected["optimizer"]["params"]["lr"] /= 2
+    assert json.loads(scaled.read_text()) == expected
+    (tmp_path / "no-lr.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
+    with pytest.raises(UserError, match="scales the optimizer's lr, which .* does not set"):
+        write_scaled_deepspeed_config(tmp_path / "no-lr.json", 0.5, scaled)
+    with pytest.raises(UserError, match="cpt_lr_scale must be > 0"):
+        load_config("stream", cpt_lr_scale=0.0)
 
 
 def _digest(paths) -> dict:

@@ -84,6 +84,9 @@ class ReproduceConfig:
             num_procs.
         cpt_batch_split: continued pre-training (and the control) runs at micro_batch_size / k for
             k times the steps, at the same learning rate: the same tokens in more, smaller steps.
+        cpt_lr_scale: continued pre-training (and the control) at this multiple of the DeepSpeed
+            config's learning rate (e.g. 1 / sqrt(2) with cpt_batch_split 2, the square-root rule
+            for half the batch); 1: the same learning rate.
         warmup_fraction, decay_fraction: warmup-stable-decay shape of every stage (each stage ends
             with its own anneal, as in the paper).
         eval_interval, eval_samples: validation during training (the curves of the loss plot);
@@ -134,6 +137,7 @@ class ReproduceConfig:
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
     cpt_batch_split: int = 1
+    cpt_lr_scale: float = 1.0
     warmup_fraction: float = 0.05
     decay_fraction: float = 0.1
     eval_interval: int = 50
@@ -204,6 +208,8 @@ class ReproduceConfig:
         if self.cpt_batch_split < 1 or self.micro_batch_size % self.cpt_batch_split:
             raise UserError(f"cpt_batch_split must divide micro_batch_size {self.micro_batch_size}, "
                             f"got {self.cpt_batch_split}")
+        if not self.cpt_lr_scale > 0:
+            raise UserError(f"cpt_lr_scale must be > 0, got {self.cpt_lr_scale}")
         for name in ("micro_batch_size", "grad_accum_steps", "seq_len", "eval_samples", "final_val_samples",
                      "eval_batch_size", "threads"):
             if getattr(self, name) < 1:

@@ -51,6 +51,7 @@ class TrainStage:
     exit_at: int | None = None          # stop at this global step (a stage of staged growth)
     micro_batch_size: int | None = None  # where it differs from the config's (cpt_batch_split)
     keep_data_position: bool = False    # continue the loaded checkpoint's data (staged growth, cpt_data "pretrain")
+    lr_scale: float = 1.0               # of the DeepSpeed config's learning rate (cpt_lr_scale)
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ def _cpt_stage(cfg: ReproduceConfig, name: str, transition: int, load: str) -> T
     k = cfg.cpt_batch_split
     steps, micro = (cfg.total_steps - transition) * k, cfg.micro_batch_size // k if k > 1 else None
     # cpt_data "pretrain": the source's data from where it stopped, the tokens Fixed-E trains on after T0
-    data = dict(split=cfg.cpt_data, keep_data_position=cfg.cpt_data == "pretrain")
+    data = dict(split=cfg.cpt_data, keep_data_position=cfg.cpt_data == "pretrain", lr_scale=cfg.cpt_lr_scale)
     if cfg.transition == "stable":  # no re-warm; the same final anneal as Fixed-E's
         return TrainStage(name, steps, load=load, warmup=0, decay_fraction=cfg.decay_steps(cfg.total_steps) * k / steps,
                           micro_batch_size=micro, **data)

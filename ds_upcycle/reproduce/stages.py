@@ -46,6 +46,23 @@ def deepspeed_config_path(cfg: ReproduceConfig) -> Path:
     raise UserError(f"DeepSpeed config {cfg.deepspeed_config} not found (as a path or in ds_configs/)")
 
 
+def stage_deepspeed_config(exp: Experiment, stage: TrainStage) -> Path:
+    """The DeepSpeed config a stage trains with: the config's own, or (lr_scale) its copy with the
+    learning rate scaled, which run_train_stage writes under OUT/ds_configs/."""
+    if stage.lr_scale == 1:
+        return deepspeed_config_path(exp.cfg)
+    return (exp.out / "ds_configs" / f"{stage.name}.json").resolve()
+
+
+def write_scaled_deepspeed_config(source: Path, scale: float, path: Path) -> None:
+    config = json.loads(source.read_text())
+    params = config.get("optimizer", {}).get("params", {})
+    if not isinstance(params.get("lr"), (int, float)):
+        raise UserError(f"cpt_lr_scale scales the optimizer's lr, which {source} does not set")
+    params["lr"] = params["lr"] * scale
+    write_json_atomic(path, config)
+
+
 def is_complete(arm_dir: Path) -> bool:
     return (arm_dir / MARKER).is_file()
 
@@ -65,7 +82,7 @@ def data_args(exp: Experiment) -> list[str]:
 def train_args(exp: Experiment, stage: TrainStage) -> list[str]:
     """train.py arguments of a stage (the model comes from the preset only for runs from scratch)."""
     cfg, out = exp.cfg, exp.out
-    args = ["--deepspeed_config", str(deepspeed_config_path(cfg)), *data_args(exp),
+    args = ["--deepspeed_config", str(stage_deepspeed_config(exp, stage)), *data_args(exp),
             "--steps", str(stage.steps), "--warmup-steps", str(_warmup(cfg, stage)),
             "--decay-fraction", str(stage.decay_fraction if stage.decay_fraction is not None else cfg.decay_fraction),
             "--micro-batch-size", str(stage.micro_batch_size or cfg.micro_batch_size),
@@ -129,6 +146,10 @@ def run_train_stage(exp: Experiment, stage: TrainStage) -> dict:
     if stage.branch and not (arm_dir / "latest").is_file():
         branch_checkpoint(out / stage.branch[0], stage.branch[1], arm_dir)
     arm_dir.mkdir(parents=True, exist_ok=True)
+    if stage.lr_scale != 1:
+        path = stage_deepspeed_config(exp, stage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_scaled_deepspeed_config(deepspeed_config_path(cfg), stage.lr_scale, path)
     command = launch_command(cfg, train_args(exp, stage))
     started = time.perf_counter()
     with (arm_dir / "train.log").open("a") as log:
