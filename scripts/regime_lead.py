@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ds_upcycle.checkpoint import find_checkpoint, read_metrics
 from ds_upcycle.errors import UserError
-from ds_upcycle.reproduce.config import load_config
+from ds_upcycle.reproduce.config import load_config, require_data
 from ds_upcycle.reproduce.experiment import Experiment
 from ds_upcycle.reproduce.plan import FIXED_E, FIXED_ME, BranchStage, ExpandStage, make_plan
 from ds_upcycle.reproduce.plots import plot_copies
@@ -151,8 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         base = load_config(args.config, **({"data": args.data} if args.data else {}))
-        if base.data is None:
-            raise UserError(f"config {base.name} needs --data: the directory or file of text to train on")
+        require_data(base)
         seeds = [int(s) for s in args.seeds.split(",")]
         exps = [Experiment(dataclasses.replace(base, seed=s, seeds=()), Path(args.out) / f"seed-{s}",
                            args.data_cache) for s in seeds]

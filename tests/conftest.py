@@ -87,8 +87,7 @@ def script_function(path: str, name: str):
     return runpy.run_path(path)[name]
 
 
-def train_main():
-    return script_function(str(ROOT / "train.py"), "main")
+TRAIN = str(ROOT / "train.py")
 
 
 @contextlib.contextmanager
@@ -121,7 +120,7 @@ def train_in_process(args: list[str], cwd: Path = ROOT, env: dict | None = None)
     out, err = io.StringIO(), io.StringIO()
     with one_process_launch(cwd, env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            status = train_main()(args)
+            status = script_function(TRAIN, "main")(args)
         except SystemExit as exit:  # argparse's refusals
             status = exit.code if isinstance(exit.code, int) else 2
         except Exception:  # noqa: BLE001  (what the process would print before exiting 1)
@@ -231,7 +230,7 @@ def train_refusal(argv: list[str], monkeypatch) -> CliResult:
     with monkeypatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         patch.setattr(comm, "init_distributed", meets)
         try:
-            status = train_main()(argv)
+            status = script_function(TRAIN, "main")(argv)
         except SystemExit as exit:  # argparse's own refusals
             status = exit.code
     return CliResult(status, out.getvalue(), err.getvalue())

@@ -405,6 +405,12 @@ def growth_value(value) -> tuple[tuple[float, int], ...]:
     return tuple((float(share), count) for share, count in pairs)
 
 
+def require_data(cfg: ReproduceConfig) -> None:
+    """Refuse, before any stage starts, a config that names no data (pd-english: pass --data)."""
+    if cfg.data is None:
+        raise UserError(f"config {cfg.name} needs --data: the directory or file of text to train on")
+
+
 def load_config(name_or_file: str, **changes) -> ReproduceConfig:
     """A named config (NAMED_CONFIGS) or a .yaml/.yml/.json file; `changes` replace fields."""
     changes = {k: v for k, v in changes.items() if v is not None}

@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..errors import UserError
 from . import stages
-from .config import ReproduceConfig
+from .config import ReproduceConfig, require_data
 from .evaluate import evaluate_arm
 from .experiment import Experiment
 from .outdir import check_out_dir
@@ -75,8 +74,7 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, data_cache: str | None 
                   say: Callable[[str], None] = print) -> dict:
     """Run (or finish) the experiment of `cfg` in `out`; returns the summary of every arm (with
     `cfg.seeds`, of every arm over the seeds)."""
-    if cfg.data is None:
-        raise UserError(f"config {cfg.name} needs --data: the directory or file of text to train on")
+    require_data(cfg)
     out = Path(out)
     stages.repo_root()
     stages.deepspeed_config_path(cfg)
